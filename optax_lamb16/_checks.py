@@ -1,0 +1,76 @@
+"""Early, explicit checks of hyperparameters and pytrees.
+
+Every check names the offending argument and says how to fix it. Hyperparameter checks run only on concrete
+numbers: under `optax.inject_hyperparams` or `jax.jit` the values are tracers and cannot be inspected.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def concrete_value(value: Any) -> float | None:
+  """Returns `value` as a Python float if it is a concrete real scalar, else None (schedules, tracers)."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    array = np.asarray(value)
+  except Exception:  # noqa: BLE001 - anything that is not array-like is simply not checked here.
+    return None
+  if array.shape != () or not jnp.issubdtype(array.dtype, jnp.number):  # jnp knows bfloat16 and float8
+    return None
+  return float(array)
+
+
+def check_range(name: str, value: Any, low: float, high: float = math.inf, *, high_open: bool = False,
+                fix: str = "") -> None:
+  """Raises ValueError if the concrete `value` lies outside [low, high] (or [low, high) with `high_open`)."""
+  number = concrete_value(value)
+  if number is None:
+    return
+  bad = math.isnan(number) or number < low or number > high or (high_open and number == high)
+  if bad:
+    interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+    hint = f" {fix}" if fix else ""
+    raise ValueError(f"`{name}` must lie in {interval}, got {number}.{hint}")
+
+
+def check_learning_rate(learning_rate: Any) -> None:
+  """A learning rate is a non-negative number or a schedule (a callable of the step count)."""
+  if learning_rate is None:
+    raise ValueError("`learning_rate` is required: pass a non-negative float or an optax schedule.")
+  check_range("learning_rate", learning_rate, 0.0,
+              fix="Pass a non-negative float or an optax schedule; optax updates are already negated.")
+
+
+def check_float_leaves(name: str, tree: Any) -> None:
+  """Raises TypeError unless every leaf of `tree` has a real floating dtype (abstract shapes are fine)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; this optimizer needs real "
+          f"floating-point leaves. Keep integer/complex leaves out of the optimizer, e.g. with "
+          f"`optax.masked` or `optax.partition`.")
+
+
+def check_same_structure(name_a: str, tree_a: Any, name_b: str, tree_b: Any) -> None:
+  """Raises ValueError if two pytrees differ in structure or in leaf shapes."""
+  structure_a = jax.tree.structure(tree_a)
+  structure_b = jax.tree.structure(tree_b)
+  if structure_a != structure_b:
+    raise ValueError(
+        f"`{name_a}` and `{name_b}` must have the same pytree structure; got\n  {name_a}: {structure_a}\n"
+        f"  {name_b}: {structure_b}\nPass the gradients of exactly the parameters the optimizer was initialised with.")
+  paths_and_leaves = jax.tree_util.tree_leaves_with_path(tree_a)
+  for (path, leaf_a), leaf_b in zip(paths_and_leaves, jax.tree.leaves(tree_b)):
+    shape_a, shape_b = jnp.shape(leaf_a), jnp.shape(leaf_b)
+    if shape_a != shape_b:
+      raise ValueError(
+          f"Leaf {jax.tree_util.keystr(path)} has shape {shape_a} in `{name_a}` but {shape_b} in `{name_b}`; "
+          f"the shapes must match.")

@@ -1,0 +1,223 @@
+"""LAMB16: LAMB with float8 optimizer state and a learning-rate-adaptive trust ratio (SPEC.md section 1).
+
+`lamb16` chains three blocks, the way `optax.lamb` chains `scale_by_adam`, `add_decayed_weights`,
+`scale_by_trust_ratio` and `scale_by_learning_rate`:
+
+1. `scale_by_lamb16` keeps m and v in float8 with per-leaf float32 scales and emits the Adam direction
+   ``m / (sqrt(v) + eps)`` (no bias correction);
+2. decoupled weight decay ``+ weight_decay * params`` (optionally masked);
+3. `scale_by_lamb16_trust_ratio` multiplies each leaf by ``clip(((|p| / |u|) * (reference_lr / lr)) ** trust_scale,
+   0, 2)`` with the reference's clipped norms;
+4. the learning-rate scaling ``-lr``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from optax_lamb16 import _checks, _common, float8
+
+
+class ScaleByLamb16State(NamedTuple):
+  """State of `scale_by_lamb16`: 2 bytes per parameter plus 8 bytes per leaf.
+
+  Attributes:
+    count: int32 scalar, number of updates so far (the maths does not use it: LAMB16 has no bias correction).
+    mu: first moments, normalised, float8_e4m3fn, one leaf per parameter leaf.
+    nu: second moments, normalised, float8_e5m2.
+    mu_scale: float32 scalar per leaf; ``m = float32(mu) * mu_scale``.
+    nu_scale: float32 scalar per leaf; ``v = float32(nu) * nu_scale``.
+  """
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  mu_scale: optax.Updates
+  nu_scale: optax.Updates
+
+
+_LOW_PRECISION_HINT = ("Under `optax.inject_hyperparams` with bfloat16 params pass `hyperparam_dtype=jnp.float32`: "
+                      "0.999 rounds to 1.0 in bfloat16.")
+
+
+def _check_betas_and_eps(b1: Any, b2: Any, eps: Any) -> None:
+  _checks.check_range("b1", b1, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.9. {_LOW_PRECISION_HINT}")
+  _checks.check_range("b2", b2, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.999. {_LOW_PRECISION_HINT}")
+  _checks.check_range("eps", eps, 0.0, fix="Typical value: 1e-6.")
+
+
+def scale_by_lamb16(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
+  """Rescales updates by Adam moments that are stored in float8 between steps.
+
+  Per leaf: dequantize ``m = f32(mu) * mu_scale``, ``v = f32(nu) * nu_scale``; update the moments with the float32
+  gradient (no bias correction); store them again with new scales ``sqrt(sum(min(x*x, 10))) / N + eps``; emit
+  ``m / (sqrt(v) + eps)`` computed from the float32 moments of this step. Updates keep the gradients' dtype.
+
+  Args:
+    b1: Decay rate of the first moment, in [0, 1).
+    b2: Decay rate of the second moment, in [0, 1).
+    eps: Added to the scales and to ``sqrt(v)``; non-negative.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `ScaleByLamb16State`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lamb16
+    >>> tx = optax_lamb16.scale_by_lamb16()
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> state.mu["w"].dtype, state.nu["w"].dtype
+    (dtype(float8_e4m3fn), dtype(float8_e5m2))
+    >>> updates, state = tx.update({"w": jnp.array([1.0, -2.0, 0.5])}, state)
+    >>> [round(u, 3) for u in updates["w"].tolist()]  # m / sqrt(v) = 0.1 g / sqrt(0.001 g^2)
+    [3.162, -3.162, 3.162]
+
+  References:
+    The LAMB16 proof of concept, vxst/LAMB16 (`pytorch_lamb/lamb16.py`), 2024.
+  """
+  _check_betas_and_eps(b1, b2, eps)
+
+  def init_fn(params):
+    _checks.check_float_leaves("params", params)
+    return ScaleByLamb16State(
+        count=jnp.zeros([], jnp.int32),
+        mu=jax.tree.map(lambda p: jnp.zeros(p.shape, float8.MOMENTUM_DTYPE), params),
+        nu=jax.tree.map(lambda p: jnp.zeros(p.shape, float8.VARIANCE_DTYPE), params),
+        mu_scale=jax.tree.map(lambda _: jnp.ones([], jnp.float32), params),
+        nu_scale=jax.tree.map(lambda _: jnp.ones([], jnp.float32), params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    _checks.check_float_leaves("updates", updates)
+    _checks.check_same_structure("updates", updates, "optimizer state (from init)", state.mu)
+    beta1, beta2, epsilon = (jnp.asarray(x, jnp.float32) for x in (b1, b2, eps))
+
+    def leaf_update(g, mu, nu, mu_scale, nu_scale):
+      grad = g.astype(jnp.float32)
+      m = beta1 * float8.decode(mu, mu_scale) + (1 - beta1) * grad
+      v = beta2 * float8.decode(nu, nu_scale) + (1 - beta2) * grad * grad
+      new_mu_scale = float8.moment_scale(m, epsilon)
+      new_nu_scale = float8.moment_scale(v, epsilon)
+      direction = m / (jnp.sqrt(v) + epsilon)
+      return (direction.astype(g.dtype), float8.encode_momentum(m, new_mu_scale),
+              float8.encode_variance(v, new_nu_scale), new_mu_scale, new_nu_scale)
+
+    results = jax.tree.map(leaf_update, updates, state.mu, state.nu, state.mu_scale, state.nu_scale)
+    treedef = jax.tree.structure(updates)
+    directions, mu, nu, mu_scale, nu_scale = (
+        jax.tree.unflatten(treedef, column) for column in zip(*treedef.flatten_up_to(results)))
+    return directions, ScaleByLamb16State(numerics.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clipped_layer_norm(x: jax.Array, eps: jax.Array | float) -> jax.Array:
+  """The reference's layer norm: ``sqrt(sum(clip(x*x, eps, 1))) / N`` (N, not sqrt(N); N >= 1)."""
+  return jnp.sqrt(jnp.sum(jnp.clip(x * x, eps, 1.0))) / max(x.size, 1)
+
+
+def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_scale: float = 0.382,
+                                reference_lr: float = 1e-3, eps: float = 1e-6) -> optax.GradientTransformation:
+  """Scales each leaf by LAMB16's learning-rate-adaptive trust ratio.
+
+  ``r = clip(((wn / un) * (reference_lr / lr)) ** trust_scale, 0, 2)`` with the clipped norms
+  ``wn = clipped_layer_norm(params)`` and ``un = clipped_layer_norm(updates)``. A larger learning rate than
+  `reference_lr` lowers the trust; ``trust_scale`` damps the ratio (0 gives r = 1, plain Adam-like steps).
+
+  Args:
+    learning_rate: The learning rate (float or schedule) that the chain will apply after this transform; the trust
+      uses its value at the current step.
+    trust_scale: Exponent applied to the trust ratio; non-negative.
+    reference_lr: The learning rate at which the plain norm ratio is used; positive.
+    eps: Lower clip of the squared elements in the norms; non-negative.
+
+  Returns:
+    An `optax.GradientTransformation` (stateless, or a step count when `learning_rate` is a schedule).
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lamb16
+    >>> tx = optax_lamb16.scale_by_lamb16_trust_ratio(learning_rate=1e-3, trust_scale=1.0)
+    >>> params, updates = {"w": jnp.full(4, 0.5)}, {"w": jnp.full(4, 1.0)}
+    >>> tx.update(updates, tx.init(params), params)[0]["w"]  # |p| / |u| = 0.5
+    Array([0.5, 0.5, 0.5, 0.5], dtype=float32)
+
+  References:
+    The LAMB16 proof of concept, vxst/LAMB16 (`pytorch_lamb/lamb16.py`), 2024.
+  """
+  _checks.check_learning_rate(learning_rate)
+  _checks.check_range("trust_scale", trust_scale, 0.0, fix="The reference uses 0.382.")
+  _checks.check_range("reference_lr", reference_lr, 0.0, fix="The reference uses 1e-3.")
+  _checks.check_range("eps", eps, 0.0, fix="Typical value: 1e-6.")
+
+  def init_fn(params):
+    del params
+    return _common.init_schedule_state(learning_rate)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("scale_by_lamb16_trust_ratio needs `params`: call `update(grads, state, params)`.")
+    _checks.check_same_structure("updates", updates, "params", params)
+    lr = jnp.asarray(_common.hyperparameter_value(learning_rate, state), jnp.float32)
+    exponent, lr_ratio_numerator, epsilon = (jnp.asarray(x, jnp.float32) for x in (trust_scale, reference_lr, eps))
+
+    def leaf_update(u, p):
+      direction = u.astype(jnp.float32)
+      norm_ratio = clipped_layer_norm(p.astype(jnp.float32), epsilon) / clipped_layer_norm(direction, epsilon)
+      # lr == 0 gives an infinite ratio, clipped to 2; the step is then 0 anyway.
+      trust = jnp.clip((norm_ratio * (lr_ratio_numerator / lr)) ** exponent, 0.0, 2.0)
+      return (trust * direction).astype(u.dtype)
+
+    return jax.tree.map(leaf_update, updates, params), _common.advance_schedule_state(state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
+           weight_decay: float = 0.0, trust_scale: float = 0.382, reference_lr: float = 1e-3,
+           mask: Any | Callable[[optax.Params], Any] | None = None) -> optax.GradientTransformation:
+  """LAMB16: LAMB with float8 moments (2 bytes of state per parameter) and a learning-rate-adaptive trust ratio.
+
+  Faithful to the reference (SPEC.md section 1): for each leaf, float8 moments without bias correction, the Adam
+  direction ``u = m / (sqrt(v) + eps) + weight_decay * p`` and the update ``-lr * r * u`` with
+  ``r = clip(((wn / un) * (reference_lr / lr)) ** trust_scale, 0, 2)`` from clipped layer norms. Params and
+  gradients keep their dtype; all arithmetic is float32.
+
+  Args:
+    learning_rate: A non-negative float or an optax schedule; the trust ratio uses its value at each step.
+    b1: Decay rate of the first moment, in [0, 1).
+    b2: Decay rate of the second moment, in [0, 1).
+    eps: Added to the moment scales and to ``sqrt(v)``; lower clip of the squares in the trust norms.
+    weight_decay: Decoupled weight decay, added before the trust ratio (inside its norm), as in LAMB.
+    trust_scale: Exponent of the trust ratio.
+    reference_lr: The learning rate at which the trust ratio is the plain norm ratio.
+    mask: Pytree of booleans (or a callable returning one) like `params`: weight decay only where True, as in
+      `optax.lamb`.
+
+  Returns:
+    An `optax.GradientTransformation`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_lamb16
+    >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    >>> tx = optax_lamb16.lamb16(learning_rate=0.01, weight_decay=0.01)
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> [round(p, 4) for p in params["w"].tolist()]
+    [0.9868, -1.9868, 2.9868]
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76 minutes
+    <https://arxiv.org/abs/1904.00962>`_, 2020. The LAMB16 proof of concept, vxst/LAMB16, 2024.
+  """
+  return optax.chain(
+      scale_by_lamb16(b1=b1, b2=b2, eps=eps),
+      _common.add_decayed_weights(weight_decay, mask),
+      scale_by_lamb16_trust_ratio(learning_rate, trust_scale=trust_scale, reference_lr=reference_lr, eps=eps),
+      _common.scale_by_learning_rate(learning_rate),
+  )
