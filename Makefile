@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BUILD_ENV) $(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/mnist.py --out out/demo
+	$(PY) examples/mnist.py --train-samples 8192 --batch-size 512 --lr 0.01 --epochs 3 --out out/demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/state_size.py

@@ -1,0 +1,195 @@
+"""Adam vs LAMB vs LAMB16 on MNIST: the LAMB16 reference's experiment (SPEC.md section 1), in Flax NNX.
+
+Reproduce the reference's two settings (10 epochs each, all three optimizers):
+
+  python examples/mnist.py --batch-size 1024,128 --lr 0.02,0.01 --weight-decay 0.01 --epochs 10 --out docs/results
+
+A short demo (what `make demo` runs, about a minute on 2 CPU cores):
+
+  python examples/mnist.py --train-samples 8192 --batch-size 512 --lr 0.01 --epochs 3 --out out/demo
+
+`--batch-size`, `--lr` and `--weight-decay` take comma-separated lists, zipped into settings (a single value is
+reused). The script writes OUT/results.json and one PNG per setting (train loss against samples seen, test accuracy
+and test loss per epoch; Adam red, LAMB green, LAMB16 blue), and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import mnist_common  # noqa: E402
+
+import optax_lamb16  # noqa: E402
+
+COLOURS = {"adam": "tab:red", "lamb": "tab:green", "lamb16": "tab:blue", "adamw": "tab:orange",
+           "lamb_nobc": "tab:olive"}
+LABELS = {"adam": "Adam", "lamb": "LAMB", "lamb16": "LAMB16", "adamw": "AdamW", "lamb_nobc": "LAMB (no bias corr.)"}
+TRAIN_CURVE_POINTS = 200  # train-loss points kept per run (window means)
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float) -> optax.GradientTransformation:
+  """The optimizers of the comparison, by name."""
+  if name == "adam":  # the reference's baseline: torch.optim.Adam, whose weight decay is an L2 term in the gradient
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
+  if name == "adamw":
+    return optax.adamw(lr, weight_decay=weight_decay)
+  if name == "lamb":
+    return optax.lamb(lr, weight_decay=weight_decay)
+  if name == "lamb_nobc":  # LAMB as the pytorch-lamb package the reference compares with: no bias correction
+    return optax.chain(
+        optax.scale_by_adam(b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, nesterov=False),
+        optax.add_decayed_weights(weight_decay), optax.scale_by_trust_ratio(), optax.scale_by_learning_rate(lr))
+  if name == "lamb16":
+    return optax_lamb16.lamb16(lr, weight_decay=weight_decay)
+  raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(COLOURS)}")
+
+
+def train_one(name: str, data, batch_size: int, lr: float, weight_decay: float, epochs: int, seed: int,
+              max_steps: int | None) -> dict:
+  """Trains the reference convnet with one optimizer; returns the run's record for results.json."""
+  model = mnist_common.ReferenceConvNet(nnx.Rngs(seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = make_optimizer(name, lr, weight_decay)
+  opt_state = tx.init(params)
+  evaluate = mnist_common.make_evaluator(graphdef)
+
+  @jax.jit
+  def train_step(params, opt_state, x, y):
+    def loss_fn(p):
+      return jnp.mean(mnist_common.cross_entropy(nnx.merge(graphdef, p)(x), y))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  x_train, y_train = data["x_train"], data["y_train"]
+  rng = np.random.default_rng(seed)
+  losses, test_curve, step, started = [], [], 0, time.perf_counter()
+  for epoch in range(1, epochs + 1):
+    order = rng.permutation(len(x_train))  # shuffled every epoch; the last partial batch is kept, as in PyTorch
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if max_steps is not None:
+      batches = batches[:max(0, max_steps - step)]
+    epoch_losses = []
+    for index in tqdm(batches, desc=f"{name} epoch {epoch}/{epochs}", leave=False, unit="batch"):
+      params, opt_state, loss = train_step(params, opt_state, x_train[index], y_train[index])
+      epoch_losses.append((len(index), loss))
+      step += 1
+    losses += [(n, float(loss)) for n, loss in epoch_losses]
+    test_loss, test_accuracy = evaluate(params, data["x_test"], data["y_test"])
+    test_curve.append({"epoch": epoch, "samples": int(sum(n for n, _ in losses)), "test_loss": test_loss,
+                       "test_accuracy": test_accuracy})
+    tqdm.write(f"{name:>8} epoch {epoch}: test loss {test_loss:.4f}, accuracy {test_accuracy:.4f}")
+    if max_steps is not None and step >= max_steps:
+      break
+  seconds = time.perf_counter() - started
+  return {
+      "optimizer": name, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "epochs": epochs,
+      "seed": seed, "steps": step, "num_params": mnist_common.count_params(params),
+      "final_test_accuracy": test_curve[-1]["test_accuracy"], "final_test_loss": test_curve[-1]["test_loss"],
+      "train_loss_curve": _downsample(losses), "test_curve": test_curve, "seconds": round(seconds, 2),
+      "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(opt_state))),
+  }
+
+
+def _downsample(losses: list[tuple[int, float]]) -> list[dict]:
+  """[(batch size, loss), ...] -> at most TRAIN_CURVE_POINTS {samples seen, mean loss of the window} points."""
+  samples = np.cumsum([n for n, _ in losses])
+  values = np.array([loss for _, loss in losses])
+  windows = np.array_split(np.arange(len(values)), min(TRAIN_CURVE_POINTS, len(values)))
+  return [{"samples": int(samples[w[-1]]), "train_loss": float(values[w].mean())} for w in windows if len(w)]
+
+
+def plot(runs: list[dict], path: pathlib.Path) -> None:
+  """One figure per setting, in the reference's style: train loss vs samples, test accuracy and loss per epoch."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  for run in runs:
+    style = dict(color=COLOURS[run["optimizer"]], label=LABELS[run["optimizer"]])
+    curve = run["train_loss_curve"]
+    axes[0].plot([p["samples"] for p in curve], [p["train_loss"] for p in curve], lw=1, **style)
+    epochs = [p["epoch"] for p in run["test_curve"]]
+    axes[1].plot(epochs, [p["test_accuracy"] for p in run["test_curve"]], marker="o", **style)
+    axes[2].plot(epochs, [p["test_loss"] for p in run["test_curve"]], marker="o", **style)
+  first = runs[0]
+  axes[0].set(xlabel="training samples seen", ylabel="train loss", yscale="log", title="train loss")
+  axes[1].set(xlabel="epoch", ylabel="test accuracy", title="test accuracy")
+  axes[2].set(xlabel="epoch", ylabel="test loss", title="test loss")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.suptitle(f"MNIST, batch {first['batch_size']}, lr {first['lr']}, weight decay {first['weight_decay']}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def _split(text: str, kind):
+  return [kind(item) for item in text.split(",") if item]
+
+
+def main(argv=None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--optimizers", default="adam,lamb,lamb16", help="comma-separated names: " + ",".join(COLOURS))
+  parser.add_argument("--batch-size", default="1024", help="one or more, comma-separated")
+  parser.add_argument("--train-samples", type=int, default=None, help="train on the first N images (for demos)")
+  parser.add_argument("--lr", default="0.02", help="one or more, comma-separated")
+  parser.add_argument("--weight-decay", default="0.01", help="one or more, comma-separated")
+  parser.add_argument("--epochs", type=int, default=10)
+  parser.add_argument("--max-steps", type=int, default=None, help="stop each run after this many steps")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--data", default=str(mnist_common.DEFAULT_DATA), help=".npz file or directory of IDX files")
+  parser.add_argument("--out", default="out/mnist")
+  args = parser.parse_args(argv)
+
+  optimizers = _split(args.optimizers, str)
+  for name in optimizers:
+    make_optimizer(name, 0.1, 0.0)  # unknown names fail before any training
+  lists = [_split(args.batch_size, int), _split(args.lr, float), _split(args.weight_decay, float)]
+  count = max(len(values) for values in lists)
+  if any(len(values) not in (1, count) for values in lists):
+    parser.error("--batch-size, --lr and --weight-decay take one value or the same number of values")
+  settings = list(zip(*[values * count if len(values) == 1 else values for values in lists]))
+
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  data = mnist_common.load_mnist(args.data)
+  if args.train_samples is not None:
+    data["x_train"], data["y_train"] = data["x_train"][:args.train_samples], data["y_train"][:args.train_samples]
+  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {len(data['x_train'])} train / "
+        f"{len(data['x_test'])} test images")
+  runs = []
+  for batch_size, lr, weight_decay in settings:
+    setting_runs = [train_one(name, data, batch_size, lr, weight_decay, args.epochs, args.seed, args.max_steps)
+                    for name in optimizers]
+    plot(setting_runs, out / f"mnist_batch{batch_size}.png")
+    runs += setting_runs
+  results = {"runs": runs}
+  (out / "results.json").write_text(json.dumps(results, indent=1))
+
+  print(f"\n{'optimizer':>10} {'batch':>6} {'lr':>6} {'wd':>6} {'steps':>6} {'test acc':>9} {'test loss':>10} "
+        f"{'state MB':>9} {'seconds':>8}")
+  for run in runs:
+    print(f"{run['optimizer']:>10} {run['batch_size']:>6} {run['lr']:>6} {run['weight_decay']:>6} {run['steps']:>6} "
+          f"{run['final_test_accuracy']:>9.4f} {run['final_test_loss']:>10.4f} "
+          f"{run['optimizer_state_bytes'] / 1e6:>9.3f} {run['seconds']:>8.1f}")
+  print(f"\nwrote {out / 'results.json'} and {len(settings)} plot(s) in {out}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,83 @@
+"""The MNIST comparison example, end to end on a few steps, and its data loader."""
+
+import json
+import pathlib
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import mnist_common  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_mnist_example_end_to_end(tmp_path):
+  command = [sys.executable, str(ROOT / "examples" / "mnist.py"), "--optimizers", "adam,lamb,lamb16",
+             "--batch-size", "64,32", "--lr", "0.01", "--weight-decay", "0.01", "--epochs", "2", "--max-steps", "3",
+             "--train-samples", "128", "--seed", "1", "--out", str(tmp_path)]
+  completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+  assert completed.returncode == 0, completed.stderr[-3000:]
+  assert "lamb16" in completed.stdout and "test acc" in completed.stdout  # the final table
+
+  results = json.loads((tmp_path / "results.json").read_text())
+  runs = results["runs"]
+  assert [(r["optimizer"], r["batch_size"]) for r in runs] == [
+      ("adam", 64), ("lamb", 64), ("lamb16", 64), ("adam", 32), ("lamb", 32), ("lamb16", 32)]
+  required = {"optimizer", "batch_size", "lr", "weight_decay", "epochs", "seed", "final_test_accuracy",
+              "final_test_loss", "train_loss_curve", "test_curve", "seconds", "optimizer_state_bytes"}
+  for run in runs:
+    assert required <= set(run), required - set(run)
+    assert run["steps"] == 3 and run["num_params"] == 431_080
+    # 128 training images: batch 64 takes 2 steps in epoch 1 and 1 in epoch 2; batch 32 stops inside epoch 1.
+    assert [p["samples"] for p in run["train_loss_curve"]] == [run["batch_size"] * k for k in (1, 2, 3)]
+    assert [p["epoch"] for p in run["test_curve"]] == ([1, 2] if run["batch_size"] == 64 else [1])
+    assert 0.0 <= run["final_test_accuracy"] <= 1.0 and np.isfinite(run["final_test_loss"])
+  state_bytes = {r["optimizer"]: r["optimizer_state_bytes"] for r in runs if r["batch_size"] == 64}
+  assert state_bytes["adam"] == state_bytes["lamb"] >= 8 * 431_080
+  assert state_bytes["lamb16"] <= 2 * 431_080 + 16 * 8 + 16
+
+  for batch_size in (64, 32):
+    png = (tmp_path / f"mnist_batch{batch_size}.png").read_bytes()
+    assert png.startswith(PNG_MAGIC) and len(png) > 20_000
+
+
+def _write_idx(path: pathlib.Path, array: np.ndarray) -> None:
+  header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+  path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_loads_idx_files_like_the_npz(tmp_path):
+  with np.load(mnist_common.DEFAULT_DATA) as archive:
+    raw = {key: archive[key][:50] for key in ("x_train", "y_train", "x_test", "y_test")}
+  np.savez(tmp_path / "small.npz", **raw)
+  idx_dir = tmp_path / "idx"
+  idx_dir.mkdir()
+  _write_idx(idx_dir / "train-images-idx3-ubyte", raw["x_train"])
+  _write_idx(idx_dir / "train-labels-idx1-ubyte", raw["y_train"])
+  _write_idx(idx_dir / "t10k-images-idx3-ubyte", raw["x_test"])
+  _write_idx(idx_dir / "t10k-labels-idx1-ubyte", raw["y_test"])
+  from_npz, from_idx = mnist_common.load_mnist(tmp_path / "small.npz"), mnist_common.load_mnist(idx_dir)
+  for key in from_npz:
+    np.testing.assert_array_equal(from_npz[key], from_idx[key])
+  assert from_npz["x_train"].shape == (50, 28, 28, 1) and from_npz["x_train"].dtype == np.float32
+  # Normalised with the reference's mean and std.
+  np.testing.assert_allclose(from_npz["x_train"][0, 0, 0, 0], (0 - 0.1307) / 0.3081, rtol=1e-6)
+
+
+def test_shipped_data_is_the_full_mnist():
+  with np.load(mnist_common.DEFAULT_DATA) as archive:
+    assert archive["x_train"].shape == (60000, 28, 28) and archive["x_test"].shape == (10000, 28, 28)
+    assert sorted(np.unique(archive["y_test"]).tolist()) == list(range(10))
+
+
+def test_reference_model_has_431080_parameters():
+  from flax import nnx
+  model = mnist_common.ReferenceConvNet(nnx.Rngs(0))
+  assert mnist_common.count_params(nnx.state(model, nnx.Param)) == 431_080
