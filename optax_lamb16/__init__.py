@@ -1,8 +1,17 @@
 """optax_lamb16: memory- and communication-efficient optax optimizers.
 
-LAMB16 keeps LAMB's moments in float8 (2 bytes of optimizer state per parameter instead of 8).
+LAMB16 keeps LAMB's moments in float8 (2 bytes of optimizer state per parameter instead of 8); the error-feedback
+1-bit compressed all-reduce averages a pytree over data-parallel ranks with 1/32 of the bytes of a float32 one.
 """
 
+from optax_lamb16 import comm
+from optax_lamb16.comm import Communicator, as_communicator
+from optax_lamb16.compression import (
+    CompressedAllReduceState,
+    compressed_allreduce,
+    compressed_mean,
+    init_compressed_allreduce,
+)
 from optax_lamb16.lamb16 import (
     ScaleByLamb16State,
     clipped_layer_norm,
@@ -10,8 +19,18 @@ from optax_lamb16.lamb16 import (
     scale_by_lamb16,
     scale_by_lamb16_trust_ratio,
 )
+from optax_lamb16.sharding import sharded_init, state_partition_specs
 
 __all__ = [
+    "Communicator",
+    "CompressedAllReduceState",
+    "as_communicator",
+    "comm",
+    "compressed_allreduce",
+    "compressed_mean",
+    "init_compressed_allreduce",
+    "sharded_init",
+    "state_partition_specs",
     "ScaleByLamb16State",
     "clipped_layer_norm",
     "lamb16",

@@ -6,6 +6,7 @@ Nothing here imports optax_lamb16 or JAX: float8 rounding comes from ml_dtypes, 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_dtypes
 import numpy as np
@@ -75,3 +76,46 @@ class Lamb16Reference:
       # 8. update, associated as the optax chain applies it: p + (-lr) * (r * u)
       new_params.append((p - lr * (r * u)).astype(F32))
     return new_params
+
+
+def sgn(x: np.ndarray) -> np.ndarray:
+  """SPEC.md notation: +1 where x >= 0 or x is NaN, -1 elsewhere."""
+  return np.where(np.asarray(x) < 0, F32(-1), F32(1)).astype(F32)
+
+
+def rms(x: np.ndarray) -> np.float32:
+  return F32(np.sqrt(np.sum(x * x, dtype=F32)) / np.sqrt(F32(x.size)))
+
+
+class CompressedAllReduceReference:
+  """SPEC.md section 3 for all P ranks at once; keeps every rank's worker and server error."""
+
+  def __init__(self, n: int, world: int):
+    quantum = world * math.lcm(world, 8)
+    self.n, self.world = n, world
+    self.n_pad = -(-n // quantum) * quantum
+    self.chunk = self.n_pad // world
+    self.worker_error = [np.zeros(self.n_pad, F32) for _ in range(world)]
+    self.server_error = [np.zeros(self.chunk, F32) for _ in range(world)]
+
+  def __call__(self, inputs: list[np.ndarray]) -> np.ndarray:
+    """inputs: one flat float32 vector of length n per rank. Returns the estimate every rank gets."""
+    world, chunk = self.world, self.chunk
+    worker_signs, worker_scales = [], []
+    for rank in range(world):
+      c = np.concatenate([np.asarray(inputs[rank], F32), np.zeros(self.n_pad - self.n, F32)]) + self.worker_error[rank]
+      scale = rms(c)
+      self.worker_error[rank] = (c - scale * sgn(c)).astype(F32)
+      worker_signs.append(sgn(c))
+      worker_scales.append(scale)
+    output = np.zeros(self.n_pad, F32)
+    for server in range(world):
+      part = slice(server * chunk, (server + 1) * chunk)
+      a = np.zeros(chunk, F32)
+      for rank in range(world):
+        a = a + (worker_scales[rank] / F32(world)) * worker_signs[rank][part]
+      a = a + self.server_error[server]
+      scale = rms(a)
+      self.server_error[server] = (a - scale * sgn(a)).astype(F32)
+      output[part] = scale * sgn(a)
+    return output[:self.n]

@@ -1,0 +1,175 @@
+"""How a communicating transform reaches the other data-parallel ranks.
+
+Every communicating transform takes one argument, `comm`, turned into a `Communicator` by `as_communicator`:
+
+- a string: the name of a mesh axis, for use inside `jax.shard_map` / `jax.pmap` (XLA collectives: NCCL on GPU,
+  the CPU collectives in one process, gloo across `jax.distributed` processes);
+- an mpi4py communicator (e.g. `MPI.COMM_WORLD`): mpi4jax collectives inside `jax.jit`, one device per process;
+- `None`: a single device, every exchange is the identity;
+- any object implementing `Communicator` (its four members below; optionally ``per_rank(x)``, which marks a fresh
+  per-rank buffer for `shard_map`'s type checks, as `MeshAxis.per_rank` does).
+
+The maths (compressed all-reduce, the 1-bit optimizers) is written once against this interface; backends only move
+bytes. All members are called inside a traced function; `size` must be a static Python int.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@runtime_checkable
+class Communicator(Protocol):
+  """The small interface the compressed exchange and the 1-bit optimizers need."""
+
+  @property
+  def size(self) -> int:
+    """Number of data-parallel ranks (a static Python int)."""
+
+  def mean(self, x: jax.Array) -> jax.Array:
+    """Exact float32 mean of `x` over ranks, identical on every rank."""
+
+  def all_to_all(self, x: jax.Array) -> jax.Array:
+    """`x` has shape (size, ...): row i goes to rank i; returns (size, ...) whose row j came from rank j."""
+
+  def all_gather(self, x: jax.Array) -> jax.Array:
+    """Returns (size, *x.shape): row j is rank j's `x`, identical on every rank."""
+
+
+class SingleDevice:
+  """One rank: every exchange is the identity (`comm=None`)."""
+
+  size = 1
+
+  def mean(self, x):
+    return x
+
+  def all_to_all(self, x):
+    return x
+
+  def all_gather(self, x):
+    return x[None]
+
+  def __repr__(self):
+    return "SingleDevice()"
+
+
+class MeshAxis:
+  """XLA collectives over a named mesh axis, inside `jax.shard_map` or `jax.pmap`."""
+
+  def __init__(self, axis_name: str):
+    self.axis_name = axis_name
+
+  @property
+  def size(self) -> int:
+    try:
+      return int(jax.lax.axis_size(self.axis_name))
+    except NameError as error:
+      raise ValueError(
+          f"comm={self.axis_name!r} names a mesh axis that is not bound here. Call `init` and `update` inside "
+          f"`jax.shard_map(..., mesh=mesh)` over a mesh with an axis {self.axis_name!r} (or `jax.pmap(..., "
+          f"axis_name={self.axis_name!r})`), or pass comm=None for a single device.") from error
+
+  def mean(self, x):
+    return jax.lax.pmean(x, self.axis_name)
+
+  def all_to_all(self, x):
+    return jax.lax.all_to_all(x, self.axis_name, split_axis=0, concat_axis=0)
+
+  def all_gather(self, x):
+    # The gathered value is the same on every rank: mark it invariant so replicated outputs type-check.
+    return jax.lax.all_gather(x, self.axis_name, to="invarying")
+
+  def per_rank(self, x):
+    # Fresh per-rank buffers (zeros at init) must be typed as varying over the axis, like what they will hold.
+    return jax.lax.pcast(x, (self.axis_name,), to="varying")
+
+  def __repr__(self):
+    return f"MeshAxis({self.axis_name!r})"
+
+
+# mpi4jax has no float16/bfloat16/float8 types: such payloads travel bitcast to unsigned integers of the same width.
+_MPI_CARRIER = {1: jnp.uint8, 2: jnp.uint16}
+
+
+def _to_mpi(x):
+  if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize in _MPI_CARRIER:
+    return jax.lax.bitcast_convert_type(x, _MPI_CARRIER[x.dtype.itemsize]), x.dtype
+  return x, None
+
+
+def _from_mpi(x, dtype):
+  return x if dtype is None else jax.lax.bitcast_convert_type(x, dtype)
+
+
+class MPI:
+  """mpi4jax collectives over an mpi4py communicator; one JAX device per MPI process."""
+
+  def __init__(self, comm: Any):
+    self.comm = comm
+
+  @property
+  def size(self) -> int:
+    return int(self.comm.Get_size())
+
+  def mean(self, x):
+    import mpi4jax
+    from mpi4py import MPI as _MPI
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"MPI.mean needs a floating array, got {x.dtype}")
+    total = mpi4jax.allreduce(x.astype(jnp.float32), op=_MPI.SUM, comm=self.comm)
+    return (total / self.size).astype(x.dtype)
+
+  def all_to_all(self, x):
+    import mpi4jax
+    payload, dtype = _to_mpi(x)
+    return _from_mpi(mpi4jax.alltoall(payload, comm=self.comm), dtype)
+
+  def all_gather(self, x):
+    import mpi4jax
+    payload, dtype = _to_mpi(x)
+    return _from_mpi(mpi4jax.allgather(payload, comm=self.comm), dtype)
+
+  def __repr__(self):
+    return f"MPI(size={self.size})"
+
+
+def _is_mpi4py_comm(comm: Any) -> bool:
+  module = type(comm).__module__ or ""
+  return module.startswith("mpi4py") and hasattr(comm, "Get_size")
+
+
+def as_communicator(comm: Any) -> Communicator:
+  """Turns the user-facing `comm` argument into a `Communicator` (see the module docstring)."""
+  if comm is None:
+    return SingleDevice()
+  if isinstance(comm, str):
+    return MeshAxis(comm)
+  if _is_mpi4py_comm(comm):
+    return MPI(comm)
+  if isinstance(comm, Communicator):
+    return comm
+  raise TypeError(
+      f"`comm` must be a mesh-axis name (str), an mpi4py communicator, None (one device) or an object with `size`, "
+      f"`mean`, `all_to_all` and `all_gather`; got {type(comm).__name__}: {comm!r}.")
+
+
+def mark_per_rank(comm: Communicator, x: jax.Array) -> jax.Array:
+  """Marks a freshly made buffer as per-rank state (needed by `shard_map`'s type checks; a no-op elsewhere).
+
+  Communicators may define ``per_rank(x)``; the others need nothing.
+  """
+  per_rank = getattr(comm, "per_rank", None)
+  return x if per_rank is None else per_rank(x)
+
+
+def world_size(comm: Communicator) -> int:
+  """The communicator's size as a checked positive Python int."""
+  size = comm.size
+  if not isinstance(size, (int, np.integer)) or size < 1:
+    raise ValueError(f"comm.size must be a positive Python int, got {size!r} from {comm!r}")
+  return int(size)

@@ -1,0 +1,62 @@
+"""Partition specs for optimizer states whose parts differ per data-parallel rank.
+
+Inside `jax.shard_map`, a per-rank buffer of local shape (n,) is one global array of shape (P * n,) sharded over the
+data axis (spec ``P(axis)``); everything else in the state is replicated (spec ``P()``). State types list their
+per-rank fields in a class attribute ``PER_RANK_FIELDS``; nothing per-rank is ever silently replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+from jax.sharding import Mesh, PartitionSpec
+
+
+def _has_per_rank_fields(node: Any) -> bool:
+  return hasattr(type(node), "PER_RANK_FIELDS") and hasattr(node, "_fields")
+
+
+def state_partition_specs(state: Any, axis_name: str) -> Any:
+  """`shard_map` specs for `state` (concrete or abstract): ``P(axis_name)`` for per-rank leaves, ``P()`` for others.
+
+  Args:
+    state: An optimizer state, or its `jax.eval_shape`.
+    axis_name: The data-parallel mesh axis.
+
+  Returns:
+    A pytree of `PartitionSpec` with the structure of `state`, usable as `in_specs` / `out_specs`.
+  """
+
+  def leaf_spec(node):
+    if _has_per_rank_fields(node):
+      per_rank = type(node).PER_RANK_FIELDS
+      return type(node)(*(
+          jax.tree.map(lambda _: PartitionSpec(axis_name), value) if field in per_rank
+          else state_partition_specs(value, axis_name)
+          for field, value in zip(node._fields, node)))
+    return PartitionSpec()
+
+  return jax.tree.map(leaf_spec, state, is_leaf=_has_per_rank_fields)
+
+
+def sharded_init(tx: optax.GradientTransformation, params: Any, mesh: Mesh, axis_name: str,
+                 param_specs: Any = PartitionSpec()) -> Any:
+  """Runs `tx.init` inside `shard_map` and returns the global state, per-rank parts sharded over `axis_name`.
+
+  Args:
+    tx: A transformation whose `init` may need the bound axis (e.g. one using ``comm=axis_name``).
+    params: Global params (replicated over `axis_name` by default).
+    mesh: The device mesh.
+    axis_name: The data-parallel axis of `mesh`.
+    param_specs: `shard_map` specs of `params` (default: replicated).
+
+  Returns:
+    The global optimizer state; `state_partition_specs(state, axis_name)` gives its specs for the train step.
+  """
+  # Trace init once without output checks, only to learn the state's structure (and so its specs).
+  structure_only = jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=PartitionSpec(),
+                                 check_vma=False)
+  out_specs = state_partition_specs(jax.eval_shape(structure_only, params), axis_name)
+  return jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=out_specs))(params)

@@ -1,0 +1,210 @@
+"""The error-feedback 1-bit compressed all-reduce against the NumPy oracle of SPEC.md section 3, and its invariants."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import optax_lamb16
+from optax_lamb16 import compression as car
+from tests import reference
+
+
+def make_mesh(world):
+  return jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
+
+
+def run_calls(inputs, comm="data", all_states=False):
+  """inputs: (P, T, n) per-rank inputs of T consecutive calls. Returns per-rank outputs (P, T, n) and the states.
+
+  The states are the final ones, as (P, length) arrays, or with `all_states` those after every call, (P, T, length).
+
+  All T calls run in one `lax.scan` inside one `shard_map` (one dispatch: no back-to-back collective programs).
+  """
+  world = inputs.shape[0]
+
+  def per_rank(x):  # x: (1, T, n), this rank's inputs
+    state = optax_lamb16.init_compressed_allreduce(x.shape[-1], comm)
+
+    def call(state, x_t):
+      out, state = optax_lamb16.compressed_allreduce(x_t, state, comm)
+      return state, (out, state)
+    state, (outs, states) = jax.lax.scan(call, state, x[0])
+    return outs[None], jax.tree.map(lambda s: s[None], states) if all_states else state
+
+  state_specs = optax_lamb16.CompressedAllReduceState(P("data"), P("data"))
+  f = jax.jit(jax.shard_map(per_rank, mesh=make_mesh(world), in_specs=P("data"), out_specs=(P("data"), state_specs)))
+  outs, state = f(jnp.asarray(inputs))
+  shape = (world, inputs.shape[1], -1) if all_states else (world, -1)
+  return np.asarray(outs), jax.tree.map(lambda x: np.asarray(x).reshape(shape), state)
+
+
+def random_inputs(world, calls, n, seed=0):
+  rng = np.random.default_rng(seed)
+  # A shared signal plus per-rank noise of different scales, like local gradients.
+  common = rng.standard_normal((1, calls, n))
+  noise = rng.standard_normal((world, calls, n)) * np.linspace(0.5, 2.0, world)[:, None, None]
+  return (common + noise).astype(np.float32)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+@pytest.mark.parametrize("n", [1000, 4 * 8 * 24 * 5], ids=["needs-padding", "no-padding"])
+def test_matches_numpy_oracle_for_24_calls(world, n):
+  """Every call, from the error buffers the previous call left, gives the oracle's output and error buffers.
+
+  (Why not let the oracle run free for 24 calls: its float32 sums run in another order, so once in a while an element
+  that sits at 0 gets the other sign; the error feedback then carries that difference on and the two trajectories,
+  equally valid, part. That happens here with P = 8 around call 10.)
+  """
+  if n % (world * np.lcm(world, 8)) == 0:
+    assert car.padded_length(n, world) == n
+  else:
+    assert car.padded_length(n, world) > n
+  calls = 24
+  inputs = random_inputs(world, calls, n, seed=world)
+  outs, states = run_calls(inputs, all_states=True)
+  stepped = reference.CompressedAllReduceReference(n, world)
+  for t in range(calls):
+    if t > 0:  # start this call from the error feedback the JAX code carried
+      stepped.worker_error = list(states.worker_error[:, t - 1])
+      stepped.server_error = list(states.server_error[:, t - 1])
+    want = stepped([inputs[r, t] for r in range(world)])
+    for r in range(world):
+      np.testing.assert_allclose(outs[r, t], want, rtol=2e-6, atol=1e-6, err_msg=f"call {t}, rank {r}")
+      np.testing.assert_allclose(states.worker_error[r, t], stepped.worker_error[r], rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(states.server_error[r, t], stepped.server_error[r], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_output_is_bitwise_identical_on_every_rank(world):
+  outs, _ = run_calls(random_inputs(world, 5, 777, seed=1))
+  for r in range(1, world):
+    np.testing.assert_array_equal(outs[r], outs[0])
+
+
+def test_one_rank_is_the_identity_and_keeps_no_error():
+  x = random_inputs(1, 3, 100)
+  outs, state = run_calls(x)
+  np.testing.assert_array_equal(outs, x)
+  assert state.worker_error.size == 0 and state.server_error.size == 0
+  tree = {"a": jnp.arange(5.0), "b": jnp.ones((2, 2), jnp.bfloat16)}
+  same, _ = optax_lamb16.compressed_allreduce(tree, optax_lamb16.init_compressed_allreduce(tree, None), None)
+  assert same is tree
+
+
+def test_empty_input_passes_through():
+  outs, state = run_calls(np.zeros((4, 2, 0), np.float32))
+  assert outs.shape == (4, 2, 0) and state.worker_error.size == 0
+
+
+def test_sign_bits_are_packed_most_significant_first():
+  x = jnp.array([1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 0.0,  # + - - - - - - +  -> 0b10000001
+                 -0.5, jnp.nan, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0])  # NaN counts as +1 -> 0b01000000
+  np.testing.assert_array_equal(car.pack_signs(x), [0b10000001, 0b01000000])
+  np.testing.assert_array_equal(car.unpack_signs(car.pack_signs(x)), car.signs(x))
+  np.testing.assert_array_equal(car.signs(x), reference.sgn(np.asarray(x)))
+
+
+def test_error_feedback_makes_the_running_sum_converge():
+  """sum_t out_t tracks sum_t mean_t with a bounded error (relative error ~ 1/T); without feedback it does not."""
+  world, calls, n = 4, 256, 512
+  inputs = random_inputs(world, calls, n, seed=5) + 0.3  # a bias that plain sign compression gets wrong
+  true_running = np.cumsum(inputs.mean(axis=0), axis=0)
+  outs, _ = run_calls(inputs)
+  error = np.linalg.norm(np.cumsum(outs[0], axis=0) - true_running, axis=1) / np.linalg.norm(true_running, axis=1)
+  # Without feedback: every call starts from zero error buffers.
+  no_feedback = np.stack([run_calls(inputs[:, t:t + 1])[0][0, 0] for t in range(0, calls, 8)])
+  error_nf = np.linalg.norm(np.cumsum(no_feedback, axis=0) - np.cumsum(inputs.mean(axis=0)[::8], axis=0),
+                            axis=1) / np.linalg.norm(np.cumsum(inputs.mean(axis=0)[::8], axis=0), axis=1)
+  assert error[255] < error[31] / 4, (error[31], error[255])  # shrinks ~ 1/T (8x more calls)
+  assert error[255] < 0.05
+  assert error_nf[-1] > 0.3 and error_nf[-1] > 0.5 * error_nf[3]  # does not shrink
+
+
+def test_compressed_mean_transform_in_a_chain_keeps_replicas_identical():
+  world = 4
+  mesh = make_mesh(world)
+  params = {"w": jnp.ones((6, 5)), "b": jnp.zeros(5)}
+  tx = optax.chain(optax_lamb16.compressed_mean("data"), optax_lamb16.lamb16(0.01))
+  state = optax_lamb16.sharded_init(tx, params, mesh, "data")
+  specs = optax_lamb16.state_partition_specs(state, "data")
+  assert specs[0] == optax_lamb16.CompressedAllReduceState(P("data"), P("data"))
+  assert all(s == P() for s in jax.tree.leaves(specs[1], is_leaf=lambda x: isinstance(x, P)))
+  assert state[0].worker_error.shape == (world * car.padded_length(35, world),)
+
+  def local_step(params, state, x):
+    grads = jax.grad(lambda p: jnp.sum((x[0] @ p["w"] + p["b"]) ** 2))(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(P(), specs, P("data")), out_specs=(P(), specs)))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((world, 3, 6)), jnp.float32)
+  for _ in range(3):
+    params, state = jax.block_until_ready(step(params, state, x))
+  # The replicated output spec P() type-checks only because every rank holds the same params; check it directly.
+  local = jax.jit(jax.shard_map(lambda p: jax.tree.map(lambda a: a[None], p), mesh=mesh, in_specs=P(),
+                                out_specs=P("data"), check_vma=False))(params)
+  for leaf in jax.tree.leaves(local):
+    for r in range(1, world):
+      np.testing.assert_array_equal(leaf[r], leaf[0])
+  assert float(jnp.abs(state[0].worker_error).sum()) > 0  # error feedback is being kept per rank
+
+
+def test_unknown_comm_type_is_rejected():
+  with pytest.raises(TypeError, match="`comm` must be"):
+    optax_lamb16.compressed_mean(3.0)
+
+
+def test_unbound_axis_name_is_a_clear_error():
+  with pytest.raises(ValueError, match="comm='data' names a mesh axis that is not bound"):
+    optax_lamb16.init_compressed_allreduce(10, "data")
+
+
+def test_state_of_another_world_size_is_rejected():
+  mesh = make_mesh(4)
+  state_for_2 = optax_lamb16.CompressedAllReduceState(jnp.zeros(car.padded_length(100, 2)),
+                                                      jnp.zeros(car.padded_length(100, 2) // 2))
+
+  def f(x):
+    return optax_lamb16.compressed_allreduce(x[0], state_for_2, "data")[0]
+  with pytest.raises(ValueError, match="another world size"):
+    jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P()))(jnp.zeros((4, 100)))
+
+
+class _LoggingComm:
+  """A user-supplied communicator: wraps the mesh axis and records what is exchanged."""
+
+  def __init__(self):
+    self.inner, self.calls = optax_lamb16.comm.MeshAxis("data"), []
+
+  @property
+  def size(self):
+    return self.inner.size
+
+  def mean(self, x):
+    self.calls.append(("mean", x.dtype))
+    return self.inner.mean(x)
+
+  def all_to_all(self, x):
+    self.calls.append(("all_to_all", x.dtype))
+    return self.inner.all_to_all(x)
+
+  def all_gather(self, x):
+    self.calls.append(("all_gather", x.dtype))
+    return self.inner.all_gather(x)
+
+  def per_rank(self, x):  # optional member: lets shard_map type fresh per-rank buffers
+    return self.inner.per_rank(x)
+
+
+def test_custom_communicator_object_is_used_and_exchanges_packed_bytes():
+  custom = _LoggingComm()
+  inputs = random_inputs(2, 3, 100)
+  outs_custom, _ = run_calls(inputs, comm=custom)
+  outs_axis, _ = run_calls(inputs)
+  np.testing.assert_array_equal(outs_custom, outs_axis)
+  # One all-to-all of sign bytes and three all-gathers (worker scales, server bytes, server scales) per call.
+  assert custom.calls == [("all_to_all", jnp.uint8), ("all_gather", jnp.float32), ("all_gather", jnp.uint8),
+                          ("all_gather", jnp.float32)]
