@@ -30,6 +30,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/state_size.py
+	$(PY) benchmarks/comm_volume.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -10,6 +10,7 @@ from jax.sharding import PartitionSpec as P
 import optax_lamb16
 from optax_lamb16 import compression as car
 from tests import reference
+from tests.workers.inputs import random_inputs
 
 
 def make_mesh(world):
@@ -39,14 +40,6 @@ def run_calls(inputs, comm="data", all_states=False):
   outs, state = f(jnp.asarray(inputs))
   shape = (world, inputs.shape[1], -1) if all_states else (world, -1)
   return np.asarray(outs), jax.tree.map(lambda x: np.asarray(x).reshape(shape), state)
-
-
-def random_inputs(world, calls, n, seed=0):
-  rng = np.random.default_rng(seed)
-  # A shared signal plus per-rank noise of different scales, like local gradients.
-  common = rng.standard_normal((1, calls, n))
-  noise = rng.standard_normal((world, calls, n)) * np.linspace(0.5, 2.0, world)[:, None, None]
-  return (common + noise).astype(np.float32)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
