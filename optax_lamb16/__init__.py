@@ -19,6 +19,8 @@ from optax_lamb16.lamb16 import (
     scale_by_lamb16,
     scale_by_lamb16_trust_ratio,
 )
+from optax_lamb16.onebit_adam import OnebitAdamState, onebit_adam
+from optax_lamb16.zero_one_adam import ZeroOneAdamState, zero_one_adam
 from optax_lamb16.sharding import sharded_init, state_partition_specs
 
 __all__ = [
@@ -29,6 +31,10 @@ __all__ = [
     "compressed_allreduce",
     "compressed_mean",
     "init_compressed_allreduce",
+    "OnebitAdamState",
+    "onebit_adam",
+    "ZeroOneAdamState",
+    "zero_one_adam",
     "sharded_init",
     "state_partition_specs",
     "ScaleByLamb16State",

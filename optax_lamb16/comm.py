@@ -85,7 +85,11 @@ class MeshAxis:
     return jax.lax.all_gather(x, self.axis_name, to="invarying")
 
   def per_rank(self, x):
-    # Fresh per-rank buffers (zeros at init) must be typed as varying over the axis, like what they will hold.
+    # Per-rank buffers (zeros at init, replicated values that become per-rank) must be typed as varying over the
+    # axis, like what they will hold.
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    if manual is not None and self.axis_name in manual.varying:
+      return x
     return jax.lax.pcast(x, (self.axis_name,), to="varying")
 
   def __repr__(self):

@@ -174,8 +174,10 @@ def compressed_allreduce(tree: Any, state: CompressedAllReduceState,
   communicator = comm_lib.as_communicator(comm)
   world = comm_lib.world_size(communicator)
   n = tree_size(tree)
-  if world == 1 or n == 0:
+  if n == 0:
     return tree, state
+  if world == 1:  # the identity; a mean over one rank also gives it the replicated type a mesh axis expects
+    return exact_mean(tree, communicator), state
   flat = flatten(tree)
   padded = jnp.pad(flat, (0, padded_length(n, world) - n))
   decoded, state = compressed_allreduce_flat(padded, state, communicator)
@@ -204,3 +206,11 @@ def compressed_mean(comm: Any) -> optax.GradientTransformation:
     return compressed_allreduce(updates, state, comm)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def exact_mean(tree: Any, comm: Any) -> Any:
+  """The exact float32 mean over ranks of a per-rank pytree, as one all-reduce of the flattened tree."""
+  communicator = comm_lib.as_communicator(comm)
+  if isinstance(communicator, comm_lib.SingleDevice) or tree_size(tree) == 0:
+    return tree
+  return unflatten_like(communicator.mean(flatten(tree)), tree)

@@ -119,3 +119,130 @@ class CompressedAllReduceReference:
       self.server_error[server] = (a - scale * sgn(a)).astype(F32)
       output[part] = scale * sgn(a)
     return output[:self.n]
+
+
+def _flat(leaves: list[np.ndarray]) -> np.ndarray:
+  return np.concatenate([np.ravel(x).astype(F32) for x in leaves]) if leaves else np.zeros(0, F32)
+
+
+def _unflat(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+  out, offset = [], 0
+  for x in like:
+    out.append(flat[offset:offset + x.size].reshape(x.shape))
+    offset += x.size
+  return out
+
+
+def _exact_mean(per_rank: list[list[np.ndarray]]) -> list[np.ndarray]:
+  """Float32 mean over ranks, leaf by leaf (ranks summed in order, then divided)."""
+  total = [np.zeros_like(x, F32) for x in per_rank[0]]
+  for leaves in per_rank:
+    total = [a + b for a, b in zip(total, leaves)]
+  return [(a / F32(len(per_rank))).astype(F32) for a in total]
+
+
+class OnebitAdamReference:
+  """SPEC.md sections 2 and 4 for P ranks. `step` takes every rank's params and local gradients (lists of leaves)
+  and returns the new params, which all ranks share."""
+
+  def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, mask=None):
+    self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
+    self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
+    self.m = [np.zeros(p.shape, F32) for p in params]
+    self.v = [np.zeros(p.shape, F32) for p in params]
+    self.mask = mask
+    self.car = CompressedAllReduceReference(sum(p.size for p in params), world)
+    self.t = 1  # DeepSpeed's set-up call
+
+  def step(self, per_rank_params, local_grads):
+    params = per_rank_params[0]  # identical on every rank
+    self.t += 1
+    b1, b2 = self.b1, self.b2
+    if self.t <= self.freeze_step:
+      g = _exact_mean(local_grads)
+      self.m = [b1 * m + (F32(1) - b1) * gi for m, gi in zip(self.m, g)]
+      self.v = [b2 * v + (F32(1) - b2) * gi * gi for v, gi in zip(self.v, g)]
+    else:
+      local_m = [_flat([b1 * m + (F32(1) - b1) * gi for m, gi in zip(self.m, grads)]) for grads in local_grads]
+      self.m = _unflat(self.car(local_m) if self.world > 1 else local_m[0], self.m)
+      if self.mask is not None:
+        self.m = [m * F32(k) for m, k in zip(self.m, self.mask)]
+    return [(p - self.lr * (m / (np.sqrt(v) + self.eps) + self.wd * p)).astype(F32)
+            for p, m, v in zip(params, self.m, self.v)]
+
+
+class ZeroOneAdamReference:
+  """SPEC.md sections 2 and 5 for P ranks: per-rank params, m and u; shared v, lr sum and schedules."""
+
+  def __init__(self, params, world, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, var_freeze_step=100000,
+               var_update_scaler=16, local_step_scaler=32678, local_step_clipper=16, mask=None):
+    self.world, self.lr = world, F32(lr)
+    self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
+    self.var_freeze_step, self.var_update_scaler = var_freeze_step, var_update_scaler
+    self.local_step_scaler, self.local_step_clipper = local_step_scaler, local_step_clipper
+    self.mask = mask
+    self.m = [[np.zeros(p.shape, F32) for p in params] for _ in range(world)]
+    self.u = [[np.zeros(p.shape, F32) for p in params] for _ in range(world)]
+    self.v = [np.zeros(p.shape, F32) for p in params]
+    self.lrs = F32(0)
+    self.var_interval, self.var_counter = 1, 0
+    self.local_step_interval, self.local_step_counter = 1, 0
+    self.frozen = False
+    self.car = CompressedAllReduceReference(sum(p.size for p in params), world)
+    self.t = 1
+    # What happened on each step, for the tests: "variance", "compressed", "local" or "local+sync".
+    self.log = []
+
+  def _car(self, per_rank_leaves):
+    like = per_rank_leaves[0]
+    out = self.car([_flat(leaves) for leaves in per_rank_leaves]) if self.world > 1 else _flat(like)
+    out = _unflat(out, like)
+    return out if self.mask is None else [x * F32(k) for x, k in zip(out, self.mask)]
+
+  def step(self, per_rank_params, local_grads):
+    self.t += 1
+    t, b1, b2, world = self.t, self.b1, self.b2, self.world
+    momentum = lambda m, g: [b1 * a + (F32(1) - b1) * b for a, b in zip(m, g)]
+    variance_due = not self.frozen and t % self.var_interval == 0
+    if variance_due:
+      g = _exact_mean(local_grads)
+      self.v = [b2 * v + (F32(1) - b2) * gi * gi for v, gi in zip(self.v, g)]
+      self.m = [momentum(self.m[r], g) for r in range(world)]
+      self.log.append("variance")
+    elif not self.frozen:
+      g = self._car(local_grads)
+      self.m = [momentum(self.m[r], g) for r in range(world)]
+      self.log.append("compressed")
+    else:
+      self.m = [momentum(self.m[r], local_grads[r]) for r in range(world)]
+      self.lrs = F32(self.lrs + self.lr)
+      self.log.append("local")
+    d = [np.sqrt(v) + self.eps for v in self.v]
+    new_params = []
+    for r in range(world):
+      delta = [m / di + self.wd * p for m, di, p in zip(self.m[r], d, per_rank_params[r])]
+      new_params.append([p - self.lr * x for p, x in zip(per_rank_params[r], delta)])
+      if self.frozen:
+        self.u[r] = [u - self.lr * x for u, x in zip(self.u[r], delta)]
+    if self.frozen and t % self.local_step_interval == 0:
+      previous = [[p - u for p, u in zip(new_params[r], self.u[r])] for r in range(world)]
+      w = self._car([[u * di for u, di in zip(self.u[r], d)] for r in range(world)])
+      self.m = [[-wi / self.lrs for wi in w] for _ in range(world)]
+      new_params = [[p0 + wi / di for p0, wi, di in zip(previous[r], w, d)] for r in range(world)]
+      self.u = [[np.zeros_like(u) for u in self.u[r]] for r in range(world)]
+      self.lrs = F32(0)
+      self.log[-1] = "local+sync"
+    if variance_due:
+      self.var_counter += 1
+      if self.var_counter == self.var_update_scaler:
+        self.var_counter, self.var_interval = 0, self.var_interval * 2
+    if self.frozen:
+      self.local_step_counter += 1
+      if self.local_step_counter == self.local_step_scaler:
+        self.local_step_counter = 0
+        self.local_step_interval = min(self.local_step_clipper, 2 * self.local_step_interval)
+    if not self.frozen and t > self.var_freeze_step:
+      self.frozen = True
+      self.car.worker_error = [np.zeros_like(e) for e in self.car.worker_error]
+      self.car.server_error = [np.zeros_like(e) for e in self.car.server_error]
+    return [[x.astype(F32) for x in leaves] for leaves in new_params]

@@ -1,0 +1,186 @@
+"""0/1 Adam (SPEC.md sections 2 and 5), faithful to DeepSpeed 0.19.6 ``onebit/zoadam.py``.
+
+Before the variance freeze, v is updated only on steps ``t % var_interval == 0`` (exact all-reduce of the gradients;
+the interval doubles every `var_update_scaler` such steps) and the other steps average the gradients with the 1-bit
+compressed all-reduce. After the freeze each rank takes local steps without communicating, accumulating its update,
+and every `local_step_interval` steps (doubling up to `local_step_clipper`) the ranks sync with one compressed
+exchange of the accumulated update. Between syncs the parameters differ per rank; they agree again at each sync up
+to float32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lamb16 import _checks, _onebit, comm as comm_lib, compression
+
+
+class ZeroOneAdamState(NamedTuple):
+  """State of `zero_one_adam`.
+
+  Attributes:
+    count: int32, DeepSpeed's step counter (1 after `init`; the first update runs with t = 2).
+    mu: first moments (float32): PER RANK after the freeze (local steps), identical on all ranks before.
+    nu: second moments (float32), identical on all ranks, frozen after `var_freeze_step`.
+    accumulated_update: PER RANK, the sum of this rank's updates since the last sync (``u``).
+    lr_sum: float32, the sum of the learning rates since the last sync.
+    var_interval: int32, v is updated on steps t with ``t % var_interval == 0`` (1 at first).
+    var_counter: int32, variance updates since the interval last doubled.
+    local_step_interval: int32, ranks sync on steps t with ``t % local_step_interval == 0`` (1 at first).
+    local_step_counter: int32, local steps since the interval last doubled.
+    frozen: bool, whether v is frozen (the local-step phase).
+    exchange: the compressed all-reduce's error feedback: PER RANK.
+  """
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  accumulated_update: optax.Updates
+  lr_sum: jax.Array
+  var_interval: jax.Array
+  var_counter: jax.Array
+  local_step_interval: jax.Array
+  local_step_counter: jax.Array
+  frozen: jax.Array
+  exchange: compression.CompressedAllReduceState
+
+  PER_RANK_FIELDS = ("mu", "accumulated_update", "exchange")
+
+
+def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1: float = 0.9, b2: float = 0.999,
+                  eps: float = 1e-8, weight_decay: float = 0.0, var_freeze_step: int = 100000,
+                  var_update_scaler: int = 16, local_step_scaler: int = 32678, local_step_clipper: int = 16,
+                  momentum_mask: Any = None) -> optax.GradientTransformation:
+  """0/1 Adam: adaptive variance-update intervals, then local steps with 1-bit synchronisation.
+
+  Takes each rank's LOCAL gradients. Communication per step: on variance steps one exact all-reduce; on the other
+  pre-freeze steps one compressed exchange of the gradients; after the freeze one compressed exchange on sync steps
+  and nothing at all on local steps. Phases switch inside the jitted update (`lax.switch` / `lax.cond`), so the
+  skipped collectives really are skipped.
+
+  The parameters become per rank between syncs: inside `shard_map`, carry them with spec ``P(axis)`` (one copy per
+  rank), not ``P()``; `state_partition_specs` gives the state's specs.
+
+  Args:
+    learning_rate: Non-negative float or schedule (evaluated at the number of updates so far).
+    comm: Mesh-axis name, mpi4py communicator, None (one device) or a `comm.Communicator`.
+    b1: First-moment decay, in [0, 1).
+    b2: Second-moment decay, in [0, 1).
+    eps: Added to ``sqrt(v)``.
+    weight_decay: Added as ``weight_decay * params`` to the Adam direction.
+    var_freeze_step: v freezes at the end of the first step with ``t > var_freeze_step``.
+    var_update_scaler: Number of variance updates after which the variance interval doubles (>= 1).
+    local_step_scaler: Number of local steps after which the sync interval doubles (>= 1; DeepSpeed's default
+      32678 is kept as it is).
+    local_step_clipper: Largest sync interval (>= 1).
+    momentum_mask: Optional pytree like params of 0/1 arrays applied after each compressed exchange.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `ZeroOneAdamState`.
+
+  Static under `optax.inject_hyperparams`: `comm` and the four integer schedule arguments; numeric
+  ``learning_rate, b1, b2, eps, weight_decay`` may be injected.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lamb16
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> tx = optax_lamb16.zero_one_adam(1e-2, comm=None, var_freeze_step=4)
+    >>> state = tx.init(params)
+    >>> for _ in range(4):
+    ...   updates, state = tx.update({"w": jnp.array([0.5, -0.5])}, state, params)
+    >>> bool(state.frozen), int(state.var_interval)
+    (True, 1)
+
+  References:
+    Lu et al., `Maximizing Communication Efficiency for Large-scale Training via 0/1 Adam
+    <https://arxiv.org/abs/2202.06009>`_, 2022; DeepSpeed 0.19.6 ``deepspeed/runtime/fp16/onebit/zoadam.py``.
+  """
+  communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
+  _checks.check_range("var_freeze_step", var_freeze_step, 0, fix="It counts steps as DeepSpeed does.")
+  for name, value in (("var_update_scaler", var_update_scaler), ("local_step_scaler", local_step_scaler),
+                      ("local_step_clipper", local_step_clipper)):
+    _checks.check_range(name, value, 1, fix="It is a positive number of steps.")
+  per_rank = lambda tree: jax.tree.map(lambda x: comm_lib.mark_per_rank(communicator, x), tree)
+
+  def init_fn(params):
+    _checks.check_float_leaves("params", params)
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    one, zero = jnp.ones([], jnp.int32), jnp.zeros([], jnp.int32)
+    return ZeroOneAdamState(
+        count=_onebit.initial_count(), mu=per_rank(zeros()), nu=zeros(), accumulated_update=per_rank(zeros()),
+        lr_sum=jnp.zeros([], jnp.float32), var_interval=one, var_counter=zero, local_step_interval=one,
+        local_step_counter=zero, frozen=jnp.zeros([], jnp.bool_),
+        exchange=compression.init_compressed_allreduce(params, communicator))
+
+  def update_fn(updates, state, params=None):
+    grads, params = _onebit.check_update_args(updates, state.mu, params)
+    t = state.count + 1
+    beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
+    lr = _onebit.learning_rate_at(learning_rate, state.count)
+    frozen = state.frozen
+    momentum = lambda m, g: beta1 * m + (1 - beta1) * g
+
+    def variance_step(_):
+      mean = compression.exact_mean(grads, communicator)
+      nu = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.nu, mean)
+      return per_rank(jax.tree.map(momentum, state.mu, mean)), nu, state.exchange
+
+    def compressed_step(_):
+      mean, exchange = compression.compressed_allreduce(grads, state.exchange, communicator)
+      mean = _onebit.apply_mask(mean, momentum_mask)
+      return per_rank(jax.tree.map(momentum, state.mu, mean)), state.nu, exchange
+
+    def local_step(_):
+      return per_rank(jax.tree.map(momentum, state.mu, grads)), state.nu, state.exchange
+
+    variance_due = jnp.logical_and(jnp.logical_not(frozen), t % state.var_interval == 0)
+    branch = jnp.where(frozen, 2, jnp.where(variance_due, 0, 1))
+    mu, nu, exchange = jax.lax.switch(branch, (variance_step, compressed_step, local_step), None)
+
+    denominators = jax.tree.map(lambda v: jnp.sqrt(v) + epsilon, nu)
+    steps = jax.tree.map(lambda m, d, p: -lr * (m / d + decay * p), mu, denominators, params)
+    new_params = jax.tree.map(jnp.add, params, steps)
+    accumulated = jax.tree.map(lambda u, s: jnp.where(frozen, u + s, u), state.accumulated_update, steps)
+    lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
+
+    def sync(_):
+      start = jax.tree.map(jnp.subtract, new_params, accumulated)  # the params at the last sync
+      scaled = jax.tree.map(jnp.multiply, accumulated, denominators)
+      mean, new_exchange = compression.compressed_allreduce(scaled, exchange, communicator)
+      mean = _onebit.apply_mask(mean, momentum_mask)
+      # DeepSpeed divides by lr_sum unguarded; with a zero learning rate since the last sync, keep m instead.
+      synced_mu = jax.tree.map(lambda w, m: jnp.where(lr_sum > 0, -w / lr_sum, m), mean, mu)
+      synced_params = jax.tree.map(lambda p0, w, d: p0 + w / d, start, mean, denominators)
+      zeroed = jax.tree.map(jnp.zeros_like, accumulated)
+      return per_rank(synced_mu), synced_params, per_rank(zeroed), jnp.zeros_like(lr_sum), new_exchange
+
+    def no_sync(_):
+      return mu, new_params, accumulated, lr_sum, exchange
+
+    sync_due = jnp.logical_and(frozen, t % state.local_step_interval == 0)
+    mu, new_params, accumulated, lr_sum, exchange = jax.lax.cond(sync_due, sync, no_sync, None)
+
+    # Interval schedules, with the phase this step ran in.
+    var_counter = jnp.where(variance_due, state.var_counter + 1, state.var_counter)
+    doubles = jnp.logical_and(variance_due, var_counter == var_update_scaler)
+    var_counter = jnp.where(doubles, 0, var_counter)
+    var_interval = jnp.where(doubles, state.var_interval * 2, state.var_interval)
+    local_counter = jnp.where(frozen, state.local_step_counter + 1, state.local_step_counter)
+    widens = jnp.logical_and(frozen, local_counter == local_step_scaler)
+    local_counter = jnp.where(widens, 0, local_counter)
+    local_interval = jnp.where(widens, jnp.minimum(local_step_clipper, state.local_step_interval * 2),
+                               state.local_step_interval)
+    # Freeze v at the end of the first step past var_freeze_step; the error buffers change meaning, so reset them.
+    freezes = jnp.logical_and(jnp.logical_not(frozen), t > var_freeze_step)
+    exchange = jax.tree.map(lambda e: jnp.where(freezes, jnp.zeros_like(e), e), exchange)
+
+    new_updates = jax.tree.map(lambda p1, p0, g: (p1 - p0).astype(g.dtype), new_params, params, updates)
+    return new_updates, ZeroOneAdamState(
+        count=t, mu=mu, nu=nu, accumulated_update=accumulated, lr_sum=lr_sum, var_interval=var_interval,
+        var_counter=var_counter, local_step_interval=local_interval, local_step_counter=local_counter,
+        frozen=jnp.logical_or(frozen, freezes), exchange=exchange)
+
+  return optax.GradientTransformation(init_fn, update_fn)

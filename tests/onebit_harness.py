@@ -1,0 +1,94 @@
+"""A small data-parallel least-squares problem run by the JAX optimizers (in `shard_map`) and by the NumPy oracles.
+
+Each rank has its own data (X_r, y_r) and adds its own noise to its gradient every step, so local gradients differ.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+NAMES = ("b", "w", "z")  # tree-flatten order of the params dict; "z" never gets a gradient (zero momentum)
+DIM, OUT, EXAMPLES = 16, 12, 24
+
+
+def make_problem(world: int, steps: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  params = {"b": np.zeros(OUT, np.float32), "w": (rng.standard_normal((DIM, OUT)) * 0.3).astype(np.float32),
+            "z": np.ones(5, np.float32)}
+  x = rng.standard_normal((world, EXAMPLES, DIM)).astype(np.float32)
+  y = (x @ rng.standard_normal((DIM, OUT)) + rng.standard_normal((world, EXAMPLES, OUT)) * 0.1).astype(np.float32)
+  noise = {"b": rng.standard_normal((steps, world, OUT)).astype(np.float32) * 0.2,
+           "w": rng.standard_normal((steps, world, DIM, OUT)).astype(np.float32) * 0.2,
+           "z": np.zeros((steps, world, 5), np.float32)}
+  return params, x, y, noise
+
+
+def numpy_grads(params: dict, x: np.ndarray, y: np.ndarray, noise_t: dict, rank: int) -> list[np.ndarray]:
+  """Gradient of mean((x w + b - y)^2) on `rank`'s data, plus its noise; leaves in NAMES order."""
+  residual = x[rank] @ params["w"] + params["b"] - y[rank]
+  scale = np.float32(2.0 / residual.size)
+  grads = {"b": scale * residual.sum(axis=0), "w": scale * (x[rank].T @ residual), "z": np.zeros(5, np.float32)}
+  return [(grads[n] + noise_t[n][rank]).astype(np.float32) for n in NAMES]
+
+
+def _loss(params, x, y):
+  return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+
+def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32):
+  """Runs `make_tx(comm)` on `world` host devices; returns each rank's params after every step, {name: (P, T, ...)}.
+
+  All steps run in one `lax.scan` inside one `shard_map` (one dispatch).
+  """
+  mesh = jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
+  tx = make_tx("data")
+
+  def per_rank(params, x, y, noise):
+    # Params may drift per rank (0/1 Adam between syncs): carry them as per-rank values.
+    params = jax.lax.pcast(params, ("data",), to="varying")
+    state = tx.init(params)
+
+    def step(carry, noise_t):
+      params, state = carry
+      grads = jax.grad(_loss)(jax.tree.map(lambda p: p.astype(jnp.float32), params), x[0], y[0])
+      grads = jax.tree.map(lambda g, n, p: (g + n[0]).astype(p.dtype), grads, noise_t, params)
+      updates, state = tx.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+      return (params, state), params
+
+    _, trajectory = jax.lax.scan(step, (params, state), noise)
+    return jax.tree.map(lambda a: a[None], trajectory)
+
+  noise_specs = jax.tree.map(lambda _: P(None, "data"), noise)
+  f = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(), P("data"), P("data"), noise_specs),
+                            out_specs=P("data")))
+  params = jax.tree.map(lambda p: jnp.asarray(p, param_dtype), params)
+  return jax.tree.map(np.asarray, f(params, jnp.asarray(x), jnp.asarray(y), jax.tree.map(jnp.asarray, noise)))
+
+
+def run_oracle(oracle, world: int, params: dict, x, y, noise) -> list[list[list[np.ndarray]]]:
+  """Runs a NumPy oracle whose `step(params, local_grads)` returns every rank's new params (a list per rank) or
+  the params all ranks share. Returns trajectory[t][rank] = list of leaves in NAMES order."""
+  current = [[params[n].astype(np.float32) for n in NAMES] for _ in range(world)]
+  trajectory = []
+  for t in range(noise["b"].shape[0]):
+    noise_t = {n: noise[n][t] for n in NAMES}
+    local = [numpy_grads(dict(zip(NAMES, current[r])), x, y, noise_t, r) for r in range(world)]
+    new = oracle.step(current, local)
+    current = new if isinstance(new[0], list) else [new] * world
+    trajectory.append(current)
+  return trajectory
+
+
+def assert_close_to_oracle(got: dict, trajectory, world: int, rtol: float = 1e-5) -> None:
+  """Per step, rank and leaf: ||jax - oracle|| <= rtol * ||oracle||."""
+  for t, per_rank in enumerate(trajectory):
+    for r in range(world):
+      for name, want in zip(NAMES, per_rank[r]):
+        have = got[name][r, t].astype(np.float32)
+        gap = np.linalg.norm(have - want)
+        assert gap <= rtol * max(np.linalg.norm(want), 1e-30), (t, r, name, gap, np.linalg.norm(want))
