@@ -20,8 +20,9 @@ from optax_lamb16.lamb16 import (
     scale_by_lamb16_trust_ratio,
 )
 from optax_lamb16.onebit_adam import OnebitAdamState, onebit_adam
+from optax_lamb16.onebit_lamb import OnebitLambState, onebit_lamb
 from optax_lamb16.zero_one_adam import ZeroOneAdamState, zero_one_adam
-from optax_lamb16.sharding import sharded_init, state_partition_specs
+from optax_lamb16.sharding import local_view, sharded_init, state_partition_specs
 
 __all__ = [
     "Communicator",
@@ -33,8 +34,11 @@ __all__ = [
     "init_compressed_allreduce",
     "OnebitAdamState",
     "onebit_adam",
+    "OnebitLambState",
+    "onebit_lamb",
     "ZeroOneAdamState",
     "zero_one_adam",
+    "local_view",
     "sharded_init",
     "state_partition_specs",
     "ScaleByLamb16State",

@@ -40,6 +40,13 @@ def check_range(name: str, value: Any, low: float, high: float = math.inf, *, hi
     raise ValueError(f"`{name}` must lie in {interval}, got {number}.{hint}")
 
 
+def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
+  """Raises ValueError if the concrete `low` exceeds the concrete `high`."""
+  low_value, high_value = concrete_value(low), concrete_value(high)
+  if low_value is not None and high_value is not None and low_value > high_value:
+    raise ValueError(f"`{low_name}` ({low_value}) must not exceed `{high_name}` ({high_value}).")
+
+
 def check_learning_rate(learning_rate: Any) -> None:
   """A learning rate is a non-negative number or a schedule (a callable of the step count)."""
   if learning_rate is None:

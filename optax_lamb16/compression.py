@@ -93,8 +93,10 @@ def compressed_allreduce_flat(x: jax.Array, state: CompressedAllReduceState,
         f"The compressed all-reduce state holds error buffers for {state.worker_error.shape[0]} elements at world "
         f"size {world}, but the input has shape {x.shape}. The state was made for another model or another world "
         f"size: re-create it with `init_compressed_allreduce` (this resets the error feedback).")
-  if world == 1 or x.size == 0:
+  if x.size == 0:
     return x, state
+  if world == 1:  # the identity, typed as replicated (see `compressed_allreduce`)
+    return communicator.mean(x), state
   chunk = x.shape[0] // world
   if state.server_error.shape != (chunk,):
     raise ValueError(f"server_error has shape {state.server_error.shape}, expected ({chunk},) for world size "

@@ -13,6 +13,8 @@ import jax
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
+from optax_lamb16 import comm as comm_lib
+
 
 def _has_per_rank_fields(node: Any) -> bool:
   return hasattr(type(node), "PER_RANK_FIELDS") and hasattr(node, "_fields")
@@ -39,6 +41,18 @@ def state_partition_specs(state: Any, axis_name: str) -> Any:
     return PartitionSpec()
 
   return jax.tree.map(leaf_spec, state, is_leaf=_has_per_rank_fields)
+
+
+def local_view(params: Any, axis_name: str) -> Any:
+  """Marks replicated params as per-rank values, so that `jax.grad` inside `shard_map` gives LOCAL gradients.
+
+  Inside `shard_map`, the gradient with respect to a replicated (``P()``) input is summed over the axis by autodiff:
+  a float32 all-reduce in the backward pass, the very exchange the 1-bit optimizers replace. Differentiate with
+  respect to ``local_view(params, axis)`` instead to get this rank's own gradients::
+
+      grads = jax.grad(loss)(optax_lamb16.local_view(params, "data"), batch)
+  """
+  return jax.tree.map(lambda p: comm_lib.MeshAxis(axis_name).per_rank(p), params)
 
 
 def sharded_init(tx: optax.GradientTransformation, params: Any, mesh: Mesh, axis_name: str,

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+import optax_lamb16
 from jax.sharding import PartitionSpec as P
 
 NAMES = ("b", "w", "z")  # tree-flatten order of the params dict; "z" never gets a gradient (zero momentum)
@@ -39,22 +41,25 @@ def _loss(params, x, y):
   return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
 
 
-def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32):
+def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32, per_rank_params=False):
   """Runs `make_tx(comm)` on `world` host devices; returns each rank's params after every step, {name: (P, T, ...)}.
 
-  All steps run in one `lax.scan` inside one `shard_map` (one dispatch).
+  All steps run in one `lax.scan` inside one `shard_map` (one dispatch). Params are replicated values (typed
+  invariant over the axis, as users keep them with spec P()) unless `per_rank_params` (0/1 Adam between syncs).
   """
   mesh = jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
   tx = make_tx("data")
 
   def per_rank(params, x, y, noise):
-    # Params may drift per rank (0/1 Adam between syncs): carry them as per-rank values.
-    params = jax.lax.pcast(params, ("data",), to="varying")
+    if per_rank_params:
+      params = jax.lax.pcast(params, ("data",), to="varying")
     state = tx.init(params)
 
     def step(carry, noise_t):
       params, state = carry
-      grads = jax.grad(_loss)(jax.tree.map(lambda p: p.astype(jnp.float32), params), x[0], y[0])
+      # local_view: this rank's own gradients (autodiff would otherwise psum them over the axis).
+      grads = jax.grad(_loss)(optax_lamb16.local_view(jax.tree.map(lambda p: p.astype(jnp.float32), params), "data"),
+                              x[0], y[0])
       grads = jax.tree.map(lambda g, n, p: (g + n[0]).astype(p.dtype), grads, noise_t, params)
       updates, state = tx.update(grads, state, params)
       params = optax.apply_updates(params, updates)

@@ -246,3 +246,79 @@ class ZeroOneAdamReference:
       self.car.worker_error = [np.zeros_like(e) for e in self.car.worker_error]
       self.car.server_error = [np.zeros_like(e) for e in self.car.server_error]
     return [[x.astype(F32) for x in leaves] for leaves in new_params]
+
+
+class OnebitLambReference:
+  """SPEC.md sections 2 and 6 for P ranks; params and every state but the error feedback are shared."""
+
+  def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_coeff=10.0,
+               min_coeff=0.01, coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1):
+    self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
+    self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
+    self.max_coeff, self.min_coeff, self.coeff_beta = F32(max_coeff), F32(min_coeff), F32(coeff_beta)
+    self.factor_max, self.factor_min, self.factor_threshold = F32(factor_max), F32(factor_min), F32(factor_threshold)
+    zeros = lambda: [np.zeros(p.shape, F32) for p in params]
+    self.m, self.v, self.v_fresh = zeros(), zeros(), zeros()
+    self.coeff_freeze = [F32(0)] * len(params)
+    self.last_factor = [F32(1)] * len(params)
+    self.scaling = [F32(1)] * len(params)
+    self.car = CompressedAllReduceReference(sum(p.size for p in params), world)
+    self.tail = np.zeros(self.car.n_pad - self.car.n, F32)
+    self.t = 1
+
+  def step(self, per_rank_params, local_grads):
+    params = per_rank_params[0]
+    self.t += 1
+    t, b1, b2, eps, wd = self.t, self.b1, self.b2, self.eps, self.wd
+    norm = lambda x: F32(np.sqrt(np.sum(x * x, dtype=F32)))
+    new_params = []
+    if t <= self.freeze_step:
+      g = _exact_mean(local_grads)
+      self.m = [b1 * m + (F32(1) - b1) * gi for m, gi in zip(self.m, g)]
+      self.v = [b2 * v + (F32(1) - b2) * gi * gi for v, gi in zip(self.v, g)]
+      if t == self.freeze_step:
+        self.v_fresh = [v.copy() for v in self.v]
+      for i, (p, m, v) in enumerate(zip(params, self.m, self.v)):
+        u = m / (np.sqrt(v) + eps) + wd * p
+        r = F32(1)
+        if norm(p) > 0 and norm(u) > 0:
+          r = F32(np.clip(norm(p) / norm(u), self.min_coeff, self.max_coeff))
+        if r != 1:
+          self.coeff_freeze[i] = F32(self.coeff_beta * self.coeff_freeze[i] + (F32(1) - self.coeff_beta) * r)
+        new_params.append(p - self.lr * (r * u))
+      return new_params
+    m_prev = [m.copy() for m in self.m]
+    if t == self.freeze_step + 1:
+      rms = [norm(m) / np.sqrt(F32(max(m.size, 1))) for m in self.m]
+      mean_rms = F32(sum(rms) / F32(len(rms)))
+      # Guard (not in DeepSpeed): a leaf without momentum gets scaling 0 and keeps zero momentum.
+      self.scaling = [F32(mean_rms / r) if r > 0 else F32(0) for r in rms]
+    local = [[(b1 * m + (F32(1) - b1) * gi) * s for m, gi, s in zip(self.m, grads, self.scaling)]
+             for grads in local_grads]
+    if self.world > 1:
+      buffers = [np.concatenate([_flat(leaves), self.tail]) for leaves in local]
+      saved_n = self.car.n
+      self.car.n = self.car.n_pad  # the tail is part of the input: exchange the whole padded buffer
+      decoded = self.car(buffers)
+      self.car.n = saved_n
+      self.tail = decoded[saved_n:]
+      averaged = _unflat(decoded[:saved_n], self.m)
+    else:
+      averaged = local[0]
+    self.m = [a / s if s > 0 else np.zeros_like(a) for a, s in zip(averaged, self.scaling)]
+    for i, (p, m, mp, v) in enumerate(zip(params, self.m, m_prev, self.v)):
+      g_hat = (m - b1 * mp) / (F32(1) - b1)
+      self.v_fresh[i] = b2 * self.v_fresh[i] + (F32(1) - b2) * g_hat * g_hat
+      d = np.sqrt(v) + eps
+      u0 = m / d
+      u = u0 + wd * p
+      f = F32(np.max(d / (np.sqrt(self.v_fresh[i]) + eps))) if d.size else F32(1)
+      if wd > 0:
+        rho = F32(min(F32(1), norm(u0) / norm(u))) if norm(u) > 0 else F32(1)
+        f = F32(f * rho + (F32(1) - rho))
+      f = F32(np.clip(f, self.factor_min, self.factor_max))
+      lf = self.last_factor[i]
+      f = F32(np.clip(f, lf * (F32(1) - self.factor_threshold), lf * (F32(1) + self.factor_threshold)))
+      self.last_factor[i] = f
+      new_params.append(p - self.lr * ((self.coeff_freeze[i] * f) * u))
+    return new_params

@@ -17,7 +17,7 @@ SCHEDULE = dict(var_freeze_step=14, var_update_scaler=2, local_step_scaler=3, lo
 def test_matches_numpy_oracle_through_all_phases(world, weight_decay):
   params, x, y, noise = h.make_problem(world, STEPS, seed=10 + world)
   make = lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=weight_decay, **SCHEDULE)
-  got = h.run_jax(make, world, params, x, y, noise)
+  got = h.run_jax(make, world, params, x, y, noise, per_rank_params=True)
   oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, weight_decay=weight_decay,
                                           **SCHEDULE)
   trajectory = h.run_oracle(oracle, world, params, x, y, noise)

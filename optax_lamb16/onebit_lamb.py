@@ -1,0 +1,187 @@
+"""1-bit LAMB (SPEC.md sections 2 and 6), faithful to DeepSpeed 0.19.6 ``onebit/lamb.py``.
+
+Warm-up: LAMB (no bias correction) on the exact mean of the gradients, recording a running average of each leaf's
+trust ratio (``lamb_coeff_freeze``). Compression: v is frozen; the momenta of all leaves, each scaled to a common
+RMS, go through ONE error-feedback 1-bit compressed all-reduce; a fresh second moment is rebuilt from the averaged
+momentum and each leaf's step is ``-lr * lamb_coeff_freeze * factor * u`` with a clipped, slowly moving ``factor``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_lamb16 import _checks, _onebit, comm as comm_lib, compression
+
+
+class OnebitLambState(NamedTuple):
+  """State of `onebit_lamb`.
+
+  Attributes:
+    count: int32, DeepSpeed's step counter (1 after `init`; the first update runs with t = 2).
+    mu: first moments (float32), identical on all ranks.
+    nu: second moments (float32), frozen after `freeze_step`.
+    nu_fresh: second moments rebuilt from the averaged momentum during compression.
+    lamb_coeff_freeze: float32 scalar per leaf, running average of the warm-up trust ratios.
+    last_factor: float32 scalar per leaf, the previous step's factor (1 at first).
+    scaling_coeff: float32 scalar per leaf, momentum scaling fixed at the first compression step (1 before; 0 for a
+      leaf that had no momentum then).
+    padding_tail: float32 (N_pad - N,), the padding positions of the previous exchange's output: DeepSpeed keeps
+      one persistent padded buffer, so they feed the next worker scale. Identical on all ranks.
+    exchange: the compressed all-reduce's error feedback: PER RANK.
+  """
+  count: jax.Array
+  mu: optax.Updates
+  nu: optax.Updates
+  nu_fresh: optax.Updates
+  lamb_coeff_freeze: optax.Updates
+  last_factor: optax.Updates
+  scaling_coeff: optax.Updates
+  padding_tail: jax.Array
+  exchange: compression.CompressedAllReduceState
+
+
+def _norm(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(x * x))
+
+
+def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, freeze_step: int = 100000,
+                b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+                max_coeff: float = 10.0, min_coeff: float = 0.01, coeff_beta: float = 0.9, factor_max: float = 4.0,
+                factor_min: float = 0.5, factor_threshold: float = 0.1,
+                momentum_mask: Any = None) -> optax.GradientTransformation:
+  """1-bit LAMB: LAMB whose momentum is averaged with one 1-bit compressed exchange per step after a warm-up.
+
+  Takes each rank's LOCAL gradients. Parameters stay bitwise identical on all ranks.
+
+  One guard DeepSpeed lacks: a leaf whose momentum is exactly zero at the freeze (it never had a gradient, or is
+  empty) would get the scaling coefficient ``mean_rms / 0 = inf`` there. Here it gets 0 and its averaged momentum
+  stays 0 (as under a momentum mask): the 1-bit exchange would otherwise hand it sign noise that, divided by its
+  zero v, blows the parameter up. Such a leaf then moves only by weight decay.
+
+  Args:
+    learning_rate: Non-negative float or schedule (evaluated at the number of updates so far).
+    comm: Mesh-axis name, mpi4py communicator, None (one device) or a `comm.Communicator`.
+    freeze_step: Last warm-up step in DeepSpeed's counting; compression from t = freeze_step + 1.
+    b1: First-moment decay, in [0, 1).
+    b2: Second-moment decay, in [0, 1).
+    eps: Added to ``sqrt(v)``.
+    weight_decay: Added as ``weight_decay * params`` to the Adam direction, inside the trust ratio.
+    max_coeff: Upper clip of the warm-up trust ratio.
+    min_coeff: Lower clip of the warm-up trust ratio (<= max_coeff).
+    coeff_beta: Decay of the running average of the trust ratio, in [0, 1).
+    factor_max: Upper clip of the compression-phase factor.
+    factor_min: Lower clip of the factor (<= factor_max).
+    factor_threshold: Largest relative change of the factor from one step to the next, in [0, 1].
+    momentum_mask: Optional pytree like params of 0/1 arrays applied after each compressed exchange.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `OnebitLambState`.
+
+  Static under `optax.inject_hyperparams`: `comm`, `freeze_step`; the numeric hyperparameters may be injected.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lamb16
+    >>> params = {"w": jnp.array([3.0, 4.0])}
+    >>> tx = optax_lamb16.onebit_lamb(1e-2, comm=None, freeze_step=10)
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 1.0])}, tx.init(params), params)
+    >>> [round(u, 4) for u in updates["w"].tolist()]  # trust ratio |p| / |u| = 5 / (3.162 * sqrt(2)) = 1.118
+    [-0.0354, -0.0354]
+
+  References:
+    Li et al., `1-bit LAMB: Communication Efficient Large-Scale Large-Batch Training with LAMB's Convergence Speed
+    <https://arxiv.org/abs/2104.06069>`_, 2021; DeepSpeed 0.19.6 ``deepspeed/runtime/fp16/onebit/lamb.py``.
+  """
+  communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
+  _checks.check_range("freeze_step", freeze_step, 0, fix="It counts steps as DeepSpeed does (SPEC.md section 2).")
+  _checks.check_range("min_coeff", min_coeff, 0.0)
+  _checks.check_range("max_coeff", max_coeff, 0.0)
+  _checks.check_range("factor_min", factor_min, 0.0)
+  _checks.check_range("factor_max", factor_max, 0.0)
+  _checks.check_range("coeff_beta", coeff_beta, 0.0, 1.0, high_open=True)
+  _checks.check_range("factor_threshold", factor_threshold, 0.0, 1.0)
+  _checks.check_order("min_coeff", min_coeff, "max_coeff", max_coeff)
+  _checks.check_order("factor_min", factor_min, "factor_max", factor_max)
+
+  def init_fn(params):
+    _checks.check_float_leaves("params", params)
+    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    scalars = lambda value: jax.tree.map(lambda _: jnp.full([], value, jnp.float32), params)
+    n = compression.tree_size(params)
+    world = comm_lib.world_size(communicator)
+    return OnebitLambState(
+        count=_onebit.initial_count(), mu=zeros(), nu=zeros(), nu_fresh=zeros(), lamb_coeff_freeze=scalars(0.0),
+        last_factor=scalars(1.0), scaling_coeff=scalars(1.0),
+        padding_tail=jnp.zeros([compression.padded_length(n, world) - n], jnp.float32),
+        exchange=compression.init_compressed_allreduce(n, communicator))
+
+  def update_fn(updates, state, params=None):
+    grads, params = _onebit.check_update_args(updates, state.mu, params)
+    t = state.count + 1
+    beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
+    lr = _onebit.learning_rate_at(learning_rate, state.count)
+    compressing = t > freeze_step
+    momentum = lambda m, g: beta1 * m + (1 - beta1) * g
+
+    # At the first compression step, scale every leaf's momentum to the mean RMS of all leaves.
+    rms = jax.tree.map(lambda m: _norm(m) / jnp.sqrt(jnp.float32(max(m.size, 1))), state.mu)
+    rms_leaves = jax.tree.leaves(rms)
+    mean_rms = sum(rms_leaves) / len(rms_leaves) if rms_leaves else jnp.float32(1)
+    # A leaf with no momentum at the freeze (never had a gradient, or empty) gets scaling 0: DeepSpeed's mean_rms / 0
+    # is inf. Such a leaf is sent as zeros and its averaged momentum is kept at 0, as a momentum mask would.
+    scaling = jax.tree.map(lambda r, s: jnp.where(t == freeze_step + 1, jnp.where(r > 0, mean_rms / r, 0.0), s),
+                           rms, state.scaling_coeff)
+
+    def warmup(_):
+      mean = compression.exact_mean(grads, communicator)
+      nu = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.nu, mean)
+      return jax.tree.map(momentum, state.mu, mean), nu, state.exchange, state.padding_tail
+
+    def compressed(_):
+      scaled = jax.tree.map(lambda m, g, s: momentum(m, g) * s, state.mu, grads, scaling)
+      n = compression.tree_size(scaled)
+      buffer = jnp.concatenate([compression.flatten(scaled), state.padding_tail])
+      decoded, exchange = compression.compressed_allreduce_flat(buffer, state.exchange, communicator)
+      mu = jax.tree.map(lambda m, s: jnp.where(s > 0, m / s, 0.0), compression.unflatten_like(decoded[:n], scaled),
+                        scaling)
+      return _onebit.apply_mask(mu, momentum_mask), state.nu, exchange, decoded[n:]
+
+    mu, nu, exchange, padding_tail = jax.lax.cond(compressing, compressed, warmup, None)
+
+    def leaf(m, m_prev, v, v_fresh, p, coeff_freeze, last_factor):
+      denominator = jnp.sqrt(v) + epsilon
+      direction = m / denominator
+      update = direction + decay * p
+      update_norm, param_norm = _norm(update), _norm(p)
+      # Warm-up: LAMB's trust ratio, and its running average for the compression phase.
+      trust = jnp.where((param_norm > 0) & (update_norm > 0),
+                        jnp.clip(param_norm / update_norm, min_coeff, max_coeff), 1.0)
+      warm_coeff_freeze = jnp.where(trust != 1.0, coeff_beta * coeff_freeze + (1 - coeff_beta) * trust, coeff_freeze)
+      warm_v_fresh = jnp.where(t == freeze_step, v, v_fresh)
+      # Compression: rebuild the gradient from the averaged momentum, refresh v, bound the factor.
+      rebuilt = (m - beta1 * m_prev) / (1 - beta1)
+      comp_v_fresh = beta2 * v_fresh + (1 - beta2) * rebuilt * rebuilt
+      ratios = denominator / (jnp.sqrt(comp_v_fresh) + epsilon)
+      factor = jnp.max(ratios) if ratios.size else jnp.float32(1)
+      blend = jnp.where(update_norm > 0, jnp.minimum(1.0, _norm(direction) / update_norm), 1.0)
+      factor = jnp.where(decay > 0, factor * blend + (1 - blend), factor)
+      factor = jnp.clip(factor, factor_min, factor_max)
+      factor = jnp.clip(factor, last_factor * (1 - factor_threshold), last_factor * (1 + factor_threshold))
+      coefficient = jnp.where(compressing, coeff_freeze * factor, trust)
+      return (-lr * coefficient * update, jnp.where(compressing, comp_v_fresh, warm_v_fresh),
+              jnp.where(compressing, coeff_freeze, warm_coeff_freeze), jnp.where(compressing, factor, last_factor))
+
+    results = jax.tree.map(leaf, mu, state.mu, nu, state.nu_fresh, params, state.lamb_coeff_freeze,
+                           state.last_factor)
+    treedef = jax.tree.structure(mu)
+    steps, nu_fresh, coeff_freeze, last_factor = (
+        jax.tree.unflatten(treedef, column) for column in zip(*treedef.flatten_up_to(results)))
+    new_updates = jax.tree.map(lambda s, g: s.astype(g.dtype), steps, updates)
+    return new_updates, OnebitLambState(
+        count=t, mu=mu, nu=nu, nu_fresh=nu_fresh, lamb_coeff_freeze=coeff_freeze, last_factor=last_factor,
+        scaling_coeff=scaling, padding_tail=padding_tail, exchange=exchange)
+
+  return optax.GradientTransformation(init_fn, update_fn)
