@@ -87,6 +87,7 @@ class MeshAxis:
   def per_rank(self, x):
     # Per-rank buffers (zeros at init, replicated values that become per-rank) must be typed as varying over the
     # axis, like what they will hold.
+    self.size  # a clear error if the axis is not bound
     manual = getattr(jax.typeof(x), "manual_axis_type", None)
     if manual is not None and self.axis_name in manual.varying:
       return x

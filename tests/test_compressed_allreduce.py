@@ -128,7 +128,7 @@ def test_compressed_mean_transform_in_a_chain_keeps_replicas_identical():
   assert state[0].worker_error.shape == (world * car.padded_length(35, world),)
 
   def local_step(params, state, x):
-    grads = jax.grad(lambda p: jnp.sum((x[0] @ p["w"] + p["b"]) ** 2))(params)
+    grads = jax.grad(lambda p: jnp.sum((x[0] @ p["w"] + p["b"]) ** 2))(optax_lamb16.local_view(params, "data"))
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
