@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 import optax_lamb16
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 NAMES = ("b", "w", "z")  # tree-flatten order of the params dict; "z" never gets a gradient (zero momentum)
 DIM, OUT, EXAMPLES = 16, 12, 24
@@ -41,13 +41,12 @@ def _loss(params, x, y):
   return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
 
 
-def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32, per_rank_params=False):
-  """Runs `make_tx(comm)` on `world` host devices; returns each rank's params after every step, {name: (P, T, ...)}.
+def trajectory_fn(make_tx, mesh, per_rank_params: bool = False):
+  """A jitted f(params, x, y, noise) -> each rank's params after every step, {name: (P, T, ...)}, over `mesh`.
 
   All steps run in one `lax.scan` inside one `shard_map` (one dispatch). Params are replicated values (typed
   invariant over the axis, as users keep them with spec P()) unless `per_rank_params` (0/1 Adam between syncs).
   """
-  mesh = jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
   tx = make_tx("data")
 
   def per_rank(params, x, y, noise):
@@ -68,11 +67,40 @@ def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.floa
     _, trajectory = jax.lax.scan(step, (params, state), noise)
     return jax.tree.map(lambda a: a[None], trajectory)
 
-  noise_specs = jax.tree.map(lambda _: P(None, "data"), noise)
-  f = jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(), P("data"), P("data"), noise_specs),
-                            out_specs=P("data")))
-  params = jax.tree.map(lambda p: jnp.asarray(p, param_dtype), params)
-  return jax.tree.map(np.asarray, f(params, jnp.asarray(x), jnp.asarray(y), jax.tree.map(jnp.asarray, noise)))
+  noise_specs = {n: P(None, "data") for n in NAMES}
+  return jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(), P("data"), P("data"), noise_specs),
+                               out_specs=P("data")))
+
+
+def global_inputs(mesh, params, x, y, noise, param_dtype=jnp.float32):
+  """The problem as global arrays over `mesh` (works across jax.distributed processes too)."""
+  def put(array, spec):
+    return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec), lambda index: array[index])
+  params = {n: put(np.asarray(p).astype(param_dtype), P()) for n, p in params.items()}
+  return params, put(x, P("data")), put(y, P("data")), {n: put(a, P(None, "data")) for n, a in noise.items()}
+
+
+def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32, per_rank_params=False):
+  """`trajectory_fn` on the first `world` host devices of this process, as NumPy arrays."""
+  mesh = jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
+  f = trajectory_fn(make_tx, mesh, per_rank_params)
+  return jax.tree.map(np.asarray, f(*global_inputs(mesh, params, x, y, noise, param_dtype)))
+
+
+def run_mpi_rank(tx, rank: int, params: dict, x, y, noise):
+  """This MPI rank's trajectory (no shard_map: one device per process, `tx` built with an mpi4py comm)."""
+  def step(carry, noise_t):
+    params, state = carry
+    grads = jax.grad(_loss)(params, x[rank], y[rank])
+    grads = jax.tree.map(lambda g, n: g + n[rank], grads, noise_t)
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, state), params
+
+  @jax.jit
+  def run(params):
+    return jax.lax.scan(step, (params, tx.init(params)), jax.tree.map(jnp.asarray, noise))[1]
+  return jax.tree.map(np.asarray, run(jax.tree.map(jnp.asarray, params)))
 
 
 def run_oracle(oracle, world: int, params: dict, x, y, noise) -> list[list[list[np.ndarray]]]:
