@@ -48,8 +48,17 @@ def as_float32(*values: Any) -> tuple[jax.Array, ...]:
   return tuple(jnp.asarray(v, jnp.float32) for v in values)
 
 
-def apply_mask(tree: optax.Updates, mask: Any) -> optax.Updates:
-  """Multiplies each leaf by its mask (DeepSpeed's ``exp_avg_mask``); None leaves the tree as it is."""
-  if mask is None:
-    return tree
-  return jax.tree.map(lambda x, m: x * jnp.asarray(m, jnp.float32), tree, mask)
+def apply_mask(tree: optax.Updates, mask: Any, nu: optax.Updates, mask_zero_variance: bool) -> optax.Updates:
+  """Masks what a compressed exchange returned.
+
+  `mask` multiplies each leaf (DeepSpeed's ``exp_avg_mask``; None: no mask). With `mask_zero_variance`, elements
+  whose second moment `nu` is exactly 0 are set to 0 too: they never had a gradient (a dead ReLU unit, an unused
+  embedding row), and the ±scale sign noise the 1-bit exchange gives them, divided by ``sqrt(0) + eps``, would blow
+  their parameters up.
+  """
+  if mask is not None:
+    tree = jax.tree.map(lambda x, m: x * jnp.asarray(m, jnp.float32), tree, mask)
+  if mask_zero_variance:
+    tree = jax.tree.map(lambda x, v: jnp.where(v > 0, x, 0.0), tree, nu)
+  return tree
+

@@ -34,7 +34,7 @@ class OnebitAdamState(NamedTuple):
 
 def onebit_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, freeze_step: int = 100000,
                 b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-                momentum_mask: Any = None) -> optax.GradientTransformation:
+                momentum_mask: Any = None, mask_zero_variance: bool = False) -> optax.GradientTransformation:
   """1-bit Adam: Adam whose momentum is averaged with 1-bit compressed communication after a warm-up.
 
   Takes each rank's LOCAL gradients and does all data-parallel communication itself: an exact all-reduce of the
@@ -97,7 +97,7 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
     def compressed(_):
       local = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, state.mu, grads)
       mu, exchange = compression.compressed_allreduce(local, state.exchange, communicator)
-      return _onebit.apply_mask(mu, momentum_mask), state.nu, exchange
+      return _onebit.apply_mask(mu, momentum_mask, state.nu, mask_zero_variance), state.nu, exchange
 
     mu, nu, exchange = jax.lax.cond(t <= freeze_step, warmup, compressed, None)
     lr = _onebit.learning_rate_at(learning_rate, state.count)

@@ -52,7 +52,7 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
                 b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
                 max_coeff: float = 10.0, min_coeff: float = 0.01, coeff_beta: float = 0.9, factor_max: float = 4.0,
                 factor_min: float = 0.5, factor_threshold: float = 0.1,
-                momentum_mask: Any = None) -> optax.GradientTransformation:
+                momentum_mask: Any = None, mask_zero_variance: bool = False) -> optax.GradientTransformation:
   """1-bit LAMB: LAMB whose momentum is averaged with one 1-bit compressed exchange per step after a warm-up.
 
   Takes each rank's LOCAL gradients. Parameters stay bitwise identical on all ranks.
@@ -77,6 +77,9 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
     factor_min: Lower clip of the factor (<= factor_max).
     factor_threshold: Largest relative change of the factor from one step to the next, in [0, 1].
     momentum_mask: Optional pytree like params of 0/1 arrays applied after each compressed exchange.
+    mask_zero_variance: Not in DeepSpeed (default False, faithful): after each compressed exchange, also zero the
+      momentum where the frozen v is exactly 0 (elements that never had a gradient, which the exchange would hand
+      sign noise).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `OnebitLambState`.
@@ -147,7 +150,7 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
       decoded, exchange = compression.compressed_allreduce_flat(buffer, state.exchange, communicator)
       mu = jax.tree.map(lambda m, s: jnp.where(s > 0, m / s, 0.0), compression.unflatten_like(decoded[:n], scaled),
                         scaling)
-      return _onebit.apply_mask(mu, momentum_mask), state.nu, exchange, decoded[n:]
+      return _onebit.apply_mask(mu, momentum_mask, state.nu, mask_zero_variance), state.nu, exchange, decoded[n:]
 
     mu, nu, exchange, padding_tail = jax.lax.cond(compressing, compressed, warmup, None)
 

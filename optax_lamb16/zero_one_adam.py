@@ -53,7 +53,7 @@ class ZeroOneAdamState(NamedTuple):
 def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1: float = 0.9, b2: float = 0.999,
                   eps: float = 1e-8, weight_decay: float = 0.0, var_freeze_step: int = 100000,
                   var_update_scaler: int = 16, local_step_scaler: int = 32678, local_step_clipper: int = 16,
-                  momentum_mask: Any = None) -> optax.GradientTransformation:
+                  momentum_mask: Any = None, mask_zero_variance: bool = False) -> optax.GradientTransformation:
   """0/1 Adam: adaptive variance-update intervals, then local steps with 1-bit synchronisation.
 
   Takes each rank's LOCAL gradients. Communication per step: on variance steps one exact all-reduce; on the other
@@ -77,6 +77,8 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
       32678 is kept as it is).
     local_step_clipper: Largest sync interval (>= 1).
     momentum_mask: Optional pytree like params of 0/1 arrays applied after each compressed exchange.
+    mask_zero_variance: Not in DeepSpeed (default False, faithful): after each compressed exchange, also zero the
+      result where v is exactly 0 (elements that never had a gradient, which the exchange would hand sign noise).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ZeroOneAdamState`.
@@ -130,7 +132,7 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
 
     def compressed_step(_):
       mean, exchange = compression.compressed_allreduce(grads, state.exchange, communicator)
-      mean = _onebit.apply_mask(mean, momentum_mask)
+      mean = _onebit.apply_mask(mean, momentum_mask, state.nu, mask_zero_variance)
       return per_rank(jax.tree.map(momentum, state.mu, mean)), state.nu, exchange
 
     def local_step(_):
@@ -150,7 +152,7 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
       start = jax.tree.map(jnp.subtract, new_params, accumulated)  # the params at the last sync
       scaled = jax.tree.map(jnp.multiply, accumulated, denominators)
       mean, new_exchange = compression.compressed_allreduce(scaled, exchange, communicator)
-      mean = _onebit.apply_mask(mean, momentum_mask)
+      mean = _onebit.apply_mask(mean, momentum_mask, nu, mask_zero_variance)
       # DeepSpeed divides by lr_sum unguarded; with a zero learning rate since the last sync, keep m instead.
       synced_mu = jax.tree.map(lambda w, m: jnp.where(lr_sum > 0, -w / lr_sum, m), mean, mu)
       synced_params = jax.tree.map(lambda p0, w, d: p0 + w / d, start, mean, denominators)

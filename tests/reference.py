@@ -145,8 +145,10 @@ class OnebitAdamReference:
   """SPEC.md sections 2 and 4 for P ranks. `step` takes every rank's params and local gradients (lists of leaves)
   and returns the new params, which all ranks share."""
 
-  def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, mask=None):
+  def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, mask=None,
+               mask_zero_variance=False):
     self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
+    self.mask_zero_variance = mask_zero_variance
     self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
     self.m = [np.zeros(p.shape, F32) for p in params]
     self.v = [np.zeros(p.shape, F32) for p in params]
@@ -167,6 +169,8 @@ class OnebitAdamReference:
       self.m = _unflat(self.car(local_m) if self.world > 1 else local_m[0], self.m)
       if self.mask is not None:
         self.m = [m * F32(k) for m, k in zip(self.m, self.mask)]
+      if self.mask_zero_variance:
+        self.m = [np.where(v > 0, m, F32(0)) for m, v in zip(self.m, self.v)]
     return [(p - self.lr * (m / (np.sqrt(v) + self.eps) + self.wd * p)).astype(F32)
             for p, m, v in zip(params, self.m, self.v)]
 
@@ -175,8 +179,10 @@ class ZeroOneAdamReference:
   """SPEC.md sections 2 and 5 for P ranks: per-rank params, m and u; shared v, lr sum and schedules."""
 
   def __init__(self, params, world, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, var_freeze_step=100000,
-               var_update_scaler=16, local_step_scaler=32678, local_step_clipper=16, mask=None):
+               var_update_scaler=16, local_step_scaler=32678, local_step_clipper=16, mask=None,
+               mask_zero_variance=False):
     self.world, self.lr = world, F32(lr)
+    self.mask_zero_variance = mask_zero_variance
     self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
     self.var_freeze_step, self.var_update_scaler = var_freeze_step, var_update_scaler
     self.local_step_scaler, self.local_step_clipper = local_step_scaler, local_step_clipper
@@ -197,7 +203,11 @@ class ZeroOneAdamReference:
     like = per_rank_leaves[0]
     out = self.car([_flat(leaves) for leaves in per_rank_leaves]) if self.world > 1 else _flat(like)
     out = _unflat(out, like)
-    return out if self.mask is None else [x * F32(k) for x, k in zip(out, self.mask)]
+    if self.mask is not None:
+      out = [x * F32(k) for x, k in zip(out, self.mask)]
+    if self.mask_zero_variance:
+      out = [np.where(v > 0, x, F32(0)) for x, v in zip(out, self.v)]
+    return out
 
   def step(self, per_rank_params, local_grads):
     self.t += 1
@@ -252,8 +262,10 @@ class OnebitLambReference:
   """SPEC.md sections 2 and 6 for P ranks; params and every state but the error feedback are shared."""
 
   def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_coeff=10.0,
-               min_coeff=0.01, coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1):
+               min_coeff=0.01, coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1,
+               mask_zero_variance=False):
     self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
+    self.mask_zero_variance = mask_zero_variance
     self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
     self.max_coeff, self.min_coeff, self.coeff_beta = F32(max_coeff), F32(min_coeff), F32(coeff_beta)
     self.factor_max, self.factor_min, self.factor_threshold = F32(factor_max), F32(factor_min), F32(factor_threshold)
@@ -306,6 +318,8 @@ class OnebitLambReference:
     else:
       averaged = local[0]
     self.m = [a / s if s > 0 else np.zeros_like(a) for a, s in zip(averaged, self.scaling)]
+    if self.mask_zero_variance:
+      self.m = [np.where(v > 0, m, F32(0)) for m, v in zip(self.m, self.v)]
     for i, (p, m, mp, v) in enumerate(zip(params, self.m, m_prev, self.v)):
       g_hat = (m - b1 * mp) / (F32(1) - b1)
       self.v_fresh[i] = b2 * self.v_fresh[i] + (F32(1) - b2) * g_hat * g_hat

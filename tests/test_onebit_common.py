@@ -59,6 +59,25 @@ def test_one_rank_and_comm_none_are_the_uncompressed_algorithm(name):
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_mask_zero_variance_keeps_never_updated_params_still(name):
+  """Leaf "z" never gets a gradient. Faithfully, the 1-bit exchange hands its momentum sign noise that, divided by
+  sqrt(0) + eps, throws it far away; with mask_zero_variance it stays where it is. Both match their oracle."""
+  make, make_oracle = OPTIMIZERS[name]
+  world = 2
+  params, x, y, noise = h.make_problem(world, STEPS, seed=32)
+  per_rank = name == "zero_one_adam"
+  faithful = h.run_jax(lambda comm: make(0.01, comm), world, params, x, y, noise, per_rank_params=per_rank)
+  masked = h.run_jax(lambda comm: make(0.01, comm, mask_zero_variance=True), world, params, x, y, noise,
+                     per_rank_params=per_rank)
+  if name != "onebit_lamb":  # 1-bit LAMB already guards a leaf that is zero as a whole (scaling coefficient 0)
+    assert np.abs(faithful["z"] - 1.0).max() > 10.0
+  np.testing.assert_array_equal(masked["z"], 1.0)
+  oracle = make_oracle([params[n] for n in h.NAMES], world)
+  oracle.mask_zero_variance = True
+  h.assert_close_to_oracle(masked, h.run_oracle(oracle, world, params, x, y, noise), world)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_schedule_inject_hyperparams_and_bfloat16(name):
   make, _ = OPTIMIZERS[name]
   params, x, y, noise = h.make_problem(1, STEPS, seed=31)
