@@ -16,7 +16,6 @@ params drift per rank between syncs, so for it the params are kept per rank too 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import sys
@@ -127,37 +126,21 @@ def train(name: str, args, mesh, data, log=print) -> dict:
   return record
 
 
-def print_table(runs: list[dict]) -> None:
-  print(f"\n{'optimizer':>20} {'test acc':>9} {'test loss':>10} {'exact':>6} {'1-bit':>6} {'silent':>6} "
-        f"{'MB sent/rank':>13} {'kB/step':>9}")
-  for r in runs:
-    print(f"{r['optimizer']:>20} {r['final_test_accuracy']:>9.4f} {r['final_test_loss']:>10.4f} "
-          f"{r['exact_steps']:>6} {r['compressed_steps']:>6} {r['silent_steps']:>6} "
-          f"{r['bytes_sent_per_rank'] / 1e6:>13.2f} {r['bytes_sent_per_rank'] / r['steps'] / 1e3:>9.1f}")
-
-
 def main(argv=None):
   args = parse_args(argv)
   os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
   import jax
 
-  import mnist_common
+  import dp_common
 
   if jax.device_count() < args.devices:
     raise SystemExit(f"asked for {args.devices} devices, jax sees {jax.device_count()}")
   mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:args.devices])
-  data = mnist_common.load_mnist()
-  if args.train_samples:
-    data["x_train"], data["y_train"] = data["x_train"][:args.train_samples], data["y_train"][:args.train_samples]
+  data = dp_common.load_data(args.train_samples)
   runs = [train(name, args, mesh, data) for name in args.optimizers.split(",") if name]
-  print_table(runs)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "results.json").write_text(json.dumps({"jax": jax.__version__, "platform": jax.devices()[0].platform,
-                                                "runs": runs}, indent=1))
-  print(f"\nwrote {out / 'results.json'}")
+  dp_common.report(runs, args.out, jax=jax.__version__, platform=jax.devices()[0].platform, devices=args.devices)
   return runs
 
 

@@ -6,6 +6,8 @@ Every optimizer here takes each rank's LOCAL gradients: the baselines average th
 
 from __future__ import annotations
 
+import json
+import pathlib
 from typing import Any
 
 import numpy as np
@@ -118,3 +120,26 @@ def batches(num_examples: int, global_batch: int, epochs: int, seed: int):
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
   return num_examples // global_batch
+
+
+def load_data(train_samples: int | None) -> dict:
+  """MNIST, optionally cut to the first `train_samples` training images."""
+  import mnist_common
+  data = mnist_common.load_mnist()
+  if train_samples:
+    data["x_train"], data["y_train"] = data["x_train"][:train_samples], data["y_train"][:train_samples]
+  return data
+
+
+def report(runs: list[dict], out: str, **metadata) -> None:
+  """Prints the runs as a table and writes OUT/results.json."""
+  print(f"\n{'optimizer':>20} {'test acc':>9} {'test loss':>10} {'exact':>6} {'1-bit':>6} {'silent':>6} "
+        f"{'MB sent/rank':>13} {'kB/step':>9}")
+  for r in runs:
+    print(f"{r['optimizer']:>20} {r['final_test_accuracy']:>9.4f} {r['final_test_loss']:>10.4f} "
+          f"{r['exact_steps']:>6} {r['compressed_steps']:>6} {r['silent_steps']:>6} "
+          f"{r['bytes_sent_per_rank'] / 1e6:>13.2f} {r['bytes_sent_per_rank'] / r['steps'] / 1e3:>9.1f}")
+  directory = pathlib.Path(out)
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "results.json").write_text(json.dumps({**metadata, "runs": runs}, indent=1))
+  print(f"\nwrote {directory / 'results.json'}")

@@ -11,7 +11,6 @@ examples/data_parallel.py (except --devices).
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import sys
@@ -75,21 +74,15 @@ def main(argv=None):
   from mpi4py import MPI
 
   import data_parallel
-  import mnist_common
+  import dp_common
 
   args = data_parallel.parse_args(argv)
   comm = MPI.COMM_WORLD
   log = print if comm.Get_rank() == 0 else (lambda *a, **k: None)
-  data = mnist_common.load_mnist()
-  if args.train_samples:
-    data["x_train"], data["y_train"] = data["x_train"][:args.train_samples], data["y_train"][:args.train_samples]
+  data = dp_common.load_data(args.train_samples)
   runs = [train(name, args, comm, data, log) for name in args.optimizers.split(",") if name]
   if comm.Get_rank() == 0:
-    data_parallel.print_table(runs)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"ranks": comm.Get_size(), "runs": runs}, indent=1))
-    print(f"\nwrote {out / 'results.json'}")
+    dp_common.report(runs, args.out, ranks=comm.Get_size())
 
 
 if __name__ == "__main__":

@@ -35,25 +35,17 @@ def work(args, rest: list[str]) -> None:
   import jax
   jax.distributed.initialize(args.coordinator, num_processes=args.processes, process_id=args.process_id)
   sys.path.insert(0, str(pathlib.Path(__file__).parent))
-  import json
-
   import data_parallel
-  import mnist_common
+  import dp_common
 
   dp_args = data_parallel.parse_args(rest)
   world = jax.device_count()
   mesh = jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  data = mnist_common.load_mnist()
-  if dp_args.train_samples:
-    data["x_train"], data["y_train"] = data["x_train"][:dp_args.train_samples], data["y_train"][:dp_args.train_samples]
+  data = dp_common.load_data(dp_args.train_samples)
   log = print if jax.process_index() == 0 else (lambda *a, **k: None)
   runs = [data_parallel.train(name, dp_args, mesh, data, log=log) for name in dp_args.optimizers.split(",") if name]
   if jax.process_index() == 0:
-    data_parallel.print_table(runs)
-    out = pathlib.Path(dp_args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({"processes": jax.process_count(), "runs": runs}, indent=1))
-    print(f"\n{jax.process_count()} processes, {world} devices; wrote {out / 'results.json'}")
+    dp_common.report(runs, dp_args.out, processes=jax.process_count(), devices=world)
   jax.distributed.shutdown()
 
 

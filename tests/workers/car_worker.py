@@ -6,21 +6,17 @@
     mpirun -n 2 python car_worker.py --mpi --out DIR
 """
 
-import argparse
 import pathlib
 
 import numpy as np
 
+from tests.workers import launch
+
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--coordinator")
-  parser.add_argument("--num-processes", type=int)
-  parser.add_argument("--process-id", type=int)
-  parser.add_argument("--mpi", action="store_true")
+  parser = launch.worker_arguments(__doc__)
   parser.add_argument("--calls", type=int, default=12)
   parser.add_argument("--n", type=int, default=1000)
-  parser.add_argument("--out", required=True)
   args = parser.parse_args()
 
   import jax

@@ -12,6 +12,18 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def worker_arguments(description: str):
+  """The command line every multi-process worker takes (see `run_distributed` and `run_mpi`)."""
+  import argparse
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--coordinator")
+  parser.add_argument("--num-processes", type=int)
+  parser.add_argument("--process-id", type=int)
+  parser.add_argument("--mpi", action="store_true")
+  parser.add_argument("--out", required=True)
+  return parser
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -4,21 +4,17 @@
   MPI:             mpirun -n 2 python optimizer_worker.py --mpi --out D
 """
 
-import argparse
 import pathlib
 
 import numpy as np
+
+from tests.workers import launch
 
 from tests.workers.optimizers import STEPS, make_optimizer, NAMES_OF_OPTIMIZERS
 
 
 def main():
-  parser = argparse.ArgumentParser()
-  parser.add_argument("--coordinator")
-  parser.add_argument("--num-processes", type=int)
-  parser.add_argument("--process-id", type=int)
-  parser.add_argument("--mpi", action="store_true")
-  parser.add_argument("--out", required=True)
+  parser = launch.worker_arguments(__doc__)
   args = parser.parse_args()
 
   import jax
