@@ -31,6 +31,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/state_size.py
 	$(PY) benchmarks/comm_volume.py
+	$(PY) benchmarks/update_bench.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

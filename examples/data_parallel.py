@@ -118,8 +118,9 @@ def train(name: str, args, mesh, data, log=print) -> dict:
   test_loss, test_accuracy = evaluate(eval_params, data["x_test"], data["y_test"])
   record = {"optimizer": name, "devices": world, "global_batch": args.global_batch, "steps": step_count,
             "epochs": args.epochs, "lr": args.lr, "eps": args.eps, "weight_decay": args.weight_decay,
-            "freeze_fraction": args.freeze_fraction, "mask_zero_variance": not args.faithful, "num_params": num_params, "final_test_accuracy": test_accuracy,
-            "final_test_loss": test_loss, "final_train_loss": float(np.mean(losses[-20:])), "seconds": round(seconds, 1),
+            "freeze_fraction": args.freeze_fraction, "mask_zero_variance": not args.faithful,
+            "num_params": num_params, "final_test_accuracy": test_accuracy, "final_test_loss": test_loss,
+            "final_train_loss": float(np.mean(losses[-20:])), "seconds": round(seconds, 1),
             **dp_common.bytes_sent(name, num_params, world, step_count, args.freeze_fraction)}
   log(f"{name:>20}: test accuracy {test_accuracy:.4f}, loss {test_loss:.4f}, "
       f"{record['bytes_sent_per_rank'] / step_count / 1e3:,.1f} kB sent per rank per step")

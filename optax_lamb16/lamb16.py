@@ -1,6 +1,6 @@
 """LAMB16: LAMB with float8 optimizer state and a learning-rate-adaptive trust ratio (SPEC.md section 1).
 
-`lamb16` chains three blocks, the way `optax.lamb` chains `scale_by_adam`, `add_decayed_weights`,
+The building blocks compose the way `optax.lamb` chains `scale_by_adam`, `add_decayed_weights`,
 `scale_by_trust_ratio` and `scale_by_learning_rate`:
 
 1. `scale_by_lamb16` keeps m and v in float8 with per-leaf float32 scales and emits the Adam direction
@@ -9,6 +9,8 @@
 3. `scale_by_lamb16_trust_ratio` multiplies each leaf by ``clip(((|p| / |u|) * (reference_lr / lr)) ** trust_scale,
    0, 2)`` with the reference's clipped norms;
 4. the learning-rate scaling ``-lr``.
+
+`lamb16` computes exactly that chain in one fused step per leaf (norms chunk by chunk, then one element-wise pass).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
-from optax_lamb16 import _checks, _common, float8
+from optax_lamb16 import _checks, _chunked, _common, float8
 
 
 class ScaleByLamb16State(NamedTuple):
@@ -176,8 +178,55 @@ def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_sca
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def _decay_mask(mask: Any, params: Any) -> list[bool]:
+  """Per leaf (tree-flatten order): whether weight decay applies. `mask` is like `optax.masked`'s (a prefix tree of
+  booleans or a callable of the params); None means everywhere."""
+  if mask is None:
+    return [True] * len(jax.tree.leaves(params))
+  mask_tree = mask(params) if callable(mask) else mask
+  full = jax.tree.map(lambda m, subtree: jax.tree.map(lambda _: bool(m), subtree), mask_tree, params)
+  return jax.tree.leaves(full)
+
+
+def _lamb16_leaf(g, p, mu, nu, mu_scale, nu_scale, *, lr, decay, beta1, beta2, epsilon, exponent, reference):
+  """One leaf of the fused LAMB16 step: two passes over g, p and the float8 moments.
+
+  Pass 1 reduces the four norms the step needs (the two scales, |u| and |p|) chunk by chunk, so that float32 m, v
+  and u exist only a chunk at a time; pass 2, one element-wise fusion, recomputes m, v and u and writes the update
+  and the re-encoded moments.
+  """
+  shape, n = g.shape, max(g.size, 1)
+  flat = [x.reshape(-1) for x in (g, p, mu, nu)]
+
+  def moments_and_direction(gc, pc, mc, vc):
+    grad = gc.astype(jnp.float32)
+    m = beta1 * float8.decode(mc, mu_scale) + (1 - beta1) * grad
+    v = beta2 * float8.decode(vc, nu_scale) + (1 - beta2) * grad * grad
+    return m, v, m / (jnp.sqrt(v) + epsilon) + decay * pc.astype(jnp.float32)
+
+  def norms(gc, pc, mc, vc):
+    m, v, u = moments_and_direction(gc, pc, mc, vc)
+    squares = lambda x: jnp.sum(jnp.minimum(x * x, float8.SQUARE_CLIP))
+    clipped = lambda x: jnp.sum(jnp.clip(x * x, epsilon, 1.0))
+    return squares(m), squares(v), clipped(u), clipped(pc.astype(jnp.float32))
+
+  m_sum, v_sum, u_sum, p_sum = _chunked.chunked_sums(norms, flat)
+  new_mu_scale = jnp.sqrt(m_sum) / n + epsilon
+  new_nu_scale = jnp.sqrt(v_sum) / n + epsilon
+  norm_ratio = (jnp.sqrt(p_sum) / n) / (jnp.sqrt(u_sum) / n)
+  trust = jnp.clip((norm_ratio * (reference / lr)) ** exponent, 0.0, 2.0)
+
+  def outputs(gc, pc, mc, vc):
+    m, v, u = moments_and_direction(gc, pc, mc, vc)
+    return ((-lr) * (trust * u)).astype(g.dtype), float8.encode_momentum(m, new_mu_scale), float8.encode_variance(
+        v, new_nu_scale)
+
+  update, mu, nu = (x.reshape(shape) for x in outputs(*flat))
+  return update, mu, nu, new_mu_scale, new_nu_scale
+
+
 def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-           weight_decay: float = 0.0, trust_scale: float = 0.382, reference_lr: float = 1e-3,
+           weight_decay: optax.ScalarOrSchedule = 0.0, trust_scale: float = 0.382, reference_lr: float = 1e-3,
            mask: Any | Callable[[optax.Params], Any] | None = None) -> optax.GradientTransformation:
   """LAMB16: LAMB with float8 moments (2 bytes of state per parameter) and a learning-rate-adaptive trust ratio.
 
@@ -186,19 +235,25 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
   ``r = clip(((wn / un) * (reference_lr / lr)) ** trust_scale, 0, 2)`` from clipped layer norms. Params and
   gradients keep their dtype; all arithmetic is float32.
 
+  The maths is that of ``optax.chain(scale_by_lamb16(b1, b2, eps), <decoupled weight decay>,
+  scale_by_lamb16_trust_ratio(learning_rate, trust_scale, reference_lr, eps), <-learning_rate>)``, but computed in
+  one fused step per leaf: the norms chunk by chunk, then one element-wise pass that recomputes m, v and u and
+  writes the update and the re-encoded moments, so that no float32 copy of m, v or u of a whole leaf is stored. The state is that of `scale_by_lamb16`, whose count also
+  drives schedules.
+
   Args:
     learning_rate: A non-negative float or an optax schedule; the trust ratio uses its value at each step.
     b1: Decay rate of the first moment, in [0, 1).
     b2: Decay rate of the second moment, in [0, 1).
     eps: Added to the moment scales and to ``sqrt(v)``; lower clip of the squares in the trust norms.
-    weight_decay: Decoupled weight decay, added before the trust ratio (inside its norm), as in LAMB.
+    weight_decay: Decoupled weight decay (float or schedule), added before the trust ratio (inside its norm).
     trust_scale: Exponent of the trust ratio.
     reference_lr: The learning rate at which the trust ratio is the plain norm ratio.
-    mask: Pytree of booleans (or a callable returning one) like `params`: weight decay only where True, as in
-      `optax.lamb`.
+    mask: Pytree of booleans (or a callable returning one) like `params`, or a prefix of it: weight decay only
+      where True, as in `optax.lamb`.
 
   Returns:
-    An `optax.GradientTransformation`.
+    An `optax.GradientTransformation` whose state is a `ScaleByLamb16State`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, optax_lamb16
@@ -215,9 +270,29 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76 minutes
     <https://arxiv.org/abs/1904.00962>`_, 2020. The LAMB16 proof of concept, vxst/LAMB16, 2024.
   """
-  return optax.chain(
-      scale_by_lamb16(b1=b1, b2=b2, eps=eps),
-      _common.add_decayed_weights(weight_decay, mask),
-      scale_by_lamb16_trust_ratio(learning_rate, trust_scale=trust_scale, reference_lr=reference_lr, eps=eps),
-      _common.scale_by_learning_rate(learning_rate),
-  )
+  moments = scale_by_lamb16(b1=b1, b2=b2, eps=eps)  # checks b1, b2, eps; its init is ours
+  _checks.check_learning_rate(learning_rate)
+  _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
+  _checks.check_range("trust_scale", trust_scale, 0.0, fix="The reference uses 0.382.")
+  _checks.check_range("reference_lr", reference_lr, 0.0, fix="The reference uses 1e-3.")
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("lamb16 needs `params`: call `update(grads, state, params)`.")
+    _checks.check_float_leaves("updates", updates)
+    _checks.check_same_structure("updates", updates, "optimizer state (from init)", state.mu)
+    _checks.check_same_structure("updates", updates, "params", params)
+    at_step = lambda h: jnp.asarray(h(state.count) if callable(h) else h, jnp.float32)
+    lr, decay = at_step(learning_rate), at_step(weight_decay)
+    hyper = dict(beta1=at_step(b1), beta2=at_step(b2), epsilon=at_step(eps), exponent=at_step(trust_scale),
+                 reference=at_step(reference_lr), lr=lr)
+    leaves, treedef = jax.tree.flatten(updates)
+    columns = [treedef.flatten_up_to(tree) for tree in (params, state.mu, state.nu, state.mu_scale,
+                                                         state.nu_scale)]
+    results = [
+        _lamb16_leaf(g, *others, decay=decay if decayed else jnp.float32(0), **hyper)
+        for g, decayed, *others in zip(leaves, _decay_mask(mask, params), *columns)]
+    new_updates, mu, nu, mu_scale, nu_scale = (jax.tree.unflatten(treedef, list(column)) for column in zip(*results))
+    return new_updates, ScaleByLamb16State(numerics.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
+
+  return optax.GradientTransformation(moments.init, update_fn)

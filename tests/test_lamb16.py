@@ -62,7 +62,7 @@ SETTINGS = [
 def test_matches_numpy_oracle_for_40_steps(lr, weight_decay, grad_scale):
   start, got, want, state = run_both(dict(learning_rate=lr, weight_decay=weight_decay), 40, grad_scale,
                                     lambda t: lr)
-  moments = state[0]
+  moments = state
   # The settings reach the regimes they are named after.
   if grad_scale < 1e-2:
     assert float(moments.mu_scale["large"]) < 1.5e-6 and float(moments.nu_scale["large"]) < 1.5e-6
@@ -117,7 +117,7 @@ def test_hand_worked_first_step():
   tx = optax_lamb16.lamb16(learning_rate=0.02)
   updates, state = tx.update(params, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], [-0.0201383, 0.0201386, -0.0201387], rtol=2e-5)
-  moments = state[0]
+  moments = state
   np.testing.assert_array_equal(moments.mu["w"].astype(jnp.float32), [0.8125, -1.625, 2.5])
   np.testing.assert_allclose(moments.mu_scale["w"], math.sqrt(0.14) / 3 + 1e-6, rtol=1e-6)
   # float32(1 - 0.999) = 0.00099998713: 1.3e-5 relative off the decimal value used here.
@@ -128,7 +128,7 @@ def test_state_is_float8_and_at_most_2_bytes_per_parameter():
   params = make_params()
   for learning_rate in (0.01, optax.linear_schedule(0.01, 0.0, 100)):
     state = optax_lamb16.lamb16(learning_rate).init(params)
-    moments = state[0]
+    moments = state
     for name in SHAPES:
       assert moments.mu[name].dtype == jnp.float8_e4m3fn and moments.mu[name].shape == SHAPES[name]
       assert moments.nu[name].dtype == jnp.float8_e5m2 and moments.nu[name].shape == SHAPES[name]
@@ -136,6 +136,27 @@ def test_state_is_float8_and_at_most_2_bytes_per_parameter():
     num_params = sum(p.size for p in jax.tree.leaves(params))
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     assert state_bytes <= 2 * num_params + 16 * len(SHAPES), state_bytes
+    assert state_bytes == 2 * num_params + 8 * len(SHAPES) + 4  # + one shared int32 count
+
+
+@pytest.mark.parametrize("weight_decay, mask", [(0.0, None), (0.05, {"tiny": False, "medium": True, "large": True})])
+def test_fused_alias_equals_the_chain_of_building_blocks(weight_decay, mask):
+  """`lamb16` computes in chunks what the chain of its exported blocks computes (sums in another order only)."""
+  from optax_lamb16 import _common
+  lr = optax.linear_schedule(0.02, 0.005, 20)
+  chain = optax.chain(optax_lamb16.scale_by_lamb16(), _common.add_decayed_weights(weight_decay, mask),
+                      optax_lamb16.scale_by_lamb16_trust_ratio(lr), _common.scale_by_learning_rate(lr))
+  params = jax.tree.map(jnp.asarray, make_params())
+  rng = np.random.default_rng(11)
+  grads_list = [jax.tree.map(jnp.asarray, make_grads(make_params(), rng, 1.0)) for _ in range(10)]
+  got, fused_state = run_steps(optax_lamb16.lamb16(lr, weight_decay=weight_decay, mask=mask), params, grads_list)
+  want, chain_state = run_steps(chain, params, grads_list)
+  for name in SHAPES:
+    moved = np.linalg.norm(np.asarray(want[name]) - np.asarray(params[name]))
+    assert np.linalg.norm(np.asarray(got[name]) - np.asarray(want[name])) <= 1e-4 * moved, name
+    agree = np.mean(np.asarray(fused_state.mu[name].astype(jnp.float32)) == np.asarray(
+        chain_state[0].mu[name].astype(jnp.float32)))
+    assert agree > 0.999, (name, agree)
 
 
 def test_faithful_variance_overflow_freezes_the_element():

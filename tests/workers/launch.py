@@ -73,4 +73,5 @@ def run_mpi(script: pathlib.Path, args: list[str], num_ranks: int = 2, timeout: 
   completed = subprocess.run([mpirun, "-n", str(num_ranks), "--oversubscribe", sys.executable, str(script), *args],
                              env=env, capture_output=True, text=True, timeout=timeout)
   if completed.returncode != 0:
-    raise AssertionError(f"mpirun failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+    raise AssertionError(
+        f"mpirun failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")

@@ -1,0 +1,113 @@
+"""Update cost of optax.adam, optax.lamb and optax_lamb16.lamb16: state bytes, compiled peak footprint, time.
+
+For pytrees of about 4M and 50M parameters (a few big leaves plus many small ones), in ONE process so that the
+ratios are fair:
+- state bytes per parameter (what `init` returns);
+- peak footprint of the jitted update = state bytes + XLA's temporary buffers (`compiled.memory_analysis()`), with
+  the state donated (updated in place), as a training step would;
+- median wall time of the update over repeated runs after warm-up.
+
+  python benchmarks/update_bench.py [--sizes 4M,50M] [--repeats 20] [--out docs/results/update_bench.json]
+
+Prints a markdown table and writes JSON (with the device named).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import optax_lamb16
+
+OPTIMIZERS = {
+    "optax.adam": lambda: optax.adam(1e-3),
+    "optax.lamb": lambda: optax.lamb(1e-3, weight_decay=0.01),
+    "optax_lamb16.lamb16": lambda: optax_lamb16.lamb16(1e-3, weight_decay=0.01),
+}
+SIZES = {  # name: (big leaves, big shape, small leaves, small size)
+    "4M": (4, (1000, 1000), 64, 1024),
+    "50M": (12, (2048, 2048), 256, 1024),
+}
+
+
+def make_tree(spec, key, scale=1.0):
+  big_leaves, big_shape, small_leaves, small_size = spec
+  keys = iter(jax.random.split(key, big_leaves + small_leaves))
+  tree = {f"big_{i}": scale * jax.random.normal(next(keys), big_shape) for i in range(big_leaves)}
+  tree.update({f"small_{i}": scale * jax.random.normal(next(keys), (small_size,)) for i in range(small_leaves)})
+  return tree
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def measure(name: str, tx, params, grads, repeats: int) -> dict:
+  state = tx.init(params)
+  state_bytes = tree_bytes(state)
+  update = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
+  compiled = update.lower(grads, state, params).compile()
+  memory = compiled.memory_analysis()
+  temp_bytes = int(getattr(memory, "temp_size_in_bytes", 0))
+  times = []
+  for i in range(repeats + 3):  # 3 warm-up calls
+    start = time.perf_counter()
+    updates, state = compiled(grads, state, params)
+    jax.block_until_ready((updates, state))
+    if i >= 3:
+      times.append(time.perf_counter() - start)
+  return {"optimizer": name, "state_bytes": state_bytes, "temp_bytes": temp_bytes,
+          "peak_bytes": state_bytes + temp_bytes, "median_seconds": statistics.median(times),
+          "min_seconds": min(times)}
+
+
+def markdown(rows) -> str:
+  lines = ["| pytree | optimizer | state B/param | XLA temp MB | peak MB (state + temp) | peak vs optax.lamb "
+           "| median update ms | time vs optax.lamb |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['pytree']} ({r['num_params'] / 1e6:.1f}M) | {r['optimizer']} | "
+                 f"{r['state_bytes'] / r['num_params']:.3f} | {r['temp_bytes'] / 1e6:.1f} | "
+                 f"{r['peak_bytes'] / 1e6:.1f} | {r['peak_vs_lamb']:.2f}x | {r['median_seconds'] * 1e3:.1f} | "
+                 f"{r['time_vs_lamb']:.2f}x |")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="4M,50M")
+  parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--out", default="docs/results/update_bench.json")
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  rows = []
+  for size in args.sizes.split(","):
+    params = make_tree(SIZES[size], jax.random.key(0))
+    grads = make_tree(SIZES[size], jax.random.key(1), scale=0.01)
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    repeats = args.repeats if size == "4M" else max(3, args.repeats // 4)
+    size_rows = [measure(name, make(), params, grads, repeats) for name, make in OPTIMIZERS.items()]
+    lamb = next(r for r in size_rows if r["optimizer"] == "optax.lamb")
+    for r in size_rows:
+      r.update(pytree=size, num_params=num_params, peak_vs_lamb=r["peak_bytes"] / lamb["peak_bytes"],
+               time_vs_lamb=r["median_seconds"] / lamb["median_seconds"])
+    rows += size_rows
+  machine = f"{device.platform.upper()} {device.device_kind}, {platform.processor() or platform.machine()}"
+  print(f"jax {jax.__version__}, {machine}\n")
+  print(markdown(rows))
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"jax": jax.__version__, "optax": optax.__version__, "device": machine, "rows": rows},
+                            indent=1))
+  print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+  main()
