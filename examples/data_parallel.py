@@ -37,6 +37,11 @@ def parse_args(argv=None):
   parser.add_argument("--max-steps", type=int, default=None)
   parser.add_argument("--train-samples", type=int, default=None)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--checkpoint-dir", default=None,
+                      help="save params and optimizer state here every --checkpoint-every steps, and resume from "
+                           "the latest checkpoint when it exists (rerun the same command after a crash)")
+  parser.add_argument("--checkpoint-every", type=int, default=50)
+  parser.add_argument("--save-params", action="store_true", help="also write OUT/<optimizer>_params.npz")
   parser.add_argument("--out", default="out/data_parallel")
   return parser.parse_args(argv)
 
@@ -100,27 +105,45 @@ def train(name: str, args, mesh, data, log=print) -> dict:
     return jax.make_array_from_callback(array.shape, batch_sharding, lambda index: array[index])
 
   evaluate = mnist_common.make_evaluator(graphdef)
-  losses, started, step_count = [], time.perf_counter(), 0
-  for index in dp_common.batches(num_train, args.global_batch, args.epochs, args.seed):
+  checkpoints, step_count = None, 0
+  if args.checkpoint_dir:  # the whole training state, per-rank error feedback included: resuming is exact
+    checkpoints = optax_lamb16.Checkpointer(pathlib.Path(args.checkpoint_dir) / name, max_to_keep=2)
+    if checkpoints.latest_step() is not None:
+      step_count = checkpoints.latest_step()
+      restored = checkpoints.restore({"params": params, "opt_state": opt_state}, world_size=world)
+      params, opt_state = restored["params"], restored["opt_state"]
+      log(f"{name:>20} resumed from the checkpoint of step {step_count}")
+  losses, started = [], time.perf_counter()
+  for seen, index in enumerate(dp_common.batches(num_train, args.global_batch, args.epochs, args.seed)):
+    if seen < step_count:  # replay the data order up to the resumed step
+      continue
     if step_count >= total_steps:
       break
     params, opt_state, loss = step(params, opt_state, put(data["x_train"][index]), put(data["y_train"][index]))
     losses.append(float(jax.block_until_ready(loss)))  # one step at a time: CPU collectives must not overlap
     step_count += 1
+    if checkpoints and step_count % args.checkpoint_every == 0:
+      checkpoints.save(step_count, {"params": params, "opt_state": opt_state}, world_size=world)
     if step_count % 50 == 0:
       log(f"{name:>20} step {step_count}/{total_steps}: train loss {np.mean(losses[-50:]):.4f}")
   seconds = time.perf_counter() - started
+  if checkpoints:
+    checkpoints.close()
   # Evaluate rank 0's params (0/1 Adam's ranks agree at sync steps and are close in between).
   if jax.process_count() > 1:  # gather what other processes hold
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
   eval_params = jax.tree.map(lambda a: np.asarray(a)[0], params) if per_rank else jax.tree.map(np.asarray, params)
   test_loss, test_accuracy = evaluate(eval_params, data["x_test"], data["y_test"])
+  if args.save_params and jax.process_index() == 0:
+    pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+    flat = jax.tree_util.tree_flatten_with_path(eval_params)[0]
+    np.savez(pathlib.Path(args.out) / f"{name}_params.npz", **{jax.tree_util.keystr(p): leaf for p, leaf in flat})
   record = {"optimizer": name, "devices": world, "global_batch": args.global_batch, "steps": step_count,
             "epochs": args.epochs, "lr": args.lr, "eps": args.eps, "weight_decay": args.weight_decay,
             "freeze_fraction": args.freeze_fraction, "mask_zero_variance": not args.faithful,
             "num_params": num_params, "final_test_accuracy": test_accuracy, "final_test_loss": test_loss,
-            "final_train_loss": float(np.mean(losses[-20:])), "seconds": round(seconds, 1),
+            "final_train_loss": float(np.mean(losses[-20:])) if losses else None, "seconds": round(seconds, 1),
             **dp_common.bytes_sent(name, num_params, world, step_count, args.freeze_fraction)}
   log(f"{name:>20}: test accuracy {test_accuracy:.4f}, loss {test_loss:.4f}, "
       f"{record['bytes_sent_per_rank'] / step_count / 1e3:,.1f} kB sent per rank per step")

@@ -19,14 +19,17 @@ from optax_lamb16.lamb16 import (
     scale_by_lamb16,
     scale_by_lamb16_trust_ratio,
 )
+from optax_lamb16.nonfinite import apply_if_finite
 from optax_lamb16.onebit_adam import OnebitAdamState, onebit_adam
 from optax_lamb16.onebit_lamb import OnebitLambState, onebit_lamb
 from optax_lamb16.zero_one_adam import ZeroOneAdamState, zero_one_adam
 from optax_lamb16.sharding import local_view, sharded_init, state_partition_specs
 
 __all__ = [
+    "Checkpointer",
     "Communicator",
     "CompressedAllReduceState",
+    "apply_if_finite",
     "as_communicator",
     "comm",
     "compressed_allreduce",
@@ -49,3 +52,11 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+  # Orbax is imported only when checkpointing is used: it is slow to import.
+  if name == "Checkpointer":
+    from optax_lamb16.checkpointing import Checkpointer
+    return Checkpointer
+  raise AttributeError(f"module 'optax_lamb16' has no attribute {name!r}")

@@ -14,10 +14,33 @@ import optax
 from jax.sharding import Mesh, PartitionSpec
 
 from optax_lamb16 import comm as comm_lib
+from optax_lamb16 import compression
+
+
+REPLICATED, PER_RANK, ERROR_FEEDBACK = "replicated", "per_rank", "error_feedback"
 
 
 def _has_per_rank_fields(node: Any) -> bool:
   return hasattr(type(node), "PER_RANK_FIELDS") and hasattr(node, "_fields")
+
+
+def leaf_roles(state: Any, default: str = REPLICATED) -> Any:
+  """What each leaf of `state` (concrete or abstract) is across data-parallel ranks.
+
+  Returns:
+    A pytree with the structure of `state` whose leaves are `REPLICATED` (the same on every rank), `PER_RANK`
+    (differs per rank, e.g. 0/1 Adam's momentum between syncs) or `ERROR_FEEDBACK` (the compressed all-reduce's
+    per-rank error buffers, whose length depends on the world size).
+  """
+
+  def node_roles(node):
+    if not _has_per_rank_fields(node):
+      return default
+    field_role = ERROR_FEEDBACK if isinstance(node, compression.CompressedAllReduceState) else PER_RANK
+    return type(node)(*(leaf_roles(value, field_role if field in type(node).PER_RANK_FIELDS else default)
+                        for field, value in zip(node._fields, node)))
+
+  return jax.tree.map(node_roles, state, is_leaf=_has_per_rank_fields)
 
 
 def state_partition_specs(state: Any, axis_name: str) -> Any:
@@ -30,17 +53,8 @@ def state_partition_specs(state: Any, axis_name: str) -> Any:
   Returns:
     A pytree of `PartitionSpec` with the structure of `state`, usable as `in_specs` / `out_specs`.
   """
-
-  def leaf_spec(node):
-    if _has_per_rank_fields(node):
-      per_rank = type(node).PER_RANK_FIELDS
-      return type(node)(*(
-          jax.tree.map(lambda _: PartitionSpec(axis_name), value) if field in per_rank
-          else state_partition_specs(value, axis_name)
-          for field, value in zip(node._fields, node)))
-    return PartitionSpec()
-
-  return jax.tree.map(leaf_spec, state, is_leaf=_has_per_rank_fields)
+  return jax.tree.map(lambda role: PartitionSpec() if role == REPLICATED else PartitionSpec(axis_name),
+                      leaf_roles(state))
 
 
 def local_view(params: Any, axis_name: str) -> Any:

@@ -125,3 +125,71 @@ def assert_close_to_oracle(got: dict, trajectory, world: int, rtol: float = 1e-5
         have = got[name][r, t].astype(np.float32)
         gap = np.linalg.norm(have - want)
         assert gap <= rtol * max(np.linalg.norm(want), 1e-30), (t, r, name, gap, np.linalg.norm(want))
+
+
+
+class Stepper:
+  """Step-by-step runs over global arrays, for loops that save, restore or inject between steps.
+
+  `params`, `state` are the placed initial values (params stacked per rank for `per_rank_params`), `step(params,
+  state, x, y, noise_t) -> (params, state)` one jitted update, `noise(noise, t)` step t's noise placed. Without a
+  mesh everything runs on one device with `comm` (None, or an mpi4py communicator).
+  """
+
+  def __init__(self, make_tx, params: dict, mesh=None, per_rank_params: bool = False, comm=None):
+    self.mesh, self.per_rank_params = mesh, per_rank_params
+    if mesh is None:  # one device, or this process's rank of an MPI `comm` (then feed it its own data only)
+      self.tx = make_tx(comm)
+      self.params = jax.tree.map(jnp.asarray, params)
+      self.state = jax.jit(self.tx.init)(self.params)
+      self.step = jax.jit(self._single_step)
+      return
+    self.tx = make_tx("data")
+    world = mesh.shape["data"]
+    param_spec = P("data") if per_rank_params else P()
+    if per_rank_params:
+      params = {n: np.broadcast_to(p, (world, *p.shape)) for n, p in params.items()}
+    self.params = {n: self.put(np.asarray(p), param_spec) for n, p in params.items()}
+    local_init = lambda p: self.tx.init(self._mine(p))
+    shapes = jax.eval_shape(jax.shard_map(local_init, mesh=mesh, in_specs=param_spec, out_specs=P(),
+                                          check_vma=False), self.params)
+    specs = optax_lamb16.state_partition_specs(shapes, "data")
+    self.state = jax.jit(jax.shard_map(local_init, mesh=mesh, in_specs=param_spec, out_specs=specs))(self.params)
+    self.step = jax.jit(jax.shard_map(self._local_step, mesh=mesh,
+                                      in_specs=(param_spec, specs, P("data"), P("data"), P("data")),
+                                      out_specs=(param_spec, specs)))
+
+  def put(self, array: np.ndarray, spec) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, NamedSharding(self.mesh, spec), lambda index: array[index])
+
+  def noise(self, noise: dict, t: int) -> dict:
+    return {n: self.put(a[t], P("data")) for n, a in noise.items()}
+
+  def _single_step(self, params, state, x, y, noise_t):
+    grads = jax.grad(_loss)(params, x[0], y[0])
+    updates, state = self.tx.update(jax.tree.map(lambda g, n: g + n[0], grads, noise_t), state, params)
+    return optax.apply_updates(params, updates), state
+
+  def _mine(self, params):  # inside shard_map: this rank's params
+    return jax.tree.map(lambda a: a[0], params) if self.per_rank_params else params
+
+  def _local_step(self, params, state, x, y, noise_t):
+    local = self._mine(params)
+    view = local if self.per_rank_params else optax_lamb16.local_view(local, "data")
+    grads = jax.grad(_loss)(view, x[0], y[0])
+    updates, state = self.tx.update(jax.tree.map(lambda g, n: g + n[0], grads, noise_t), state, local)
+    local = optax.apply_updates(local, updates)
+    return (jax.tree.map(lambda a: a[None], local) if self.per_rank_params else local), state
+
+
+def same_bits(a, b) -> bool:
+  """Bitwise equality of two pytrees of (global) arrays, on the shards this process holds."""
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    if x.shape != y.shape or x.dtype != y.dtype:
+      return False
+    for u, v in zip(x.addressable_shards, y.addressable_shards):
+      if np.asarray(u.data).tobytes() != np.asarray(v.data).tobytes():
+        return False
+  return True

@@ -38,6 +38,15 @@ def _env(devices_per_process: int) -> dict[str, str]:
   return env
 
 
+def run_process(script: pathlib.Path, args: list[str], devices: int = 4, timeout: float = 300) -> None:
+  """Runs `script` in one fresh process with `devices` host devices; raises with its output if it fails."""
+  completed = subprocess.run([sys.executable, str(script), *args], env=_env(devices), capture_output=True, text=True,
+                             timeout=timeout)
+  if completed.returncode != 0:
+    raise AssertionError(f"{script.name} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n"
+                         f"{completed.stderr[-3000:]}")
+
+
 def run_distributed(script: pathlib.Path, args: list[str], num_processes: int = 2, devices_per_process: int = 2,
                     timeout: float = 300) -> None:
   """Runs `script` as `num_processes` jax.distributed processes; raises with their output if any fails."""
