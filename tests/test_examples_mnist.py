@@ -81,3 +81,20 @@ def test_reference_model_has_431080_parameters():
   from flax import nnx
   model = mnist_common.ReferenceConvNet(nnx.Rngs(0))
   assert mnist_common.count_params(nnx.state(model, nnx.Param)) == 431_080
+
+
+def test_pytorch_lamb_matches_a_hand_worked_first_step():
+  import jax.numpy as jnp
+  import mnist
+
+  tx = mnist.make_optimizer("pytorch_lamb", lr=0.01, weight_decay=0.01)
+  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4), "big": jnp.full(4, 100.0)}
+  grads = {"w": jnp.full((3, 4), 0.5), "b": jnp.ones(4), "big": jnp.ones(4)}
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # No bias correction: m = 0.1 g, v = 0.001 g^2, so u = m / (sqrt(v) + eps) is about sqrt(10) per element.
+  # w: the trust ratio |p| / |u| makes every element move by lr exactly (u is constant over the leaf).
+  np.testing.assert_allclose(updates["w"], -0.01, rtol=1e-6)
+  # b: |p| = 0 gives a trust ratio of 1, so the step is lr * u.
+  np.testing.assert_allclose(updates["b"], -0.01 * np.sqrt(10.0) * (1 - 1e-6 / np.sqrt(1e-3)), rtol=1e-6)
+  # big: |p| = 200 is clamped to 10, so the step is lr * 10 / |u| * u = lr * 10 / 2 per element.
+  np.testing.assert_allclose(updates["big"], -0.01 * 10 / 2, rtol=1e-6)
