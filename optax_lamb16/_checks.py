@@ -27,24 +27,54 @@ def concrete_value(value: Any) -> float | None:
   return float(array)
 
 
-def check_range(name: str, value: Any, low: float, high: float = math.inf, *, high_open: bool = False,
-                fix: str = "") -> None:
-  """Raises ValueError if the concrete `value` lies outside [low, high] (or [low, high) with `high_open`)."""
+def _non_scalar_shape(value: Any) -> tuple[int, ...] | None:
+  """The shape of a concrete array-like that is not a scalar (a per-element hyperparameter), else None."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return np.shape(value) or None
+  except Exception:  # noqa: BLE001 - ragged or odd objects are left to `concrete_value`.
+    return None
+
+
+def check_range(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
+                high_open: bool = False, fix: str = "") -> None:
+  """Raises ValueError if the concrete `value` is not a scalar in [low, high] (`low_open`/`high_open`: open ends)."""
+  hint = f" {fix}" if fix else ""
+  shape = _non_scalar_shape(value)
+  if shape is not None:
+    raise ValueError(f"`{name}` must be a scalar (or a schedule), got an array of shape {shape}.{hint}")
   number = concrete_value(value)
   if number is None:
     return
-  bad = math.isnan(number) or number < low or number > high or (high_open and number == high)
+  bad = (math.isnan(number) or number < low or number > high or (low_open and number == low)
+         or (high_open and number == high))
   if bad:
-    interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
-    hint = f" {fix}" if fix else ""
-    raise ValueError(f"`{name}` must lie in {interval}, got {number}.{hint}")
+    interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise ValueError(f"`{name}` must lie in {interval}, got {number:g}.{hint}")
 
 
-def check_order(low_name: str, low: Any, high_name: str, high: Any) -> None:
+def check_step_count(name: str, value: Any, low: int, fix: str = "") -> Any:
+  """Checks a concrete step count (a whole number >= `low`) and returns it as a Python int; tracers pass as given.
+
+  A whole float such as ``1e5`` becomes an int: the step logic compares it with int32 counters, which strict dtype
+  promotion would reject with an error that names no argument.
+  """
+  check_range(name, value, low, fix=fix)
+  number = concrete_value(value)
+  if number is None:
+    return value
+  if not number.is_integer():
+    raise ValueError(f"`{name}` must be a whole number of steps, got {number:g}.{f' {fix}' if fix else ''}")
+  return int(number)
+
+
+def check_order(low_name: str, low: Any, high_name: str, high: Any, fix: str = "") -> None:
   """Raises ValueError if the concrete `low` exceeds the concrete `high`."""
   low_value, high_value = concrete_value(low), concrete_value(high)
   if low_value is not None and high_value is not None and low_value > high_value:
-    raise ValueError(f"`{low_name}` ({low_value}) must not exceed `{high_name}` ({high_value}).")
+    hint = f" {fix}" if fix else ""
+    raise ValueError(f"`{low_name}` ({low_value:g}) must not exceed `{high_name}` ({high_value:g}).{hint}")
 
 
 def check_learning_rate(learning_rate: Any) -> None:
@@ -61,7 +91,7 @@ def check_float_leaves(name: str, tree: Any) -> None:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; this optimizer needs real "
+          f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; optax_lamb16 needs real "
           f"floating-point leaves. Keep integer/complex leaves out of the optimizer, e.g. with "
           f"`optax.masked` or `optax.partition`.")
 

@@ -8,7 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lamb16 import _checks, comm as comm_lib
+from optax_lamb16 import _checks, comm as comm_lib, compression
+
+# Fix hints shared by the optimizers' argument checks.
+EPS_FIX = "It keeps m / (sqrt(v) + eps) finite where v is 0 (elements or leaves whose gradients are all zero)."
+STEP_FIX = "Pass a non-negative int; it counts steps as DeepSpeed does (SPEC.md section 2)."
 
 
 def check_common(learning_rate: Any, comm: Any, b1: Any, b2: Any, eps: Any,
@@ -17,7 +21,7 @@ def check_common(learning_rate: Any, comm: Any, b1: Any, b2: Any, eps: Any,
   _checks.check_learning_rate(learning_rate)
   _checks.check_range("b1", b1, 0.0, 1.0, high_open=True, fix="Typical value: 0.9.")
   _checks.check_range("b2", b2, 0.0, 1.0, high_open=True, fix="Typical value: 0.999.")
-  _checks.check_range("eps", eps, 0.0, fix="Typical value: 1e-8.")
+  _checks.check_range("eps", eps, 0.0, low_open=True, fix=EPS_FIX + " Typical value: 1e-8.")
   _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
   return comm_lib.as_communicator(comm)
 
@@ -42,6 +46,18 @@ def check_update_args(updates: Any, like: Any, params: Any) -> tuple[Any, Any]:
   _checks.check_same_structure("updates", updates, "params", params)
   as_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
   return as_f32(updates), as_f32(params)
+
+
+def check_exchange(communicator: comm_lib.Communicator, exchange: compression.CompressedAllReduceState,
+                   tree: Any) -> int:
+  """Returns the world size; raises a clear error if `comm` is unusable here or `exchange` fits another world size.
+
+  Checked up front: the warm-up branch would otherwise fail first, inside a collective, with an error that names no
+  argument.
+  """
+  world = comm_lib.world_size(communicator)
+  compression.check_state(exchange, compression.tree_size(tree), world)
+  return world
 
 
 def as_float32(*values: Any) -> tuple[jax.Array, ...]:

@@ -8,9 +8,9 @@ it, so a run that saves at step k and continues in a new process is bitwise the 
 
 A checkpoint written by P ranks cannot continue on Q != P ranks unchanged: the error buffers are split by rank and
 their length depends on the world size. By default that is an error; ``on_world_size_change="reset_error_feedback"``
-continues the way DeepSpeed always does: error feedback from zero, every other replicated leaf as saved, and other
-per-rank leaves (0/1 Adam's momentum and accumulated update, which differ between ranks only between syncs) taken
-from rank 0.
+continues the way DeepSpeed always does: error feedback (and 1-bit LAMB's padding tail) from zero, every other
+replicated leaf as saved, and other per-rank leaves (0/1 Adam's momentum and accumulated update, which differ
+between ranks only between syncs) taken from rank 0.
 
 Example:
   >>> import tempfile, jax.numpy as jnp, optax_lamb16
@@ -50,15 +50,16 @@ def _describe(tree: Any) -> tuple[list[dict], Any]:
 
 
 def _split(leaves: list[Any], described: list[dict]) -> dict[str, dict[str, Any]]:
-  """Leaves grouped into replicated and per-rank items, keyed by their flat index (paths are not file-name safe).
+  """Leaves grouped into items, replicated ones and those laid out by world size, keyed by their flat index (paths
+  are not file-name safe).
 
   Empty leaves (e.g. the error buffers of a single rank) carry no data and are left out: Orbax cannot store them.
   """
-  items = {"replicated": {}, "per_rank": {}}
+  items = {"replicated": {}, "by_world_size": {}}
   for index, (leaf, info) in enumerate(zip(leaves, described)):
     if math.prod(info["shape"]) == 0:
       continue
-    items["replicated" if info["role"] == sharding.REPLICATED else "per_rank"][f"{index:06d}"] = leaf
+    items["replicated" if info["role"] == sharding.REPLICATED else "by_world_size"][f"{index:06d}"] = leaf
   return {name: item for name, item in items.items() if item}
 
 
@@ -155,14 +156,14 @@ class Checkpointer:
     targets = [_abstract(leaf) for leaf in jax.tree.leaves(target)]
     abstract = targets
     if resized:
-      # Per-rank leaves come back whole and replicated, then are re-laid out for this world size.
+      # Leaves laid out by world size come back whole and replicated, then are re-laid out for this world size.
       abstract = [leaf if info["role"] == sharding.REPLICATED else
                   jax.ShapeDtypeStruct(tuple(saved["shape"]), leaf.dtype, sharding=_replicated_like(leaf))
                   for leaf, info, saved in zip(targets, described, meta["leaves"])]
     wanted = _split(abstract, described)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{name: ocp.args.StandardRestore(item) for name, item in wanted.items()}))
-    flat = {**restored.get("replicated", {}), **restored.get("per_rank", {})}
+    flat = {**restored.get("replicated", {}), **restored.get("by_world_size", {})}
     leaves = [flat[f"{index:06d}"] if f"{index:06d}" in flat else _zeros(target_leaf)
               for index, target_leaf in enumerate(targets)]
     if resized:
@@ -186,7 +187,7 @@ def _relayout(saved: jax.Array, target: jax.ShapeDtypeStruct, role: str, old_wor
   if role == sharding.REPLICATED:
     return saved
 
-  if role == sharding.ERROR_FEEDBACK or saved.size == 0:
+  if role in (sharding.ERROR_FEEDBACK, sharding.WORLD_SIZED) or saved.size == 0:
     return _zeros(target)
   rank0 = lambda saved: jnp.concatenate([saved[: saved.shape[0] // old_world]] * new_world)
   return jax.jit(rank0, out_shardings=target.sharding)(saved)

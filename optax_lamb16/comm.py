@@ -158,9 +158,12 @@ def as_communicator(comm: Any) -> Communicator:
     return MPI(comm)
   if isinstance(comm, Communicator):
     return comm
+  # Passing the mesh itself is an easy mistake: `comm` names its data-parallel axis instead.
+  hint = " For a `jax.sharding.Mesh`, pass the name of its data-parallel axis, e.g. comm='data'." if isinstance(
+      comm, jax.sharding.Mesh) else ""
   raise TypeError(
       f"`comm` must be a mesh-axis name (str), an mpi4py communicator, None (one device) or an object with `size`, "
-      f"`mean`, `all_to_all` and `all_gather`; got {type(comm).__name__}: {comm!r}.")
+      f"`mean`, `all_to_all` and `all_gather`; got {type(comm).__name__}: {comm!r}.{hint}")
 
 
 def mark_per_rank(comm: Communicator, x: jax.Array) -> jax.Array:
@@ -176,5 +179,6 @@ def world_size(comm: Communicator) -> int:
   """The communicator's size as a checked positive Python int."""
   size = comm.size
   if not isinstance(size, (int, np.integer)) or size < 1:
-    raise ValueError(f"comm.size must be a positive Python int, got {size!r} from {comm!r}")
+    raise ValueError(f"`comm.size` must be a positive Python int (the static number of data-parallel ranks), got "
+                     f"{size!r} from {comm!r}. Make the communicator's `size` return an int.")
   return int(size)

@@ -16,9 +16,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_lamb16 import comm as comm_lib
+from optax_lamb16 import _checks, comm as comm_lib
 
 
 class CompressedAllReduceState(NamedTuple):
@@ -55,10 +56,45 @@ def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllRe
   """
   communicator = comm_lib.as_communicator(comm)
   world = comm_lib.world_size(communicator)
-  n = tree_or_length if isinstance(tree_or_length, int) else tree_size(tree_or_length)
+  if isinstance(tree_or_length, (int, np.integer)):
+    if tree_or_length < 0:
+      raise ValueError(f"`tree_or_length` must be a pytree or a non-negative element count, got {tree_or_length}.")
+    n = int(tree_or_length)
+  else:
+    _checks.check_float_leaves("tree_or_length", tree_or_length)
+    n = tree_size(tree_or_length)
   n_pad = padded_length(n, world) if world > 1 else 0
   zeros = lambda length: comm_lib.mark_per_rank(communicator, jnp.zeros([length], jnp.float32))
   return CompressedAllReduceState(worker_error=zeros(n_pad), server_error=zeros(n_pad // world))
+
+
+def check_state(state: CompressedAllReduceState, n: int, world: int) -> None:
+  """Raises ValueError unless `state` holds the error buffers of an `n`-element exchange at world size `world`.
+
+  A state made for another world size (e.g. restored from a run on a different number of ranks) or for another
+  model would otherwise mix up error feedback silently, or fail later with an error that names no argument.
+  """
+  n_pad = padded_length(n, world) if world > 1 else 0
+  expected = ((n_pad,), (n_pad // world,))
+  got = (jnp.shape(state.worker_error), jnp.shape(state.server_error))
+  if got == expected:
+    return
+  made_for = ""
+  if got == ((0,), (0,)):
+    made_for = " (it looks made for 1 rank, e.g. comm=None)"
+  elif len(got[0]) == 1 and len(got[1]) == 1 and got[1][0] and got[0][0] % got[1][0] == 0:
+    ranks = got[0][0] // got[1][0]
+    if ranks != world:
+      made_for = f" (it looks made for {ranks} ranks)"
+    elif got[0][0] == world * n_pad:
+      made_for = (" (these look like the global arrays of all ranks: give each rank its own part, with the specs "
+                  "of `state_partition_specs`)")
+  raise ValueError(
+      f"The compressed all-reduce state does not fit: its error buffers (worker_error, server_error) have shapes "
+      f"{got[0]} and {got[1]}, but {n} elements at world size {world} need {expected[0]} and {expected[1]}"
+      f"{made_for}. The state was made for another world size or another model: re-create it with `init` (the "
+      f"optimizer's, or `init_compressed_allreduce`) where `comm` spans the current ranks. This restarts the error "
+      f"feedback from zero, as DeepSpeed does on every checkpoint load.")
 
 
 def signs(x: jax.Array) -> jax.Array:
@@ -76,6 +112,12 @@ def unpack_signs(packed: jax.Array) -> jax.Array:
   return jnp.unpackbits(packed, axis=-1, bitorder="big").astype(jnp.float32) * 2.0 - 1.0
 
 
+def _empty_result(tree: Any) -> Any:
+  """Fresh empty arrays like `tree`'s: an exchange's output is replicated (typed invariant inside `shard_map`), and so
+  must an empty one be, or `lax.cond` / `scan` reject the mismatch with the non-empty branches and carries."""
+  return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), x.dtype), tree)
+
+
 def _rms(x: jax.Array) -> jax.Array:
   return jnp.linalg.norm(x) / jnp.sqrt(jnp.float32(x.size))
 
@@ -88,19 +130,15 @@ def compressed_allreduce_flat(x: jax.Array, state: CompressedAllReduceState,
   """
   communicator = comm_lib.as_communicator(comm)
   world = comm_lib.world_size(communicator)
-  if world > 1 and (x.ndim != 1 or x.shape[0] != state.worker_error.shape[0]):
-    raise ValueError(
-        f"The compressed all-reduce state holds error buffers for {state.worker_error.shape[0]} elements at world "
-        f"size {world}, but the input has shape {x.shape}. The state was made for another model or another world "
-        f"size: re-create it with `init_compressed_allreduce` (this resets the error feedback).")
+  if x.ndim != 1 or (world > 1 and x.shape[0] != padded_length(x.shape[0], world)):
+    raise ValueError(f"`x` must be a flat buffer padded to `padded_length(n, {world})`, got shape {x.shape}; "
+                     f"`compressed_allreduce` pads pytrees itself.")
+  check_state(state, x.shape[0], world)
   if x.size == 0:
-    return x, state
+    return _empty_result(x), state
   if world == 1:  # the identity, typed as replicated (see `compressed_allreduce`)
     return communicator.mean(x), state
   chunk = x.shape[0] // world
-  if state.server_error.shape != (chunk,):
-    raise ValueError(f"server_error has shape {state.server_error.shape}, expected ({chunk},) for world size "
-                     f"{world}: the state was made for another world size.")
 
   # 1-2. Worker: add the residual, compress to sign bits and one scale.
   corrected = x.astype(jnp.float32) + state.worker_error
@@ -175,9 +213,11 @@ def compressed_allreduce(tree: Any, state: CompressedAllReduceState,
   """
   communicator = comm_lib.as_communicator(comm)
   world = comm_lib.world_size(communicator)
+  _checks.check_float_leaves("tree", tree)
   n = tree_size(tree)
+  check_state(state, n, world)
   if n == 0:
-    return tree, state
+    return _empty_result(tree), state
   if world == 1:  # the identity; a mean over one rank also gives it the replicated type a mesh axis expects
     return exact_mean(tree, communicator), state
   flat = flatten(tree)
@@ -201,10 +241,13 @@ def compressed_mean(comm: Any) -> optax.GradientTransformation:
   comm_lib.as_communicator(comm)  # reject unknown types early
 
   def init_fn(params):
+    _checks.check_float_leaves("params", params)
     return init_compressed_allreduce(params, comm)
 
   def update_fn(updates, state, params=None):
-    del params
+    _checks.check_float_leaves("updates", updates)
+    if params is not None:
+      _checks.check_same_structure("updates", updates, "params", params)
     return compressed_allreduce(updates, state, comm)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -213,6 +256,8 @@ def compressed_mean(comm: Any) -> optax.GradientTransformation:
 def exact_mean(tree: Any, comm: Any) -> Any:
   """The exact float32 mean over ranks of a per-rank pytree, as one all-reduce of the flattened tree."""
   communicator = comm_lib.as_communicator(comm)
-  if isinstance(communicator, comm_lib.SingleDevice) or tree_size(tree) == 0:
+  if isinstance(communicator, comm_lib.SingleDevice):
     return tree
+  if tree_size(tree) == 0:
+    return _empty_result(tree)
   return unflatten_like(communicator.mean(flatten(tree)), tree)

@@ -5,10 +5,13 @@ clipping to ±15; the second moment as float8_e5m2 (2 mantissa bits, range up to
 dividing by its scale. Float8 casts do not saturate, so every encode clips first where the reference does.
 
 The reference does not clip the normalised second moment: when its scale is dominated by `eps` and an element's v
-exceeds ``57344 * scale`` (0.057 with eps = 1e-6; typical of one large gradient in a big, otherwise quiet leaf such
-as an embedding row), that element encodes as +inf. It then decodes to inf, its Adam direction is 0, and the next
-encode clips v to 10 first, which still overflows while ``10 / scale > 57344`` (scale < 1.7e-4): the element stops
-training until its leaf's scale grows. This faithful behaviour is kept, tested and documented, not silently changed.
+reaches ``61440 * scale`` (about 0.06 with eps = 1e-6; typical of one large gradient in a big, otherwise quiet leaf
+such as an embedding row), that element encodes as +inf (e5m2's largest finite value is 57344; round-to-nearest
+carries everything from 61440 up to inf). It then decodes to inf, its Adam direction is 0 (no NaN: m stays finite),
+and the next encode clips v to 10 first, which still overflows while ``10 / scale >= 61440`` (scale <= 1.63e-4):
+the element stops training until its leaf's scale grows, then resumes with v = 10. Other elements and leaves are
+unaffected. This faithful behaviour is kept, tested (tests/test_lamb16.py, tests/test_bad_input.py) and documented,
+not silently changed.
 """
 
 from __future__ import annotations

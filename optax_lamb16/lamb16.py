@@ -42,6 +42,11 @@ class ScaleByLamb16State(NamedTuple):
   nu_scale: optax.Updates
 
 
+# eps floors the moment scales and the trust norms: with 0, a leaf whose gradients are all zero divides 0 by 0.
+_EPS_FIX = ("It floors the moment scales and the trust-ratio norms, so that all-zero leaves stay finite. "
+            "Typical value: 1e-6.")
+# With reference_lr = 0 the trust is 0 ** trust_scale (no training), and 0 / 0 = NaN when the learning rate is 0 too.
+_REFERENCE_LR_FIX = "It is the learning rate at which the plain norm ratio applies; the reference uses 1e-3."
 _LOW_PRECISION_HINT = ("Under `optax.inject_hyperparams` with bfloat16 params pass `hyperparam_dtype=jnp.float32`: "
                       "0.999 rounds to 1.0 in bfloat16.")
 
@@ -49,7 +54,7 @@ _LOW_PRECISION_HINT = ("Under `optax.inject_hyperparams` with bfloat16 params pa
 def _check_betas_and_eps(b1: Any, b2: Any, eps: Any) -> None:
   _checks.check_range("b1", b1, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.9. {_LOW_PRECISION_HINT}")
   _checks.check_range("b2", b2, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.999. {_LOW_PRECISION_HINT}")
-  _checks.check_range("eps", eps, 0.0, fix="Typical value: 1e-6.")
+  _checks.check_range("eps", eps, 0.0, low_open=True, fix=_EPS_FIX)
 
 
 def scale_by_lamb16(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
@@ -59,10 +64,14 @@ def scale_by_lamb16(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> op
   gradient (no bias correction); store them again with new scales ``sqrt(sum(min(x*x, 10))) / N + eps``; emit
   ``m / (sqrt(v) + eps)`` computed from the float32 moments of this step. Updates keep the gradients' dtype.
 
+  Like the reference, v is not clipped after normalising, so an element whose v is very large next to its leaf's
+  scale is stored as +inf and then has a zero direction until the scale grows: the faithful float8 overflow,
+  documented in `optax_lamb16.float8`.
+
   Args:
     b1: Decay rate of the first moment, in [0, 1).
     b2: Decay rate of the second moment, in [0, 1).
-    eps: Added to the scales and to ``sqrt(v)``; non-negative.
+    eps: Added to the scales and to ``sqrt(v)``; positive.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ScaleByLamb16State`.
@@ -110,8 +119,8 @@ def scale_by_lamb16(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> op
 
     results = jax.tree.map(leaf_update, updates, state.mu, state.nu, state.mu_scale, state.nu_scale)
     treedef = jax.tree.structure(updates)
-    directions, mu, nu, mu_scale, nu_scale = (
-        jax.tree.unflatten(treedef, column) for column in zip(*treedef.flatten_up_to(results)))
+    columns = list(zip(*treedef.flatten_up_to(results))) or [()] * 5  # a tree without leaves (optax.masked)
+    directions, mu, nu, mu_scale, nu_scale = (jax.tree.unflatten(treedef, column) for column in columns)
     return directions, ScaleByLamb16State(numerics.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -135,7 +144,7 @@ def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_sca
       uses its value at the current step.
     trust_scale: Exponent applied to the trust ratio; non-negative.
     reference_lr: The learning rate at which the plain norm ratio is used; positive.
-    eps: Lower clip of the squared elements in the norms; non-negative.
+    eps: Lower clip of the squared elements in the norms; positive.
 
   Returns:
     An `optax.GradientTransformation` (stateless, or a step count when `learning_rate` is a schedule).
@@ -152,8 +161,8 @@ def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_sca
   """
   _checks.check_learning_rate(learning_rate)
   _checks.check_range("trust_scale", trust_scale, 0.0, fix="The reference uses 0.382.")
-  _checks.check_range("reference_lr", reference_lr, 0.0, fix="The reference uses 1e-3.")
-  _checks.check_range("eps", eps, 0.0, fix="Typical value: 1e-6.")
+  _checks.check_range("reference_lr", reference_lr, 0.0, low_open=True, fix=_REFERENCE_LR_FIX)
+  _checks.check_range("eps", eps, 0.0, low_open=True, fix=_EPS_FIX)
 
   def init_fn(params):
     del params
@@ -162,6 +171,7 @@ def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_sca
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("scale_by_lamb16_trust_ratio needs `params`: call `update(grads, state, params)`.")
+    _checks.check_float_leaves("updates", updates)
     _checks.check_same_structure("updates", updates, "params", params)
     lr = jnp.asarray(_common.hyperparameter_value(learning_rate, state), jnp.float32)
     exponent, lr_ratio_numerator, epsilon = (jnp.asarray(x, jnp.float32) for x in (trust_scale, reference_lr, eps))
@@ -238,14 +248,16 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
   The maths is that of ``optax.chain(scale_by_lamb16(b1, b2, eps), <decoupled weight decay>,
   scale_by_lamb16_trust_ratio(learning_rate, trust_scale, reference_lr, eps), <-learning_rate>)``, but computed in
   one fused step per leaf: the norms chunk by chunk, then one element-wise pass that recomputes m, v and u and
-  writes the update and the re-encoded moments, so that no float32 copy of m, v or u of a whole leaf is stored. The state is that of `scale_by_lamb16`, whose count also
-  drives schedules.
+  writes the update and the re-encoded moments, so that no float32 copy of m, v or u of a whole leaf is stored. The
+  state is that of `scale_by_lamb16`, whose count also drives schedules. The faithful float8 storage can overflow
+  v to +inf for an element far above its leaf's scale, which then stops moving until that scale grows: see
+  `optax_lamb16.float8`.
 
   Args:
     learning_rate: A non-negative float or an optax schedule; the trust ratio uses its value at each step.
     b1: Decay rate of the first moment, in [0, 1).
     b2: Decay rate of the second moment, in [0, 1).
-    eps: Added to the moment scales and to ``sqrt(v)``; lower clip of the squares in the trust norms.
+    eps: Added to the moment scales and to ``sqrt(v)``; lower clip of the squares in the trust norms; positive.
     weight_decay: Decoupled weight decay (float or schedule), added before the trust ratio (inside its norm).
     trust_scale: Exponent of the trust ratio.
     reference_lr: The learning rate at which the trust ratio is the plain norm ratio.
@@ -274,7 +286,7 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
   _checks.check_learning_rate(learning_rate)
   _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
   _checks.check_range("trust_scale", trust_scale, 0.0, fix="The reference uses 0.382.")
-  _checks.check_range("reference_lr", reference_lr, 0.0, fix="The reference uses 1e-3.")
+  _checks.check_range("reference_lr", reference_lr, 0.0, low_open=True, fix=_REFERENCE_LR_FIX)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -292,7 +304,8 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
     results = [
         _lamb16_leaf(g, *others, decay=decay if decayed else jnp.float32(0), **hyper)
         for g, decayed, *others in zip(leaves, _decay_mask(mask, params), *columns)]
-    new_updates, mu, nu, mu_scale, nu_scale = (jax.tree.unflatten(treedef, list(column)) for column in zip(*results))
+    outputs = list(zip(*results)) or [()] * 5  # a tree without leaves (optax.masked)
+    new_updates, mu, nu, mu_scale, nu_scale = (jax.tree.unflatten(treedef, list(column)) for column in outputs)
     return new_updates, ScaleByLamb16State(numerics.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
 
   return optax.GradientTransformation(moments.init, update_fn)

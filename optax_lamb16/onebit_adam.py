@@ -74,7 +74,7 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
     <https://arxiv.org/abs/2102.02888>`_, 2021; DeepSpeed 0.19.6 ``deepspeed/runtime/fp16/onebit/adam.py``.
   """
   communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
-  _checks.check_range("freeze_step", freeze_step, 0, fix="It counts steps as DeepSpeed does (SPEC.md section 2).")
+  freeze_step = _checks.check_step_count("freeze_step", freeze_step, 0, fix=_onebit.STEP_FIX)
 
   def init_fn(params):
     _checks.check_float_leaves("params", params)
@@ -85,6 +85,7 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
 
   def update_fn(updates, state, params=None):
     grads, params = _onebit.check_update_args(updates, state.mu, params)
+    _onebit.check_exchange(communicator, state.exchange, grads)
     t = state.count + 1
     beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
 

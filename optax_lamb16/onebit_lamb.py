@@ -43,6 +43,9 @@ class OnebitLambState(NamedTuple):
   padding_tail: jax.Array
   exchange: compression.CompressedAllReduceState
 
+  # Replicated, but sized by the world size: reset with the error feedback on a world-size change (`checkpointing`).
+  WORLD_SIZED_FIELDS = ("padding_tail",)
+
 
 def _norm(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(x * x))
@@ -99,15 +102,17 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
     <https://arxiv.org/abs/2104.06069>`_, 2021; DeepSpeed 0.19.6 ``deepspeed/runtime/fp16/onebit/lamb.py``.
   """
   communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
-  _checks.check_range("freeze_step", freeze_step, 0, fix="It counts steps as DeepSpeed does (SPEC.md section 2).")
-  _checks.check_range("min_coeff", min_coeff, 0.0)
-  _checks.check_range("max_coeff", max_coeff, 0.0)
-  _checks.check_range("factor_min", factor_min, 0.0)
-  _checks.check_range("factor_max", factor_max, 0.0)
-  _checks.check_range("coeff_beta", coeff_beta, 0.0, 1.0, high_open=True)
-  _checks.check_range("factor_threshold", factor_threshold, 0.0, 1.0)
-  _checks.check_order("min_coeff", min_coeff, "max_coeff", max_coeff)
-  _checks.check_order("factor_min", factor_min, "factor_max", factor_max)
+  freeze_step = _checks.check_step_count("freeze_step", freeze_step, 0, fix=_onebit.STEP_FIX)
+  _checks.check_range("min_coeff", min_coeff, 0.0, fix="DeepSpeed's default: 0.01.")
+  _checks.check_range("max_coeff", max_coeff, 0.0, fix="DeepSpeed's default: 10.0.")
+  _checks.check_range("factor_min", factor_min, 0.0, fix="DeepSpeed's default: 0.5.")
+  _checks.check_range("factor_max", factor_max, 0.0, fix="DeepSpeed's default: 4.0.")
+  _checks.check_range("coeff_beta", coeff_beta, 0.0, 1.0, high_open=True, fix="DeepSpeed's default: 0.9.")
+  _checks.check_range("factor_threshold", factor_threshold, 0.0, 1.0, fix="DeepSpeed's default: 0.1.")
+  _checks.check_order("min_coeff", min_coeff, "max_coeff", max_coeff,
+                      fix="They bound the trust ratio: pass min_coeff <= max_coeff (defaults 0.01 and 10.0).")
+  _checks.check_order("factor_min", factor_min, "factor_max", factor_max,
+                      fix="They bound the compression-phase factor: pass factor_min <= factor_max (defaults 0.5, 4.0).")
 
   def init_fn(params):
     _checks.check_float_leaves("params", params)
@@ -123,6 +128,12 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
 
   def update_fn(updates, state, params=None):
     grads, params = _onebit.check_update_args(updates, state.mu, params)
+    world = _onebit.check_exchange(communicator, state.exchange, grads)
+    n = compression.tree_size(grads)
+    if state.padding_tail.shape != (compression.padded_length(n, world) - n,):
+      raise ValueError(f"`padding_tail` of the optimizer state has shape {state.padding_tail.shape}, but world size "
+                       f"{world} needs ({compression.padded_length(n, world) - n},): the state was made for another "
+                       f"world size. Re-create it with `init` where `comm` spans the current ranks.")
     t = state.count + 1
     beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
     lr = _onebit.learning_rate_at(learning_rate, state.count)
@@ -180,8 +191,8 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
     results = jax.tree.map(leaf, mu, state.mu, nu, state.nu_fresh, params, state.lamb_coeff_freeze,
                            state.last_factor)
     treedef = jax.tree.structure(mu)
-    steps, nu_fresh, coeff_freeze, last_factor = (
-        jax.tree.unflatten(treedef, column) for column in zip(*treedef.flatten_up_to(results)))
+    columns = list(zip(*treedef.flatten_up_to(results))) or [()] * 4  # a tree without leaves (optax.masked)
+    steps, nu_fresh, coeff_freeze, last_factor = (jax.tree.unflatten(treedef, column) for column in columns)
     new_updates = jax.tree.map(lambda s, g: s.astype(g.dtype), steps, updates)
     return new_updates, OnebitLambState(
         count=t, mu=mu, nu=nu, nu_fresh=nu_fresh, lamb_coeff_freeze=coeff_freeze, last_factor=last_factor,

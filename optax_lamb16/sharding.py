@@ -17,11 +17,12 @@ from optax_lamb16 import comm as comm_lib
 from optax_lamb16 import compression
 
 
-REPLICATED, PER_RANK, ERROR_FEEDBACK = "replicated", "per_rank", "error_feedback"
+REPLICATED, PER_RANK, ERROR_FEEDBACK, WORLD_SIZED = "replicated", "per_rank", "error_feedback", "world_sized"
 
 
 def _has_per_rank_fields(node: Any) -> bool:
-  return hasattr(type(node), "PER_RANK_FIELDS") and hasattr(node, "_fields")
+  kind = type(node)
+  return (hasattr(kind, "PER_RANK_FIELDS") or hasattr(kind, "WORLD_SIZED_FIELDS")) and hasattr(node, "_fields")
 
 
 def leaf_roles(state: Any, default: str = REPLICATED) -> Any:
@@ -29,16 +30,23 @@ def leaf_roles(state: Any, default: str = REPLICATED) -> Any:
 
   Returns:
     A pytree with the structure of `state` whose leaves are `REPLICATED` (the same on every rank), `PER_RANK`
-    (differs per rank, e.g. 0/1 Adam's momentum between syncs) or `ERROR_FEEDBACK` (the compressed all-reduce's
-    per-rank error buffers, whose length depends on the world size).
+    (differs per rank, e.g. 0/1 Adam's momentum between syncs), `ERROR_FEEDBACK` (the compressed all-reduce's
+    per-rank error buffers, whose length depends on the world size) or `WORLD_SIZED` (the same on every rank, but
+    its length depends on the world size, e.g. 1-bit LAMB's padding tail).
   """
 
   def node_roles(node):
     if not _has_per_rank_fields(node):
       return default
-    field_role = ERROR_FEEDBACK if isinstance(node, compression.CompressedAllReduceState) else PER_RANK
-    return type(node)(*(leaf_roles(value, field_role if field in type(node).PER_RANK_FIELDS else default)
-                        for field, value in zip(node._fields, node)))
+    kind = type(node)
+    per_rank = ERROR_FEEDBACK if isinstance(node, compression.CompressedAllReduceState) else PER_RANK
+
+    def role(field):
+      if field in getattr(kind, "PER_RANK_FIELDS", ()):
+        return per_rank
+      return WORLD_SIZED if field in getattr(kind, "WORLD_SIZED_FIELDS", ()) else default
+
+    return kind(*(leaf_roles(value, role(field)) for field, value in zip(node._fields, node)))
 
   return jax.tree.map(node_roles, state, is_leaf=_has_per_rank_fields)
 
@@ -53,7 +61,8 @@ def state_partition_specs(state: Any, axis_name: str) -> Any:
   Returns:
     A pytree of `PartitionSpec` with the structure of `state`, usable as `in_specs` / `out_specs`.
   """
-  return jax.tree.map(lambda role: PartitionSpec() if role == REPLICATED else PartitionSpec(axis_name),
+  replicated = (REPLICATED, WORLD_SIZED)
+  return jax.tree.map(lambda role: PartitionSpec() if role in replicated else PartitionSpec(axis_name),
                       leaf_roles(state))
 
 

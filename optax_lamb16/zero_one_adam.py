@@ -101,10 +101,12 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
     <https://arxiv.org/abs/2202.06009>`_, 2022; DeepSpeed 0.19.6 ``deepspeed/runtime/fp16/onebit/zoadam.py``.
   """
   communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
-  _checks.check_range("var_freeze_step", var_freeze_step, 0, fix="It counts steps as DeepSpeed does.")
-  for name, value in (("var_update_scaler", var_update_scaler), ("local_step_scaler", local_step_scaler),
-                      ("local_step_clipper", local_step_clipper)):
-    _checks.check_range(name, value, 1, fix="It is a positive number of steps.")
+  var_freeze_step = _checks.check_step_count("var_freeze_step", var_freeze_step, 0, fix=_onebit.STEP_FIX)
+  var_update_scaler, local_step_scaler, local_step_clipper = (
+      _checks.check_step_count(name, value, 1, fix=f"Pass a positive int (DeepSpeed's default: {default}).")
+      for name, value, default in (("var_update_scaler", var_update_scaler, 16),
+                                   ("local_step_scaler", local_step_scaler, 32678),
+                                   ("local_step_clipper", local_step_clipper, 16)))
   per_rank = lambda tree: jax.tree.map(lambda x: comm_lib.mark_per_rank(communicator, x), tree)
 
   def init_fn(params):
@@ -119,6 +121,7 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
 
   def update_fn(updates, state, params=None):
     grads, params = _onebit.check_update_args(updates, state.mu, params)
+    _onebit.check_exchange(communicator, state.exchange, grads)
     t = state.count + 1
     beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
     lr = _onebit.learning_rate_at(learning_rate, state.count)
