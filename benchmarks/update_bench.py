@@ -31,6 +31,10 @@ OPTIMIZERS = {
     "optax.adam": lambda: optax.adam(1e-3),
     "optax.lamb": lambda: optax.lamb(1e-3, weight_decay=0.01),
     "optax_lamb16.lamb16": lambda: optax_lamb16.lamb16(1e-3, weight_decay=0.01),
+    # The same maths as a chain of its building blocks: the straightforward, unfused version.
+    "lamb16 as a chain": lambda: optax.chain(
+        optax_lamb16.scale_by_lamb16(), optax.add_decayed_weights(0.01),
+        optax_lamb16.scale_by_lamb16_trust_ratio(1e-3), optax.scale_by_learning_rate(1e-3)),
 }
 SIZES = {  # name: (big leaves, big shape, small leaves, small size)
     "4M": (4, (1000, 1000), 64, 1024),

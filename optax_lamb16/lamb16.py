@@ -10,7 +10,8 @@ The building blocks compose the way `optax.lamb` chains `scale_by_adam`, `add_de
    0, 2)`` with the reference's clipped norms;
 4. the learning-rate scaling ``-lr``.
 
-`lamb16` computes exactly that chain in one fused step per leaf (norms chunk by chunk, then one element-wise pass).
+`lamb16` computes exactly that chain in one fused step per leaf (the norms in one fused reduction, then one
+element-wise pass).
 """
 
 from __future__ import annotations
@@ -201,9 +202,9 @@ def _decay_mask(mask: Any, params: Any) -> list[bool]:
 def _lamb16_leaf(g, p, mu, nu, mu_scale, nu_scale, *, lr, decay, beta1, beta2, epsilon, exponent, reference):
   """One leaf of the fused LAMB16 step: two passes over g, p and the float8 moments.
 
-  Pass 1 reduces the four norms the step needs (the two scales, |u| and |p|) chunk by chunk, so that float32 m, v
-  and u exist only a chunk at a time; pass 2, one element-wise fusion, recomputes m, v and u and writes the update
-  and the re-encoded moments.
+  Pass 1 reduces the four norms the step needs (the two scales, |u| and |p|) in one variadic reduction into which the
+  float32 m, v and u fuse, so they are never stored; pass 2, one element-wise fusion, recomputes m, v and u and
+  writes the update and the re-encoded moments.
   """
   shape, n = g.shape, max(g.size, 1)
   flat = [x.reshape(-1) for x in (g, p, mu, nu)]
@@ -214,13 +215,13 @@ def _lamb16_leaf(g, p, mu, nu, mu_scale, nu_scale, *, lr, decay, beta1, beta2, e
     v = beta2 * float8.decode(vc, nu_scale) + (1 - beta2) * grad * grad
     return m, v, m / (jnp.sqrt(v) + epsilon) + decay * pc.astype(jnp.float32)
 
-  def norms(gc, pc, mc, vc):
+  def norm_terms(gc, pc, mc, vc):
     m, v, u = moments_and_direction(gc, pc, mc, vc)
-    squares = lambda x: jnp.sum(jnp.minimum(x * x, float8.SQUARE_CLIP))
-    clipped = lambda x: jnp.sum(jnp.clip(x * x, epsilon, 1.0))
-    return squares(m), squares(v), clipped(u), clipped(pc.astype(jnp.float32))
+    square = lambda x: jnp.minimum(x * x, float8.SQUARE_CLIP)
+    clipped = lambda x: jnp.clip(x * x, epsilon, 1.0)
+    return square(m), square(v), clipped(u), clipped(pc.astype(jnp.float32))
 
-  m_sum, v_sum, u_sum, p_sum = _chunked.chunked_sums(norms, flat)
+  m_sum, v_sum, u_sum, p_sum = _chunked.fused_sums(norm_terms, flat)
   new_mu_scale = jnp.sqrt(m_sum) / n + epsilon
   new_nu_scale = jnp.sqrt(v_sum) / n + epsilon
   norm_ratio = (jnp.sqrt(p_sum) / n) / (jnp.sqrt(u_sum) / n)
@@ -247,7 +248,7 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
 
   The maths is that of ``optax.chain(scale_by_lamb16(b1, b2, eps), <decoupled weight decay>,
   scale_by_lamb16_trust_ratio(learning_rate, trust_scale, reference_lr, eps), <-learning_rate>)``, but computed in
-  one fused step per leaf: the norms chunk by chunk, then one element-wise pass that recomputes m, v and u and
+  one fused step per leaf: the norms in one fused reduction, then one element-wise pass that recomputes m, v and u and
   writes the update and the re-encoded moments, so that no float32 copy of m, v or u of a whole leaf is stored. The
   state is that of `scale_by_lamb16`, whose count also drives schedules. The faithful float8 storage can overflow
   v to +inf for an element far above its leaf's scale, which then stops moving until that scale grows: see
