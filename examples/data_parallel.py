@@ -8,6 +8,9 @@ baselines and `*_exact` counterparts, the 1-bit compressed exchange for the othe
 bytes each rank sent; writes OUT/results.json. `lamb16_1bit` is LAMB16 fed by the compressed gradient mean: float8
 optimizer state and 1-bit communication together.
 
+With `--checkpoint-dir DIR` it saves params and the whole optimizer state every `--checkpoint-every` steps and, when
+DIR holds a checkpoint, resumes from it exactly: after a crash, rerun the same command.
+
 The pattern to copy: replicated params (spec P()), per-rank optimizer state laid out by `sharded_init` /
 `state_partition_specs`, gradients taken with respect to `local_view(params)` so that they stay local. 0/1 Adam's
 params drift per rank between syncs, so for it the params are kept per rank too (spec P("data")).

@@ -143,6 +143,9 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint{'' if step is None else f' at step {step}'} in "
                               f"{self._manager.directory}")
     meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta.get("format") != FORMAT_VERSION:
+      raise ValueError(f"checkpoint step {step} has format {meta.get('format')!r}; this version of optax_lamb16 "
+                       f"reads format {FORMAT_VERSION}. Restore it with the version that wrote it.")
     described, treedef = _describe(target)
     resized = meta["world_size"] != world_size
     if resized and on_world_size_change == "error":
@@ -186,7 +189,6 @@ def _relayout(saved: jax.Array, target: jax.ShapeDtypeStruct, role: str, old_wor
   """A per-rank leaf saved by `old_world` ranks, re-laid out for `new_world` (see the module docstring)."""
   if role == sharding.REPLICATED:
     return saved
-
   if role in (sharding.ERROR_FEEDBACK, sharding.WORLD_SIZED) or saved.size == 0:
     return _zeros(target)
   rank0 = lambda saved: jnp.concatenate([saved[: saved.shape[0] // old_world]] * new_world)
