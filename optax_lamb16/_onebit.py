@@ -60,6 +60,13 @@ def check_exchange(communicator: comm_lib.Communicator, exchange: compression.Co
   return world
 
 
+def checked_inputs(updates: Any, state: Any, params: Any,
+                   communicator: comm_lib.Communicator) -> tuple[Any, Any, int]:
+  """What every 1-bit update starts with: float32 grads and params, checked, and the world size its state fits."""
+  grads, params = check_update_args(updates, state.mu, params)
+  return grads, params, check_exchange(communicator, state.exchange, grads)
+
+
 def as_float32(*values: Any) -> tuple[jax.Array, ...]:
   return tuple(jnp.asarray(v, jnp.float32) for v in values)
 

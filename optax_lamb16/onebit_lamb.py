@@ -127,8 +127,7 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
         exchange=compression.init_compressed_allreduce(n, communicator))
 
   def update_fn(updates, state, params=None):
-    grads, params = _onebit.check_update_args(updates, state.mu, params)
-    world = _onebit.check_exchange(communicator, state.exchange, grads)
+    grads, params, world = _onebit.checked_inputs(updates, state, params, communicator)
     n = compression.tree_size(grads)
     if state.padding_tail.shape != (compression.padded_length(n, world) - n,):
       raise ValueError(f"`padding_tail` of the optimizer state has shape {state.padding_tail.shape}, but world size "

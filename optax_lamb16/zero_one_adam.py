@@ -120,8 +120,7 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
         exchange=compression.init_compressed_allreduce(params, communicator))
 
   def update_fn(updates, state, params=None):
-    grads, params = _onebit.check_update_args(updates, state.mu, params)
-    _onebit.check_exchange(communicator, state.exchange, grads)
+    grads, params, _ = _onebit.checked_inputs(updates, state, params, communicator)
     t = state.count + 1
     beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
     lr = _onebit.learning_rate_at(learning_rate, state.count)
