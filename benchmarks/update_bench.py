@@ -5,7 +5,7 @@ ratios are fair:
 - state bytes per parameter (what `init` returns);
 - peak footprint of the jitted update = state bytes + XLA's temporary buffers (`compiled.memory_analysis()`), with
   the state donated (updated in place), as a training step would;
-- median wall time of the update over repeated runs after warm-up.
+- median wall time of the update over repeated calls after warm-up, the optimizers interleaved in rounds.
 
   python benchmarks/update_bench.py [--sizes 4M,50M] [--repeats 20] [--out docs/results/update_bench.json]
 
@@ -54,23 +54,40 @@ def tree_bytes(tree) -> int:
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def measure(name: str, tx, params, grads, repeats: int) -> dict:
-  state = tx.init(params)
-  state_bytes = tree_bytes(state)
-  update = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
-  compiled = update.lower(grads, state, params).compile()
-  memory = compiled.memory_analysis()
-  temp_bytes = int(getattr(memory, "temp_size_in_bytes", 0))
-  times = []
-  for i in range(repeats + 3):  # 3 warm-up calls
-    start = time.perf_counter()
-    updates, state = compiled(grads, state, params)
-    jax.block_until_ready((updates, state))
-    if i >= 3:
-      times.append(time.perf_counter() - start)
-  return {"optimizer": name, "state_bytes": state_bytes, "temp_bytes": temp_bytes,
-          "peak_bytes": state_bytes + temp_bytes, "median_seconds": statistics.median(times),
-          "min_seconds": min(times)}
+class Runner:
+  """One optimizer's compiled update (state donated, as in a training step) and the times of its calls."""
+
+  def __init__(self, name: str, tx, params, grads):
+    self.name, self.params, self.grads = name, params, grads
+    self.state = tx.init(params)
+    self.state_bytes = tree_bytes(self.state)
+    update = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
+    self.compiled = update.lower(grads, self.state, params).compile()
+    self.temp_bytes = int(getattr(self.compiled.memory_analysis(), "temp_size_in_bytes", 0))
+    self.times = []
+    self.run(3, record=False)  # warm-up
+
+  def run(self, calls: int, record: bool = True) -> None:
+    for _ in range(calls):
+      start = time.perf_counter()
+      updates, self.state = self.compiled(self.grads, self.state, self.params)
+      jax.block_until_ready((updates, self.state))
+      if record:
+        self.times.append(time.perf_counter() - start)
+
+  def row(self) -> dict:
+    return {"optimizer": self.name, "state_bytes": self.state_bytes, "temp_bytes": self.temp_bytes,
+            "peak_bytes": self.state_bytes + self.temp_bytes, "median_seconds": statistics.median(self.times),
+            "min_seconds": min(self.times)}
+
+
+def measure_all(params, grads, repeats: int, rounds: int = 5) -> list[dict]:
+  """Times every optimizer in interleaved rounds, so that a slow spell of a shared machine hits them all alike."""
+  runners = [Runner(name, make(), params, grads) for name, make in OPTIMIZERS.items()]
+  for _ in range(rounds):
+    for runner in runners:
+      runner.run(max(1, repeats // rounds))
+  return [runner.row() for runner in runners]
 
 
 def markdown(rows) -> str:
@@ -97,7 +114,7 @@ def main():
     grads = make_tree(SIZES[size], jax.random.key(1), scale=0.01)
     num_params = sum(x.size for x in jax.tree.leaves(params))
     repeats = args.repeats if size == "4M" else max(3, args.repeats // 4)
-    size_rows = [measure(name, make(), params, grads, repeats) for name, make in OPTIMIZERS.items()]
+    size_rows = measure_all(params, grads, repeats)
     lamb = next(r for r in size_rows if r["optimizer"] == "optax.lamb")
     for r in size_rows:
       r.update(pytree=size, num_params=num_params, peak_vs_lamb=r["peak_bytes"] / lamb["peak_bytes"],

@@ -10,8 +10,8 @@ The building blocks compose the way `optax.lamb` chains `scale_by_adam`, `add_de
    0, 2)`` with the reference's clipped norms;
 4. the learning-rate scaling ``-lr``.
 
-`lamb16` computes exactly that chain in one fused step per leaf (the norms in one fused reduction, then one
-element-wise pass).
+`lamb16` computes exactly that chain in one fused step per leaf (the norms chunk by chunk, then one element-wise
+pass).
 """
 
 from __future__ import annotations
@@ -202,9 +202,9 @@ def _decay_mask(mask: Any, params: Any) -> list[bool]:
 def _lamb16_leaf(g, p, mu, nu, mu_scale, nu_scale, *, lr, decay, beta1, beta2, epsilon, exponent, reference):
   """One leaf of the fused LAMB16 step: two passes over g, p and the float8 moments.
 
-  Pass 1 reduces the four norms the step needs (the two scales, |u| and |p|) in one variadic reduction into which the
-  float32 m, v and u fuse, so they are never stored; pass 2, one element-wise fusion, recomputes m, v and u and
-  writes the update and the re-encoded moments.
+  Pass 1 reduces the four norms the step needs (the two scales, |u| and |p|) chunk by chunk, so that float32 m, v
+  and u exist only a chunk at a time; pass 2, element-wise, recomputes m, v and u and writes the update and the
+  re-encoded moments.
   """
   shape, n = g.shape, max(g.size, 1)
   flat = [x.reshape(-1) for x in (g, p, mu, nu)]
@@ -248,7 +248,7 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
 
   The maths is that of ``optax.chain(scale_by_lamb16(b1, b2, eps), <decoupled weight decay>,
   scale_by_lamb16_trust_ratio(learning_rate, trust_scale, reference_lr, eps), <-learning_rate>)``, but computed in
-  one fused step per leaf: the norms in one fused reduction, then one element-wise pass that recomputes m, v and u and
+  one fused step per leaf: the norms chunk by chunk, then one element-wise pass that recomputes m, v and u and
   writes the update and the re-encoded moments, so that no float32 copy of m, v or u of a whole leaf is stored. The
   state is that of `scale_by_lamb16`, whose count also drives schedules. The faithful float8 storage can overflow
   v to +inf for an element far above its leaf's scale, which then stops moving until that scale grows: see

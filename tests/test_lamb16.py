@@ -369,11 +369,15 @@ def test_empty_and_all_zero_leaves_stay_finite():
   np.testing.assert_array_equal(final["zeros"], 0.0)
 
 
-@pytest.mark.parametrize("n", [0, 1, 1023, 1024, 1025, 5000])
+@pytest.mark.parametrize("n", [0, 1, 255, 256, 512, 1025, 5000])
 def test_fused_sums_add_up_every_element_once(n):
   from optax_lamb16 import _chunked
   x = np.arange(n, dtype=np.float32) / 7 - 3
   y = np.linspace(-1, 1, n).astype(np.float32)
-  got = _chunked.fused_sums(lambda a, b: (a * b, jnp.abs(a)), [jnp.asarray(x), jnp.asarray(y)])
-  np.testing.assert_allclose([float(v) for v in got], [np.sum(x * y, dtype=np.float64), np.sum(np.abs(x))],
-                             rtol=1e-5, atol=1e-5)
+  codes = jnp.asarray(np.linspace(-2, 2, n, dtype=np.float32)).astype(jnp.float8_e4m3fn)  # sliced as bytes
+  got = _chunked.fused_sums(lambda a, b, c: (a * b, jnp.abs(a) * c.astype(jnp.float32)),
+                            [jnp.asarray(x), jnp.asarray(y), codes], chunk=256)
+  decoded = np.asarray(codes.astype(jnp.float32))
+  np.testing.assert_allclose([float(v) for v in got], [np.sum(x * y, dtype=np.float64),
+                                                       np.sum(np.abs(x) * decoded, dtype=np.float64)],
+                             rtol=1e-5, atol=1e-4)

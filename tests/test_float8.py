@@ -1,0 +1,49 @@
+"""The float8 casts LAMB16 uses are bitwise XLA's and ml_dtypes' casts (round to nearest even, subnormals, ties,
+overflow, signed zeros and NaN)."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from optax_lamb16 import float8
+
+
+def probes(low_exponent: int, high_exponent: int, seed: int = 0) -> np.ndarray:
+  """Random float32 over a range of exponents, every finite float16 and its float32 neighbours (which hold every
+  float8 value, every midpoint between two, and the values just beside them), and the special values."""
+  rng = np.random.default_rng(seed)
+  n = 300_000
+  bits = ((rng.integers(0, 2, n, dtype=np.uint32) << 31)
+          | (rng.integers(low_exponent + 127, high_exponent + 127, n).astype(np.uint32) << 23)
+          | rng.integers(0, 1 << 23, n, dtype=np.uint32))
+  halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+  halves = halves[np.isfinite(halves)]
+  near = [halves, (halves.view(np.uint32) + 1).view(np.float32), (halves.view(np.uint32) - 1).view(np.float32)]
+  special = np.array([0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf], np.float32)
+  return np.concatenate([bits.view(np.float32), *near, special])
+
+
+def same_bytes(got, want_dtype, x):
+  xla = np.asarray(jax.jit(lambda v: v.astype(want_dtype))(x)).view(np.uint8)
+  reference = x.astype(want_dtype).view(np.uint8)  # ml_dtypes
+  got = np.asarray(got).view(np.uint8)
+  assert np.array_equal(xla, reference)
+  bad = got != reference
+  assert not bad.any(), (x[bad][:8], got[bad][:8], reference[bad][:8])
+
+
+def test_e5m2_cast_is_bitwise_the_reference_cast():
+  x = probes(-30, 17)
+  x = x[~(np.abs(x) > 3e38)]  # inf and NaN stay in as special values
+  x = np.concatenate([x, np.array([np.inf, -np.inf, 57344, 61439.996, 61440, 1e6], np.float32)])
+  same_bytes(jax.jit(float8.to_e5m2)(x), ml_dtypes.float8_e5m2, x)
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0 ** -8])
+def test_e4m3fn_cast_is_bitwise_the_reference_cast_within_its_range(scale):
+  x = probes(-20, 9) * np.float32(scale)
+  x = np.where(np.isnan(x), x, np.clip(x, -448, 448)).astype(np.float32)
+  x = np.concatenate([x, np.array([448, -448, 15, -15, 2.0 ** -9, 2.0 ** -10, 3 * 2.0 ** -11], np.float32)])
+  same_bytes(jax.jit(float8.to_e4m3fn)(x), ml_dtypes.float8_e4m3fn, x)
