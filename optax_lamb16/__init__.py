@@ -11,6 +11,7 @@ from optax_lamb16.compression import (
     compressed_allreduce,
     compressed_mean,
     init_compressed_allreduce,
+    uncompressed_mean,
 )
 from optax_lamb16.lamb16 import (
     ScaleByLamb16State,
@@ -35,6 +36,7 @@ __all__ = [
     "compressed_allreduce",
     "compressed_mean",
     "init_compressed_allreduce",
+    "uncompressed_mean",
     "OnebitAdamState",
     "onebit_adam",
     "OnebitLambState",

@@ -129,10 +129,11 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
   def update_fn(updates, state, params=None):
     grads, params, world = _onebit.checked_inputs(updates, state, params, communicator)
     n = compression.tree_size(grads)
-    if state.padding_tail.shape != (compression.padded_length(n, world) - n,):
+    tail = compression.padded_length(n, world) - n
+    if state.padding_tail.shape != (tail,):
       raise ValueError(f"`padding_tail` of the optimizer state has shape {state.padding_tail.shape}, but world size "
-                       f"{world} needs ({compression.padded_length(n, world) - n},): the state was made for another "
-                       f"world size. Re-create it with `init` where `comm` spans the current ranks.")
+                       f"{world} needs ({tail},): the state was made for another world size. Re-create it with "
+                       f"`init` where `comm` spans the current ranks.")
     t = state.count + 1
     beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
     lr = _onebit.learning_rate_at(learning_rate, state.count)

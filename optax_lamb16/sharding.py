@@ -20,7 +20,7 @@ from optax_lamb16 import compression
 REPLICATED, PER_RANK, ERROR_FEEDBACK, WORLD_SIZED = "replicated", "per_rank", "error_feedback", "world_sized"
 
 
-def _has_per_rank_fields(node: Any) -> bool:
+def _has_role_fields(node: Any) -> bool:
   kind = type(node)
   return (hasattr(kind, "PER_RANK_FIELDS") or hasattr(kind, "WORLD_SIZED_FIELDS")) and hasattr(node, "_fields")
 
@@ -36,7 +36,7 @@ def leaf_roles(state: Any, default: str = REPLICATED) -> Any:
   """
 
   def node_roles(node):
-    if not _has_per_rank_fields(node):
+    if not _has_role_fields(node):
       return default
     kind = type(node)
     per_rank = ERROR_FEEDBACK if isinstance(node, compression.CompressedAllReduceState) else PER_RANK
@@ -48,7 +48,7 @@ def leaf_roles(state: Any, default: str = REPLICATED) -> Any:
 
     return kind(*(leaf_roles(value, role(field)) for field, value in zip(node._fields, node)))
 
-  return jax.tree.map(node_roles, state, is_leaf=_has_per_rank_fields)
+  return jax.tree.map(node_roles, state, is_leaf=_has_role_fields)
 
 
 def state_partition_specs(state: Any, axis_name: str) -> Any:

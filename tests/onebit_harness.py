@@ -37,8 +37,22 @@ def numpy_grads(params: dict, x: np.ndarray, y: np.ndarray, noise_t: dict, rank:
   return [(grads[n] + noise_t[n][rank]).astype(np.float32) for n in NAMES]
 
 
+def host_mesh(world: int | None = None, axis: str = "data"):
+  """A 1-D mesh over the first `world` devices (all of them by default, across processes too)."""
+  world = jax.device_count() if world is None else world
+  return jax.make_mesh((world,), (axis,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
+
+
 def _loss(params, x, y):
   return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+
+
+def noisy_step(tx, params, state, x, y, noise, rank, view=None):
+  """One update of `rank`'s least-squares problem with its gradient noise added; `view` is what to differentiate
+  instead of `params` (e.g. `local_view(params)` inside `shard_map`)."""
+  grads = jax.grad(_loss)(params if view is None else view, x[rank], y[rank])
+  updates, state = tx.update(jax.tree.map(lambda g, n: g + n[rank], grads, noise), state, params)
+  return optax.apply_updates(params, updates), state
 
 
 def trajectory_fn(make_tx, mesh, per_rank_params: bool = False):
@@ -82,7 +96,7 @@ def global_inputs(mesh, params, x, y, noise, param_dtype=jnp.float32):
 
 def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32, per_rank_params=False):
   """`trajectory_fn` on the first `world` host devices of this process, as NumPy arrays."""
-  mesh = jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
+  mesh = host_mesh(world)
   f = trajectory_fn(make_tx, mesh, per_rank_params)
   return jax.tree.map(np.asarray, f(*global_inputs(mesh, params, x, y, noise, param_dtype)))
 
@@ -90,11 +104,7 @@ def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.floa
 def run_mpi_rank(tx, rank: int, params: dict, x, y, noise):
   """This MPI rank's trajectory (no shard_map: one device per process, `tx` built with an mpi4py comm)."""
   def step(carry, noise_t):
-    params, state = carry
-    grads = jax.grad(_loss)(params, x[rank], y[rank])
-    grads = jax.tree.map(lambda g, n: g + n[rank], grads, noise_t)
-    updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    params, state = noisy_step(tx, *carry, x, y, noise_t, rank)
     return (params, state), params
 
   @jax.jit
@@ -168,19 +178,15 @@ class Stepper:
     return {n: self.put(a[t], P("data")) for n, a in noise.items()}
 
   def _single_step(self, params, state, x, y, noise_t):
-    grads = jax.grad(_loss)(params, x[0], y[0])
-    updates, state = self.tx.update(jax.tree.map(lambda g, n: g + n[0], grads, noise_t), state, params)
-    return optax.apply_updates(params, updates), state
+    return noisy_step(self.tx, params, state, x, y, noise_t, 0)
 
   def _mine(self, params):  # inside shard_map: this rank's params
     return jax.tree.map(lambda a: a[0], params) if self.per_rank_params else params
 
   def _local_step(self, params, state, x, y, noise_t):
     local = self._mine(params)
-    view = local if self.per_rank_params else optax_lamb16.local_view(local, "data")
-    grads = jax.grad(_loss)(view, x[0], y[0])
-    updates, state = self.tx.update(jax.tree.map(lambda g, n: g + n[0], grads, noise_t), state, local)
-    local = optax.apply_updates(local, updates)
+    view = None if self.per_rank_params else optax_lamb16.local_view(local, "data")
+    local, state = noisy_step(self.tx, local, state, x, y, noise_t, 0, view)
     return (jax.tree.map(lambda a: a[None], local) if self.per_rank_params else local), state
 
 

@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
-from optax_lamb16 import compression, float8
+from optax_lamb16 import float8
+from tests import onebit_harness as h
 
 # comm=None or a mesh-axis name; short warm-ups so that a few steps cross every phase.
 MAKERS = {
@@ -30,7 +31,7 @@ STEPS = 8  # crosses warm-up -> compression (1-bit Adam/LAMB) and variance -> lo
 
 
 def make_mesh(world, axis="data"):
-  return jax.make_mesh((world,), (axis,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
+  return h.host_mesh(world, axis)
 
 
 def all_finite(tree):

@@ -27,7 +27,7 @@ def test_resume_in_a_new_process_is_bitwise_the_uninterrupted_run(backend, tmp_p
 
 
 def _mesh(world):
-  return jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
+  return h.host_mesh(world)
 
 
 def _trained(name, world, steps, per_rank_params=False):

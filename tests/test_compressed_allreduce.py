@@ -9,12 +9,13 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
 from optax_lamb16 import compression as car
+from tests import onebit_harness as h
 from tests import reference
 from tests.workers.inputs import random_inputs
 
 
 def make_mesh(world):
-  return jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
+  return h.host_mesh(world)
 
 
 def run_calls(inputs, comm="data", all_states=False):

@@ -2,7 +2,6 @@
 overflow, signed zeros and NaN)."""
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest

@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import optax_lamb16
+from tests import onebit_harness as h
 from tests.workers import launch
 from tests.workers.nonfinite_worker import check_skips_together
 from tests.workers.optimizers import ALL_OPTIMIZERS
@@ -17,8 +18,7 @@ WORKER = launch.ROOT / "tests" / "workers" / "nonfinite_worker.py"
 @pytest.mark.parametrize("name", ALL_OPTIMIZERS)
 @pytest.mark.parametrize("world", [1, 4])
 def test_a_bad_gradient_on_one_rank_skips_the_step_everywhere(name, world):
-  mesh = None if world == 1 else jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                                               devices=jax.devices()[:world])
+  mesh = None if world == 1 else h.host_mesh(world)
   assert check_skips_together(name, world, mesh) == []
 
 

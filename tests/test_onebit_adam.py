@@ -1,7 +1,5 @@
 """1-bit Adam against the NumPy oracle of SPEC.md sections 2 and 4, through warm-up and compression."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

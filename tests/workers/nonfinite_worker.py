@@ -67,6 +67,7 @@ def main():
   import jax
   if args.coordinator:
     jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+  from tests import onebit_harness as h
   problems = []
   if args.mpi:
     from mpi4py import MPI
@@ -74,8 +75,7 @@ def main():
     for name in ALL_OPTIMIZERS:
       problems += check_skips_together(name, comm.Get_size(), comm=comm, rank=comm.Get_rank())
   else:
-    mesh = None if args.single else jax.make_mesh((jax.device_count(),), ("data",),
-                                                  axis_types=(jax.sharding.AxisType.Auto,))
+    mesh = None if args.single else h.host_mesh()
     for name in ALL_OPTIMIZERS:
       problems += check_skips_together(name, 1 if args.single else jax.device_count(), mesh)
   if args.coordinator:

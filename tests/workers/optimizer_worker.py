@@ -33,7 +33,7 @@ def main():
     return
 
   world = jax.device_count()
-  mesh = jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = h.host_mesh(world)
   problem = h.make_problem(world, STEPS)
   for name in NAMES_OF_OPTIMIZERS:
     f = h.trajectory_fn(lambda comm: make_optimizer(name, comm), mesh, per_rank_params=name == "zero_one_adam")

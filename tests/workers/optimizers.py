@@ -24,8 +24,7 @@ SAVE_STEPS = {"lamb16": (7,), "lamb16_1bit": (7,), "onebit_adam": (3, 12), "zero
 
 def make_optimizer(name, comm):
   if name == "lamb16":  # exact float32 gradient mean, then LAMB16
-    return optax.chain(optax.stateless(lambda g, params=None: compression.exact_mean(g, comm)),
-                       optax_lamb16.lamb16(0.01, weight_decay=0.01))
+    return optax.chain(compression.uncompressed_mean(comm), optax_lamb16.lamb16(0.01, weight_decay=0.01))
   if name == "lamb16_1bit":
     return optax.chain(optax_lamb16.compressed_mean(comm), optax_lamb16.lamb16(0.01, weight_decay=0.01))
   if name == "onebit_adam":

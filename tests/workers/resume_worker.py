@@ -27,8 +27,7 @@ def main():
   import optax_lamb16
   from tests import onebit_harness as h
 
-  mesh = None if args.single else jax.make_mesh((jax.device_count(),), ("data",),
-                                                axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = None if args.single else h.host_mesh()
   world = 1 if args.single else jax.device_count()
   problem_params, x, y, noise = h.make_problem(world, STEPS)
   failures = []
