@@ -27,9 +27,27 @@ MOMENTUM_CLIP = 15.0
 SQUARE_CLIP = 10.0
 
 
+def _float16_bits(stored: jax.Array) -> jax.Array:
+  """The float16 whose value is a float8 byte's (for e4m3fn, 2^-8 times it), as uint16 bits.
+
+  float8_e5m2 is float16 without its 8 lowest mantissa bits, and float8_e4m3fn (times 2^-8) float16 with 4 exponent
+  bits and without 7 mantissa bits, subnormals included, so decoding is a shift plus the CPU's float16 conversion
+  (XLA:CPU's own float8 conversions are several times slower).
+  """
+  byte = jax.lax.bitcast_convert_type(stored, jnp.uint8).astype(jnp.uint16)
+  if stored.dtype == VARIANCE_DTYPE:
+    return byte << 8
+  return ((byte & 0x80) << 8) | ((byte & 0x7F) << 7)
+
+
 def decode(stored: jax.Array, scale: jax.Array) -> jax.Array:
-  """Float32 value of a float8 tensor stored with `scale`."""
-  return stored.astype(jnp.float32) * scale
+  """Float32 value of a float8 tensor stored with `scale` (bitwise ``stored.astype(float32) * scale``)."""
+  value = jax.lax.bitcast_convert_type(_float16_bits(stored), jnp.float16).astype(jnp.float32)
+  if stored.dtype == VARIANCE_DTYPE:
+    return value * scale
+  # Multiplying by 2^8 first is exact, so this rounds once, as the plain product does. 0x7F/0xFF are e4m3fn's NaN.
+  value = jnp.where((jax.lax.bitcast_convert_type(stored, jnp.uint8) & 0x7F) == 0x7F, jnp.nan, value)
+  return value * (scale * jnp.float32(256.0))
 
 
 def moment_scale(x: jax.Array, eps: jax.Array | float) -> jax.Array:
@@ -38,41 +56,40 @@ def moment_scale(x: jax.Array, eps: jax.Array | float) -> jax.Array:
   return jnp.sqrt(jnp.sum(clipped_squares)) / max(x.size, 1) + eps
 
 
-def _kept_float16_bits(x: jax.Array, drop: int) -> jax.Array:
-  """The float16 bits of float32 `x` without their `drop` lowest mantissa bits, rounded to nearest even (uint32).
+# float8 casts rounded in float32's bits: XLA:CPU's own float8 casts (and one through float16, which would need a fix
+# for double rounding) are two to three times slower. Bitwise equal to XLA's and ml_dtypes' casts (tests/test_float8.py).
+def _rounded_byte(x: jax.Array, mantissa_bits: int, exponent_bias: int) -> jax.Array:
+  """The float8 byte (as uint32, sign not set) of |x| for float32 `x` in the float8's range, round to nearest even."""
+  magnitude = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+  dropped = 23 - mantissa_bits
+  # Normal float8 values: round float32's mantissa to `mantissa_bits` (ties to even), then rebias the exponent.
+  normal = (magnitude + jnp.uint32((1 << (dropped - 1)) - 1) + ((magnitude >> dropped) & 1)) >> dropped
+  normal = normal - jnp.uint32((127 - exponent_bias) << mantissa_bits)
+  # Subnormal float8 values are multiples of 2^(1 - bias - mantissa_bits): adding the float32 whose ulp is that
+  # step rounds to nearest even in hardware, and the bits above that float32's count the steps.
+  step_exponent = 1 - exponent_bias - mantissa_bits
+  anchor = jnp.float32(2.0 ** (step_exponent + 23))
+  subnormal = (jax.lax.bitcast_convert_type(jnp.abs(x) + anchor, jnp.uint32)
+               - jax.lax.bitcast_convert_type(anchor, jnp.uint32))
+  smallest_normal_bits = (127 + 1 - exponent_bias) << 23
+  return jnp.where(magnitude < jnp.uint32(smallest_normal_bits), subnormal, normal)
 
-  float8_e5m2 is float16 with 8 fewer mantissa bits, and float8_e4m3fn (times 2^-8) float16 with 7 fewer, subnormals
-  included, so a float8 cast is a float16 cast (fast on CPUs) plus an integer rounding. Bitwise equal to XLA's and
-  ml_dtypes' casts (tests/test_float8.py); XLA:CPU's own float8 casts are slower.
-  """
-  half_value = x.astype(jnp.float16)
-  bits = jax.lax.bitcast_convert_type(half_value, jnp.uint16).astype(jnp.uint32)
-  tie = 1 << (drop - 1)
-  low = bits & ((1 << drop) - 1)
-  kept = bits >> drop
-  up = (low > tie) | ((low == tie) & ((kept & 1) == 1))
-  # Rounding to float16 can land exactly on a midpoint of the float8 grid from a value that was not on it (double
-  # rounding): the float32 value decides.
-  back = half_value.astype(jnp.float32)
-  up = jnp.where((low == tie) & (back != x), jnp.abs(x) > jnp.abs(back), up)
-  return kept + up.astype(jnp.uint32)
 
-
-def _nan_byte(x: jax.Array, nan_bits: int) -> jax.Array:
-  return jnp.uint32(nan_bits) | (jnp.signbit(x).astype(jnp.uint32) << 7)
+def _signed_byte(x: jax.Array, byte: jax.Array, nan_byte: int, dtype) -> jax.Array:
+  byte = jnp.where(jnp.isnan(x), jnp.uint32(nan_byte), byte)
+  sign = (jax.lax.bitcast_convert_type(x, jnp.uint32) >> 24) & jnp.uint32(0x80)
+  return jax.lax.bitcast_convert_type((byte | sign).astype(jnp.uint8), dtype)
 
 
 def to_e4m3fn(x: jax.Array) -> jax.Array:
   """``x.astype(float8_e4m3fn)`` for float32 `x` with |x| <= 448 or NaN (no overflow handling: clip first)."""
-  kept = _kept_float16_bits(x * jnp.float32(2.0 ** -8), 7)
-  byte = jnp.where(jnp.isnan(x), _nan_byte(x, 0x7F), ((kept >> 1) & 0x80) | (kept & 0x7F))
-  return jax.lax.bitcast_convert_type(byte.astype(jnp.uint8), MOMENTUM_DTYPE)
+  return _signed_byte(x, _rounded_byte(x, mantissa_bits=3, exponent_bias=7), 0x7F, MOMENTUM_DTYPE)
 
 
 def to_e5m2(x: jax.Array) -> jax.Array:
   """``x.astype(float8_e5m2)`` for float32 `x`: round to nearest even, overflow to ±inf (from 61440), NaN kept."""
-  byte = jnp.where(jnp.isnan(x), _nan_byte(x, 0x7E), _kept_float16_bits(x, 8) & 0xFF)
-  return jax.lax.bitcast_convert_type(byte.astype(jnp.uint8), VARIANCE_DTYPE)
+  byte = jnp.minimum(_rounded_byte(x, mantissa_bits=2, exponent_bias=15), jnp.uint32(0x7C))  # 0x7C is inf
+  return _signed_byte(x, byte, 0x7E, VARIANCE_DTYPE)
 
 
 def encode_momentum(m: jax.Array, scale: jax.Array) -> jax.Array:

@@ -46,3 +46,13 @@ def test_e4m3fn_cast_is_bitwise_the_reference_cast_within_its_range(scale):
   x = np.where(np.isnan(x), x, np.clip(x, -448, 448)).astype(np.float32)
   x = np.concatenate([x, np.array([448, -448, 15, -15, 2.0 ** -9, 2.0 ** -10, 3 * 2.0 ** -11], np.float32)])
   same_bytes(jax.jit(float8.to_e4m3fn)(x), ml_dtypes.float8_e4m3fn, x)
+
+
+@pytest.mark.parametrize("dtype", [float8.MOMENTUM_DTYPE, float8.VARIANCE_DTYPE])
+@pytest.mark.parametrize("scale", [1.0, 3.7e-5, 1e-6 + 2.0 ** -30, 2.5])
+def test_decode_is_bitwise_the_plain_cast_times_the_scale(dtype, scale):
+  every_byte = np.arange(256, dtype=np.uint8).view(dtype)
+  got = np.asarray(jax.jit(float8.decode)(every_byte, np.float32(scale)))
+  want = every_byte.astype(np.float32) * np.float32(scale)
+  assert np.array_equal(got.view(np.uint32), want.view(np.uint32)) or np.array_equal(got, want, equal_nan=True)
+  assert np.array_equal(np.isnan(got), np.isnan(want))
