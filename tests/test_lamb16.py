@@ -375,9 +375,10 @@ def test_fused_sums_add_up_every_element_once(n):
   x = np.arange(n, dtype=np.float32) / 7 - 3
   y = np.linspace(-1, 1, n).astype(np.float32)
   codes = jnp.asarray(np.linspace(-2, 2, n, dtype=np.float32)).astype(jnp.float8_e4m3fn)  # sliced as bytes
-  got = _chunked.fused_sums(lambda a, b, c: (a * b, jnp.abs(a) * c.astype(jnp.float32)),
+  # Three terms: a pair shares a complex accumulator, the third has its own.
+  got = _chunked.fused_sums(lambda a, b, c: (a * b, jnp.abs(a) * c.astype(jnp.float32), b * b),
                             [jnp.asarray(x), jnp.asarray(y), codes], chunk=256)
   decoded = np.asarray(codes.astype(jnp.float32))
-  np.testing.assert_allclose([float(v) for v in got], [np.sum(x * y, dtype=np.float64),
-                                                       np.sum(np.abs(x) * decoded, dtype=np.float64)],
-                             rtol=1e-5, atol=1e-4)
+  want = [np.sum(x * y, dtype=np.float64), np.sum(np.abs(x) * decoded, dtype=np.float64), np.sum(y * y, dtype=np.float64)]
+  assert len(got) == 3 and all(t.dtype == jnp.float32 for t in got)
+  np.testing.assert_allclose([float(v) for v in got], want, rtol=1e-5, atol=1e-4)
