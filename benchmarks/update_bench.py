@@ -113,7 +113,7 @@ def main():
     params = make_tree(SIZES[size], jax.random.key(0))
     grads = make_tree(SIZES[size], jax.random.key(1), scale=0.01)
     num_params = sum(x.size for x in jax.tree.leaves(params))
-    repeats = args.repeats if size == "4M" else max(3, args.repeats // 4)
+    repeats = args.repeats if size == "4M" else max(3, args.repeats // 2)
     size_rows = measure_all(params, grads, repeats)
     lamb = next(r for r in size_rows if r["optimizer"] == "optax.lamb")
     for r in size_rows:

@@ -75,21 +75,22 @@ def _rounded_byte(x: jax.Array, mantissa_bits: int, exponent_bias: int) -> jax.A
   return jnp.where(magnitude < jnp.uint32(smallest_normal_bits), subnormal, normal)
 
 
-def _signed_byte(x: jax.Array, byte: jax.Array, nan_byte: int, dtype) -> jax.Array:
-  byte = jnp.where(jnp.isnan(x), jnp.uint32(nan_byte), byte)
+def _signed(x: jax.Array, byte: jax.Array, dtype) -> jax.Array:
   sign = (jax.lax.bitcast_convert_type(x, jnp.uint32) >> 24) & jnp.uint32(0x80)
   return jax.lax.bitcast_convert_type((byte | sign).astype(jnp.uint8), dtype)
 
 
 def to_e4m3fn(x: jax.Array) -> jax.Array:
-  """``x.astype(float8_e4m3fn)`` for float32 `x` with |x| <= 448 or NaN (no overflow handling: clip first)."""
-  return _signed_byte(x, _rounded_byte(x, mantissa_bits=3, exponent_bias=7), 0x7F, MOMENTUM_DTYPE)
+  """``x.astype(float8_e4m3fn)`` for float32 `x`: round to nearest even; from 464 up, inf and NaN give NaN."""
+  # Everything that rounds above 448 (0x7E), and inf and NaN, lands above 0x7F: the minimum makes it 0x7F, the NaN.
+  byte = jnp.minimum(_rounded_byte(x, mantissa_bits=3, exponent_bias=7), jnp.uint32(0x7F))
+  return _signed(x, byte, MOMENTUM_DTYPE)
 
 
 def to_e5m2(x: jax.Array) -> jax.Array:
   """``x.astype(float8_e5m2)`` for float32 `x`: round to nearest even, overflow to ±inf (from 61440), NaN kept."""
   byte = jnp.minimum(_rounded_byte(x, mantissa_bits=2, exponent_bias=15), jnp.uint32(0x7C))  # 0x7C is inf
-  return _signed_byte(x, byte, 0x7E, VARIANCE_DTYPE)
+  return _signed(x, jnp.where(jnp.isnan(x), jnp.uint32(0x7E), byte), VARIANCE_DTYPE)
 
 
 def encode_momentum(m: jax.Array, scale: jax.Array) -> jax.Array:

@@ -219,9 +219,10 @@ def _lamb16_leaf(g, p, mu, nu, mu_scale, nu_scale, *, lr, decay, beta1, beta2, e
     m, v, u = moments_and_direction(gc, pc, mc, vc)
     square = lambda x: jnp.minimum(x * x, float8.SQUARE_CLIP)
     clipped = lambda x: jnp.clip(x * x, epsilon, 1.0)
-    return square(m), square(v), clipped(u), clipped(pc.astype(jnp.float32))
+    # Paired as fused_sums sums them: |m| with |p| (one decode), |v| with |u| (which needs v anyway).
+    return square(m), clipped(pc.astype(jnp.float32)), square(v), clipped(u)
 
-  m_sum, v_sum, u_sum, p_sum = _chunked.fused_sums(norm_terms, flat)
+  m_sum, p_sum, v_sum, u_sum = _chunked.fused_sums(norm_terms, flat)
   new_mu_scale = jnp.sqrt(m_sum) / n + epsilon
   new_nu_scale = jnp.sqrt(v_sum) / n + epsilon
   norm_ratio = (jnp.sqrt(p_sum) / n) / (jnp.sqrt(u_sum) / n)
