@@ -59,7 +59,8 @@ def moment_scale(x: jax.Array, eps: jax.Array | float) -> jax.Array:
 # float8 casts rounded in float32's bits: XLA:CPU's own float8 casts (and one through float16, which would need a fix
 # for double rounding) are two to three times slower. Bitwise equal to XLA's and ml_dtypes' casts (tests/test_float8.py).
 def _rounded_byte(x: jax.Array, mantissa_bits: int, exponent_bias: int) -> jax.Array:
-  """The float8 byte (as uint32, sign not set) of |x| for float32 `x` in the float8's range, round to nearest even."""
+  """The float8 byte (as uint32, sign not set) of |x| for float32 `x`, round to nearest even; above the float8's
+  range, and for inf and NaN, some value above its largest finite byte (the callers map those)."""
   magnitude = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
   dropped = 23 - mantissa_bits
   # Normal float8 values: round float32's mantissa to `mantissa_bits` (ties to even), then rebias the exponent.
