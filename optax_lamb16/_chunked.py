@@ -41,10 +41,10 @@ def _paired(terms: Sequence[jax.Array]) -> list[jax.Array]:
   return pairs + ([terms[-1]] if len(terms) % 2 else [])
 
 
-def _unpaired(totals: Sequence[jax.Array], count: int) -> tuple[jax.Array, ...]:
-  values = [part for total in totals for part in ((jnp.real(total), jnp.imag(total))
-                                                  if jnp.iscomplexobj(total) else (total,))]
-  return tuple(values[:count])
+def _unpaired(totals: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+  """The inverse of `_paired`: each complex64 total back as its two float32 sums."""
+  return tuple(part for total in totals
+               for part in ((jnp.real(total), jnp.imag(total)) if jnp.iscomplexobj(total) else (total,)))
 
 
 def fused_sums(terms_fn: Callable[..., tuple[jax.Array, ...]], arrays: Sequence[jax.Array],
@@ -58,14 +58,13 @@ def fused_sums(terms_fn: Callable[..., tuple[jax.Array, ...]], arrays: Sequence[
     return tuple(jnp.sum(t) for t in terms_fn(*arrays))
   raw = [_as_bytes(a) for a in arrays]
   chunk_shapes = [jax.ShapeDtypeStruct((chunk,), a.dtype) for a in arrays]
-  count = len(jax.eval_shape(terms_fn, *chunk_shapes))
 
   def body(i, accumulators):
     chunks = [_from_bytes(jax.lax.dynamic_slice_in_dim(r, i * chunk, chunk), a.dtype) for r, a in zip(raw, arrays)]
     return tuple(acc + t for acc, t in zip(accumulators, _paired(terms_fn(*chunks))))
 
   zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(lambda *c: _paired(terms_fn(*c)), *chunk_shapes))
-  totals = _unpaired([jnp.sum(acc) for acc in jax.lax.fori_loop(0, full, body, zeros, unroll=UNROLL)], count)
+  totals = _unpaired([jnp.sum(acc) for acc in jax.lax.fori_loop(0, full, body, zeros, unroll=UNROLL)])
   if n % chunk:
     totals = tuple(total + jnp.sum(t) for total, t in zip(totals, terms_fn(*(a[full * chunk:] for a in arrays))))
   return totals

@@ -27,26 +27,27 @@ MOMENTUM_CLIP = 15.0
 SQUARE_CLIP = 10.0
 
 
-def _float16_bits(stored: jax.Array) -> jax.Array:
-  """The float16 whose value is a float8 byte's (for e4m3fn, 2^-8 times it), as uint16 bits.
+def _float16_bits(byte: jax.Array, dtype) -> jax.Array:
+  """The float16 whose value is a `dtype` byte's (for e4m3fn, 2^-8 times it), as uint16 bits.
 
   float8_e5m2 is float16 without its 8 lowest mantissa bits, and float8_e4m3fn (times 2^-8) float16 with 4 exponent
   bits and without 7 mantissa bits, subnormals included, so decoding is a shift plus the CPU's float16 conversion
   (XLA:CPU's own float8 conversions are several times slower).
   """
-  byte = jax.lax.bitcast_convert_type(stored, jnp.uint8).astype(jnp.uint16)
-  if stored.dtype == VARIANCE_DTYPE:
+  byte = byte.astype(jnp.uint16)
+  if dtype == VARIANCE_DTYPE:
     return byte << 8
   return ((byte & 0x80) << 8) | ((byte & 0x7F) << 7)
 
 
 def decode(stored: jax.Array, scale: jax.Array) -> jax.Array:
   """Float32 value of a float8 tensor stored with `scale` (bitwise ``stored.astype(float32) * scale``)."""
-  value = jax.lax.bitcast_convert_type(_float16_bits(stored), jnp.float16).astype(jnp.float32)
+  byte = jax.lax.bitcast_convert_type(stored, jnp.uint8)
+  value = jax.lax.bitcast_convert_type(_float16_bits(byte, stored.dtype), jnp.float16).astype(jnp.float32)
   if stored.dtype == VARIANCE_DTYPE:
     return value * scale
   # Multiplying by 2^8 first is exact, so this rounds once, as the plain product does. 0x7F/0xFF are e4m3fn's NaN.
-  value = jnp.where((jax.lax.bitcast_convert_type(stored, jnp.uint8) & 0x7F) == 0x7F, jnp.nan, value)
+  value = jnp.where((byte & 0x7F) == 0x7F, jnp.nan, value)
   return value * (scale * jnp.float32(256.0))
 
 
