@@ -1,8 +1,6 @@
-"""Small dtype-preserving building blocks shared by the optimizers.
+"""Small pieces every optimizer here shares: the moment EMA, hyperparameters at a step, tuple-tree unzipping.
 
-`optax.scale_by_learning_rate` and `optax.add_decayed_weights` multiply by the hyperparameter as given; under
-`optax.inject_hyperparams` that is a float32 array, which turns bfloat16 updates into float32 ones (or raises under
-strict dtype promotion). These versions cast the scalar to each leaf's dtype first, so updates keep the params' dtype.
+One implementation each, so that the building blocks and the fused or communicating optimizers cannot drift apart.
 """
 
 from __future__ import annotations
@@ -12,67 +10,71 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
-
-from optax_lamb16 import _checks
 
 
 class ScheduleCountState(NamedTuple):
-  """Step count of a transform whose hyperparameter is a schedule."""
+  """Step count of a stateless transform whose hyperparameters include a schedule."""
   count: jax.Array  # int32 scalar, the number of updates so far
 
 
-def init_schedule_state(hyperparameter: Any) -> optax.OptState:
-  """A count if `hyperparameter` is a schedule (a callable), otherwise no state at all."""
-  if callable(hyperparameter):
+def init_schedule_state(*hyperparameters: Any) -> optax.OptState:
+  """A count if any of `hyperparameters` is a schedule (a callable), otherwise no state at all."""
+  if any(callable(h) for h in hyperparameters):
     return ScheduleCountState(count=jnp.zeros([], jnp.int32))
   return optax.EmptyState()
 
 
-def hyperparameter_value(hyperparameter: Any, state: optax.OptState) -> Any:
-  """The value of a constant or scheduled hyperparameter at the state's count."""
-  return hyperparameter(state.count) if callable(hyperparameter) else hyperparameter
+def value_at(hyperparameter: Any, count: jax.Array | None) -> jax.Array:
+  """A constant or scheduled hyperparameter at step `count`, as a float32 scalar (all arithmetic here is float32)."""
+  return jnp.asarray(hyperparameter(count) if callable(hyperparameter) else hyperparameter, jnp.float32)
+
+
+def schedule_count(state: optax.OptState) -> jax.Array | None:
+  """The count of a `ScheduleCountState` (None for `optax.EmptyState`)."""
+  return getattr(state, "count", None)
 
 
 def advance_schedule_state(state: optax.OptState) -> optax.OptState:
   if isinstance(state, ScheduleCountState):
-    return ScheduleCountState(count=numerics.safe_increment(state.count))
+    return ScheduleCountState(count=optax.safe_increment(state.count))
   return state
 
 
-def scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-  """Multiplies updates by `-learning_rate` (a float or a schedule), keeping each leaf's dtype."""
-  _checks.check_learning_rate(learning_rate)
+def moment_update(moment: jax.Array, value: jax.Array, decay: jax.Array, order: int = 1) -> jax.Array:
+  """The exponential moving average of the moments: ``decay * moment + (1 - decay) * value**order``.
 
-  def init_fn(params):
-    del params
-    return init_schedule_state(learning_rate)
-
-  def update_fn(updates, state, params=None):
-    del params
-    step_size = -jnp.asarray(hyperparameter_value(learning_rate, state), jnp.float32)
-    updates = jax.tree.map(lambda u: (step_size * u.astype(jnp.float32)).astype(u.dtype), updates)
-    return updates, advance_schedule_state(state)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  The product is formed left to right, ``(1 - decay) * value * value`` for the second moment, as the references'
+  ``addcmul`` does. All operands are float32.
+  """
+  weighted = (1 - decay) * value
+  if order == 2:
+    weighted = weighted * value
+  elif order != 1:
+    raise ValueError(f"`order` must be 1 or 2, got {order}")
+  return decay * moment + weighted
 
 
-def add_decayed_weights(weight_decay: optax.ScalarOrSchedule = 0.0,
-                        mask: Any | Callable[[optax.Params], Any] | None = None) -> optax.GradientTransformation:
-  """Adds `weight_decay * params` to the updates (where `mask` is true), keeping each leaf's dtype."""
-  _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
+def tree_moment_update(moments: Any, values: Any, decay: jax.Array, order: int = 1) -> Any:
+  """`moment_update` leaf by leaf over two pytrees of the same structure."""
+  return jax.tree.map(lambda m, x: moment_update(m, x, decay, order), moments, values)
 
-  def init_fn(params):
-    del params
-    return init_schedule_state(weight_decay)
 
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("add_decayed_weights needs `params`: call `update(grads, state, params)`.")
-    decay = jnp.asarray(hyperparameter_value(weight_decay, state), jnp.float32)
-    updates = jax.tree.map(
-        lambda u, p: (u.astype(jnp.float32) + decay * p.astype(jnp.float32)).astype(u.dtype), updates, params)
-    return updates, advance_schedule_state(state)
+def unzip(like: Any, results: Any, arity: int) -> tuple[Any, ...]:
+  """Splits a tree of `arity`-tuples (the result of a per-leaf `jax.tree.map` over `like`) into `arity` trees.
 
-  transform = optax.GradientTransformation(init_fn, update_fn)
-  return transform if mask is None else optax.masked(transform, mask)
+  A tree without leaves (e.g. under `optax.masked`) gives `arity` empty trees of its structure.
+  """
+  treedef = jax.tree.structure(like)
+  columns = list(zip(*treedef.flatten_up_to(results))) or [()] * arity
+  return tuple(jax.tree.unflatten(treedef, list(column)) for column in columns)
+
+
+def extra_args_transform(init_fn: Callable, update_fn: Callable) -> optax.GradientTransformationExtraArgs:
+  """An `optax.GradientTransformationExtraArgs` whose `update` accepts and ignores extra keyword arguments (``value=``,
+  ``grad=``, ...), as optax's own transforms do in chains that pass them through."""
+
+  def update(updates, state, params=None, **extra_args):
+    del extra_args
+    return update_fn(updates, state, params)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update)
