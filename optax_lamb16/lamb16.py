@@ -174,7 +174,7 @@ def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_sca
       raise ValueError("scale_by_lamb16_trust_ratio needs `params`: call `update(grads, state, params)`.")
     _checks.check_float_leaves("updates", updates)
     _checks.check_same_structure("updates", updates, "params", params)
-    lr = jnp.asarray(_common.hyperparameter_value(learning_rate, state), jnp.float32)
+    lr = _common.value_at(learning_rate, _common.schedule_count(state))
     exponent, lr_ratio_numerator, epsilon = (jnp.asarray(x, jnp.float32) for x in (trust_scale, reference_lr, eps))
 
     def leaf_update(u, p):

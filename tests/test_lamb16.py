@@ -142,10 +142,9 @@ def test_state_is_float8_and_at_most_2_bytes_per_parameter():
 @pytest.mark.parametrize("weight_decay, mask", [(0.0, None), (0.05, {"tiny": False, "medium": True, "large": True})])
 def test_fused_alias_equals_the_chain_of_building_blocks(weight_decay, mask):
   """`lamb16` computes in chunks what the chain of its exported blocks computes (sums in another order only)."""
-  from optax_lamb16 import _common
   lr = optax.linear_schedule(0.02, 0.005, 20)
-  chain = optax.chain(optax_lamb16.scale_by_lamb16(), _common.add_decayed_weights(weight_decay, mask),
-                      optax_lamb16.scale_by_lamb16_trust_ratio(lr), _common.scale_by_learning_rate(lr))
+  chain = optax.chain(optax_lamb16.scale_by_lamb16(), optax.add_decayed_weights(weight_decay, mask),
+                      optax_lamb16.scale_by_lamb16_trust_ratio(lr), optax.scale_by_learning_rate(lr))
   params = jax.tree.map(jnp.asarray, make_params())
   rng = np.random.default_rng(11)
   grads_list = [jax.tree.map(jnp.asarray, make_grads(make_params(), rng, 1.0)) for _ in range(10)]
