@@ -47,15 +47,28 @@ def _unpaired(totals: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
                for part in ((jnp.real(total), jnp.imag(total)) if jnp.iscomplexobj(total) else (total,)))
 
 
+# Offsets into the chunked loop are int32 (JAX's default integers): leaves of 2^31 elements or more are summed whole
+# instead, where XLA indexes with 64-bit offsets.
+MAX_CHUNKED_SIZE = 2**31 - 1
+
+
+def whole_sums(terms_fn: Callable[..., tuple[jax.Array, ...]],
+               arrays: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+  """``tuple(sum(t) for t in terms_fn(*arrays))`` as plain whole-array reductions, which XLA:GPU fuses with the
+  element-wise terms into one pass."""
+  return tuple(jnp.sum(t) for t in terms_fn(*arrays))
+
+
 def fused_sums(terms_fn: Callable[..., tuple[jax.Array, ...]], arrays: Sequence[jax.Array],
                chunk: int | None = None) -> tuple[jax.Array, ...]:
-  """``tuple(sum(t) for t in terms_fn(*arrays))``, where `terms_fn` is element-wise on equal-length flat arrays and
-  returns float32 terms; `chunk` defaults to `CHUNK`."""
+  """``tuple(sum(t) for t in terms_fn(*arrays))``, where `terms_fn` is element-wise on equal-shaped arrays and
+  returns float32 terms, summed chunk by chunk (tuned for XLA:CPU); `chunk` defaults to `CHUNK`."""
   chunk = chunk or CHUNK
+  arrays = [a.reshape(-1) for a in arrays]
   n = arrays[0].shape[0]
   full = n // chunk
-  if full <= 1:  # small: the terms are at most two chunks
-    return tuple(jnp.sum(t) for t in terms_fn(*arrays))
+  if full <= 1 or n > MAX_CHUNKED_SIZE:  # small (at most two chunks), or too large for int32 offsets
+    return whole_sums(terms_fn, arrays)
   raw = [_as_bytes(a) for a in arrays]
   chunk_shapes = [jax.ShapeDtypeStruct((chunk,), a.dtype) for a in arrays]
 

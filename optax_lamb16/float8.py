@@ -16,6 +16,8 @@ not silently changed.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -40,8 +42,15 @@ def _float16_bits(byte: jax.Array, dtype) -> jax.Array:
   return ((byte & 0x80) << 8) | ((byte & 0x7F) << 7)
 
 
+def decode_native(stored: jax.Array, scale: jax.Array) -> jax.Array:
+  """Float32 value of a float8 tensor stored with `scale`: ``stored.astype(float32) * scale``, XLA's own conversion
+  (native on GPUs with float8 support; what `decode` computes faster on CPU)."""
+  return stored.astype(jnp.float32) * scale
+
+
 def decode(stored: jax.Array, scale: jax.Array) -> jax.Array:
-  """Float32 value of a float8 tensor stored with `scale` (bitwise ``stored.astype(float32) * scale``)."""
+  """Float32 value of a float8 tensor stored with `scale`, through float16 bits (bitwise `decode_native`, tuned for
+  XLA:CPU)."""
   byte = jax.lax.bitcast_convert_type(stored, jnp.uint8)
   value = jax.lax.bitcast_convert_type(_float16_bits(byte, stored.dtype), jnp.float16).astype(jnp.float32)
   if stored.dtype == VARIANCE_DTYPE:
@@ -49,12 +58,6 @@ def decode(stored: jax.Array, scale: jax.Array) -> jax.Array:
   # Multiplying by 2^8 first is exact, so this rounds once, as the plain product does. 0x7F/0xFF are e4m3fn's NaN.
   value = jnp.where((byte & 0x7F) == 0x7F, jnp.nan, value)
   return value * (scale * jnp.float32(256.0))
-
-
-def moment_scale(x: jax.Array, eps: jax.Array | float) -> jax.Array:
-  """The reference's per-tensor scale: ``sqrt(sum(min(x*x, 10))) / N + eps`` (N, not sqrt(N); N >= 1)."""
-  clipped_squares = jnp.minimum(x * x, SQUARE_CLIP)
-  return jnp.sqrt(jnp.sum(clipped_squares)) / max(x.size, 1) + eps
 
 
 # float8 casts rounded in float32's bits: XLA:CPU's own float8 casts (and one through float16, which would need a fix
@@ -95,11 +98,38 @@ def to_e5m2(x: jax.Array) -> jax.Array:
   return _signed(x, jnp.where(jnp.isnan(x), jnp.uint32(0x7E), byte), VARIANCE_DTYPE)
 
 
-def encode_momentum(m: jax.Array, scale: jax.Array) -> jax.Array:
-  """float8_e4m3fn of ``clip(m / scale, -15, 15)``."""
-  return to_e4m3fn(jnp.clip(m / scale, -MOMENTUM_CLIP, MOMENTUM_CLIP))
+def native_e4m3fn(x: jax.Array) -> jax.Array:
+  """XLA's own ``x.astype(float8_e4m3fn)`` (bitwise `to_e4m3fn`)."""
+  return x.astype(MOMENTUM_DTYPE)
 
 
-def encode_variance(v: jax.Array, scale: jax.Array) -> jax.Array:
-  """float8_e5m2 of ``min(v, 10) / scale`` (can overflow to +inf: see the module docstring)."""
-  return to_e5m2(jnp.minimum(v, SQUARE_CLIP) / scale)
+def native_e5m2(x: jax.Array) -> jax.Array:
+  """XLA's own ``x.astype(float8_e5m2)`` (bitwise `to_e5m2`)."""
+  return x.astype(VARIANCE_DTYPE)
+
+
+def clipped_square(x: jax.Array) -> jax.Array:
+  """``min(x*x, 10)``: the terms of the moment scales."""
+  return jnp.minimum(x * x, SQUARE_CLIP)
+
+
+def scale_from_sum(total: jax.Array, n: int, eps: jax.Array | float) -> jax.Array:
+  """The reference's per-tensor scale from ``total = sum(clipped_square(x))``: ``sqrt(total) / N + eps`` (N, not
+  sqrt(N); N >= 1)."""
+  return jnp.sqrt(total) / max(n, 1) + eps
+
+
+def moment_scale(x: jax.Array, eps: jax.Array | float) -> jax.Array:
+  """The reference's per-tensor scale of `x`: ``sqrt(sum(min(x*x, 10))) / N + eps``."""
+  return scale_from_sum(jnp.sum(clipped_square(x)), x.size, eps)
+
+
+def encode_momentum(m: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array] = to_e4m3fn) -> jax.Array:
+  """float8_e4m3fn of ``clip(m / scale, -15, 15)``; `cast` is `to_e4m3fn` or `native_e4m3fn` (bitwise equal)."""
+  return cast(jnp.clip(m / scale, -MOMENTUM_CLIP, MOMENTUM_CLIP))
+
+
+def encode_variance(v: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array] = to_e5m2) -> jax.Array:
+  """float8_e5m2 of ``min(v, 10) / scale`` (can overflow to +inf: see the module docstring); `cast` is `to_e5m2` or
+  `native_e5m2` (bitwise equal)."""
+  return cast(jnp.minimum(v, SQUARE_CLIP) / scale)

@@ -10,18 +10,22 @@ The building blocks compose the way `optax.lamb` chains `scale_by_adam`, `add_de
    0, 2)`` with the reference's clipped norms;
 4. the learning-rate scaling ``-lr``.
 
-`lamb16` computes exactly that chain in one fused step per leaf (the norms chunk by chunk, then one element-wise
-pass).
+`lamb16` computes that chain in one fused step per leaf from the same per-element functions (below), so the two
+cannot drift apart. The step has one implementation and two sets of kernels for its two costly pieces, the float8
+conversions and the whole-leaf sums, chosen per platform when the step is lowered (`jax.lax.platform_dependent`):
+on CPU, float8 casts in float32 bits and sums chunk by chunk (`_chunked.fused_sums`), which XLA:CPU runs fastest;
+elsewhere (GPU, TPU), XLA's native float8 conversions and plain whole-leaf reductions, which XLA fuses into one pass.
+Both give the same bits wherever their sums add in the same order (tests/test_lamb16.py).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from optax_lamb16 import _checks, _chunked, _common, float8
 
@@ -52,13 +56,145 @@ _LOW_PRECISION_HINT = ("Under `optax.inject_hyperparams` with bfloat16 params pa
                       "0.999 rounds to 1.0 in bfloat16.")
 
 
-def _check_betas_and_eps(b1: Any, b2: Any, eps: Any) -> None:
+def _check_moment_args(b1: Any, b2: Any, eps: Any) -> None:
   _checks.check_range("b1", b1, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.9. {_LOW_PRECISION_HINT}")
   _checks.check_range("b2", b2, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.999. {_LOW_PRECISION_HINT}")
   _checks.check_range("eps", eps, 0.0, low_open=True, fix=_EPS_FIX)
 
 
-def scale_by_lamb16(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> optax.GradientTransformation:
+def _check_trust_args(learning_rate: Any, trust_scale: Any, reference_lr: Any, eps: Any) -> None:
+  _checks.check_learning_rate(learning_rate)
+  _checks.check_range("trust_scale", trust_scale, 0.0, fix="The reference uses 0.382.")
+  _checks.check_range("reference_lr", reference_lr, 0.0, low_open=True, fix=_REFERENCE_LR_FIX)
+  _checks.check_range("eps", eps, 0.0, low_open=True, fix=_EPS_FIX)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: the two costly pieces of a step, per platform. Both sets give the same bits for the same sums.
+
+
+class _Kernels(NamedTuple):
+  decode: Callable[[jax.Array, jax.Array], jax.Array]  # (float8 values, float32 scale) -> float32
+  to_e4m3fn: Callable[[jax.Array], jax.Array]
+  to_e5m2: Callable[[jax.Array], jax.Array]
+  sums: Callable[..., tuple[jax.Array, ...]]  # (element-wise terms_fn, equal-length flat arrays) -> sums of terms
+
+
+CPU_KERNELS = _Kernels(float8.decode, float8.to_e4m3fn, float8.to_e5m2, _chunked.fused_sums)
+XLA_KERNELS = _Kernels(float8.decode_native, float8.native_e4m3fn, float8.native_e5m2, _chunked.whole_sums)
+
+
+def _per_platform(step: Callable[..., Any], kernels: _Kernels | None) -> Callable[..., Any]:
+  """`step(kernels, *args)` with the given kernels, or (None) the platform's: chosen when the step is lowered."""
+  if kernels is not None:
+    return functools.partial(step, kernels)
+  return lambda *args: jax.lax.platform_dependent(
+      *args, cpu=functools.partial(step, CPU_KERNELS), default=functools.partial(step, XLA_KERNELS))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-element maths, shared by the building blocks and the fused step.
+
+
+def _moments(kernels: _Kernels, g, mu, nu, mu_scale, nu_scale, beta1, beta2):
+  """Step 1-2: dequantize, then the moment EMAs with the float32 gradient."""
+  grad = g.astype(jnp.float32)
+  m = _common.moment_update(kernels.decode(mu, mu_scale), grad, beta1)
+  v = _common.moment_update(kernels.decode(nu, nu_scale), grad, beta2, order=2)
+  return m, v
+
+
+def _adam_direction(m, v, epsilon):
+  return m / (jnp.sqrt(v) + epsilon)
+
+
+def _encoded(kernels: _Kernels, m, v, mu_scale, nu_scale):
+  """Step 4: the moments stored with their new scales."""
+  return (float8.encode_momentum(m, mu_scale, kernels.to_e4m3fn),
+          float8.encode_variance(v, nu_scale, kernels.to_e5m2))
+
+
+def _trust_square(x, epsilon):
+  """The terms of the reference's clipped layer norm: ``clip(x*x, eps, 1)``."""
+  return jnp.clip(x * x, epsilon, 1.0)
+
+
+def _layer_norm_from_sum(total, n: int):
+  return jnp.sqrt(total) / max(n, 1)
+
+
+def _trust(param_total, update_total, n: int, lr, reference_lr, exponent):
+  """Step 7 from the sums of `_trust_square` of the params and of the direction."""
+  norm_ratio = _layer_norm_from_sum(param_total, n) / _layer_norm_from_sum(update_total, n)
+  # lr == 0 gives an infinite ratio, clipped to 2; the step is then 0 anyway.
+  return jnp.clip((norm_ratio * (reference_lr / lr)) ** exponent, 0.0, 2.0)
+
+
+def clipped_layer_norm(x: jax.Array, eps: jax.Array | float) -> jax.Array:
+  """The reference's layer norm: ``sqrt(sum(clip(x*x, eps, 1))) / N`` (N, not sqrt(N); N >= 1)."""
+  return _layer_norm_from_sum(jnp.sum(_trust_square(x, eps)), x.size)
+
+
+def _check_leaves(updates: Any, like: Any, like_name: str) -> None:
+  _checks.check_float_leaves("updates", updates)
+  _checks.check_same_structure("updates", updates, like_name, like)
+
+
+def _init_state(params: Any) -> ScaleByLamb16State:
+  _checks.check_float_leaves("params", params)
+  # zeros_like keeps each leaf's sharding (an explicitly sharded leaf gets its moments sharded the same way).
+  return ScaleByLamb16State(
+      count=jnp.zeros([], jnp.int32),
+      mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=float8.MOMENTUM_DTYPE), params),
+      nu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=float8.VARIANCE_DTYPE), params),
+      mu_scale=jax.tree.map(lambda _: jnp.ones([], jnp.float32), params),
+      nu_scale=jax.tree.map(lambda _: jnp.ones([], jnp.float32), params),
+  )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The building blocks.
+
+
+def _moments_leaf(kernels: _Kernels, g, mu, nu, mu_scale, nu_scale, beta1, beta2, epsilon):
+  """One leaf of `scale_by_lamb16`: the direction (in g's dtype), the re-encoded moments and their scales."""
+  shape, n = g.shape, g.size
+  flat = [x.reshape(-1) for x in (g, mu, nu)]
+
+  def scale_terms(gc, mc, vc):
+    m, v = _moments(kernels, gc, mc, vc, mu_scale, nu_scale, beta1, beta2)
+    return float8.clipped_square(m), float8.clipped_square(v)
+
+  m_sum, v_sum = kernels.sums(scale_terms, flat)
+  new_mu_scale, new_nu_scale = float8.scale_from_sum(m_sum, n, epsilon), float8.scale_from_sum(v_sum, n, epsilon)
+  m, v = _moments(kernels, *flat, mu_scale, nu_scale, beta1, beta2)
+  new_mu, new_nu = _encoded(kernels, m, v, new_mu_scale, new_nu_scale)
+  direction = _adam_direction(m, v, epsilon).astype(g.dtype)
+  return direction.reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
+
+
+def _scale_by_lamb16(b1, b2, eps, kernels):
+  _check_moment_args(b1, b2, eps)
+
+  def update_fn(updates, state, params=None):
+    del params
+    _check_leaves(updates, state.mu, "optimizer state (from init)")
+    beta1, beta2, epsilon = (_common.value_at(h, state.count) for h in (b1, b2, eps))
+
+    def all_leaves(kernels, updates, mu, nu, mu_scale, nu_scale, beta1, beta2, epsilon):
+      leaf = lambda *args: _moments_leaf(kernels, *args, beta1, beta2, epsilon)
+      return _common.unzip(updates, jax.tree.map(leaf, updates, mu, nu, mu_scale, nu_scale), 5)
+
+    step = _per_platform(all_leaves, kernels)
+    directions, mu, nu, mu_scale, nu_scale = step(updates, state.mu, state.nu, state.mu_scale, state.nu_scale,
+                                                  beta1, beta2, epsilon)
+    return directions, ScaleByLamb16State(optax.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
+
+  return _common.extra_args_transform(_init_state, update_fn)
+
+
+def scale_by_lamb16(b1: optax.ScalarOrSchedule = 0.9, b2: optax.ScalarOrSchedule = 0.999,
+                    eps: optax.ScalarOrSchedule = 1e-6) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam moments that are stored in float8 between steps.
 
   Per leaf: dequantize ``m = f32(mu) * mu_scale``, ``v = f32(nu) * nu_scale``; update the moments with the float32
@@ -70,12 +206,12 @@ def scale_by_lamb16(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> op
   documented in `optax_lamb16.float8`.
 
   Args:
-    b1: Decay rate of the first moment, in [0, 1).
-    b2: Decay rate of the second moment, in [0, 1).
-    eps: Added to the scales and to ``sqrt(v)``; positive.
+    b1: Decay rate of the first moment, in [0, 1), or a schedule of the step count.
+    b2: Decay rate of the second moment, in [0, 1), or a schedule.
+    eps: Added to the scales and to ``sqrt(v)``; positive, or a schedule.
 
   Returns:
-    An `optax.GradientTransformation` whose state is a `ScaleByLamb16State`.
+    An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByLamb16State`.
 
   Example:
     >>> import jax.numpy as jnp, optax_lamb16
@@ -90,50 +226,12 @@ def scale_by_lamb16(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6) -> op
   References:
     The LAMB16 proof of concept, vxst/LAMB16 (`pytorch_lamb/lamb16.py`), 2024.
   """
-  _check_betas_and_eps(b1, b2, eps)
-
-  def init_fn(params):
-    _checks.check_float_leaves("params", params)
-    return ScaleByLamb16State(
-        count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.map(lambda p: jnp.zeros(p.shape, float8.MOMENTUM_DTYPE), params),
-        nu=jax.tree.map(lambda p: jnp.zeros(p.shape, float8.VARIANCE_DTYPE), params),
-        mu_scale=jax.tree.map(lambda _: jnp.ones([], jnp.float32), params),
-        nu_scale=jax.tree.map(lambda _: jnp.ones([], jnp.float32), params),
-    )
-
-  def update_fn(updates, state, params=None):
-    del params
-    _checks.check_float_leaves("updates", updates)
-    _checks.check_same_structure("updates", updates, "optimizer state (from init)", state.mu)
-    beta1, beta2, epsilon = (jnp.asarray(x, jnp.float32) for x in (b1, b2, eps))
-
-    def leaf_update(g, mu, nu, mu_scale, nu_scale):
-      grad = g.astype(jnp.float32)
-      m = beta1 * float8.decode(mu, mu_scale) + (1 - beta1) * grad
-      v = beta2 * float8.decode(nu, nu_scale) + (1 - beta2) * grad * grad
-      new_mu_scale = float8.moment_scale(m, epsilon)
-      new_nu_scale = float8.moment_scale(v, epsilon)
-      direction = m / (jnp.sqrt(v) + epsilon)
-      return (direction.astype(g.dtype), float8.encode_momentum(m, new_mu_scale),
-              float8.encode_variance(v, new_nu_scale), new_mu_scale, new_nu_scale)
-
-    results = jax.tree.map(leaf_update, updates, state.mu, state.nu, state.mu_scale, state.nu_scale)
-    treedef = jax.tree.structure(updates)
-    columns = list(zip(*treedef.flatten_up_to(results))) or [()] * 5  # a tree without leaves (optax.masked)
-    directions, mu, nu, mu_scale, nu_scale = (jax.tree.unflatten(treedef, column) for column in columns)
-    return directions, ScaleByLamb16State(numerics.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _scale_by_lamb16(b1, b2, eps, kernels=None)
 
 
-def clipped_layer_norm(x: jax.Array, eps: jax.Array | float) -> jax.Array:
-  """The reference's layer norm: ``sqrt(sum(clip(x*x, eps, 1))) / N`` (N, not sqrt(N); N >= 1)."""
-  return jnp.sqrt(jnp.sum(jnp.clip(x * x, eps, 1.0))) / max(x.size, 1)
-
-
-def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_scale: float = 0.382,
-                                reference_lr: float = 1e-3, eps: float = 1e-6) -> optax.GradientTransformation:
+def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_scale: optax.ScalarOrSchedule = 0.382,
+                                reference_lr: optax.ScalarOrSchedule = 1e-3,
+                                eps: optax.ScalarOrSchedule = 1e-6) -> optax.GradientTransformationExtraArgs:
   """Scales each leaf by LAMB16's learning-rate-adaptive trust ratio.
 
   ``r = clip(((wn / un) * (reference_lr / lr)) ** trust_scale, 0, 2)`` with the clipped norms
@@ -143,12 +241,12 @@ def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_sca
   Args:
     learning_rate: The learning rate (float or schedule) that the chain will apply after this transform; the trust
       uses its value at the current step.
-    trust_scale: Exponent applied to the trust ratio; non-negative.
-    reference_lr: The learning rate at which the plain norm ratio is used; positive.
-    eps: Lower clip of the squared elements in the norms; positive.
+    trust_scale: Exponent applied to the trust ratio; non-negative (or a schedule).
+    reference_lr: The learning rate at which the plain norm ratio is used; positive (or a schedule).
+    eps: Lower clip of the squared elements in the norms; positive (or a schedule).
 
   Returns:
-    An `optax.GradientTransformation` (stateless, or a step count when `learning_rate` is a schedule).
+    An `optax.GradientTransformationExtraArgs` (stateless, or a step count when a hyperparameter is a schedule).
 
   Example:
     >>> import jax.numpy as jnp, optax_lamb16
@@ -160,33 +258,32 @@ def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_sca
   References:
     The LAMB16 proof of concept, vxst/LAMB16 (`pytorch_lamb/lamb16.py`), 2024.
   """
-  _checks.check_learning_rate(learning_rate)
-  _checks.check_range("trust_scale", trust_scale, 0.0, fix="The reference uses 0.382.")
-  _checks.check_range("reference_lr", reference_lr, 0.0, low_open=True, fix=_REFERENCE_LR_FIX)
-  _checks.check_range("eps", eps, 0.0, low_open=True, fix=_EPS_FIX)
+  _check_trust_args(learning_rate, trust_scale, reference_lr, eps)
 
   def init_fn(params):
     del params
-    return _common.init_schedule_state(learning_rate)
+    return _common.init_schedule_state(learning_rate, trust_scale, reference_lr, eps)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("scale_by_lamb16_trust_ratio needs `params`: call `update(grads, state, params)`.")
-    _checks.check_float_leaves("updates", updates)
-    _checks.check_same_structure("updates", updates, "params", params)
-    lr = _common.value_at(learning_rate, _common.schedule_count(state))
-    exponent, lr_ratio_numerator, epsilon = (jnp.asarray(x, jnp.float32) for x in (trust_scale, reference_lr, eps))
+    _check_leaves(updates, params, "params")
+    count = _common.schedule_count(state)
+    lr, exponent, reference, epsilon = (_common.value_at(h, count)
+                                        for h in (learning_rate, trust_scale, reference_lr, eps))
 
     def leaf_update(u, p):
       direction = u.astype(jnp.float32)
-      norm_ratio = clipped_layer_norm(p.astype(jnp.float32), epsilon) / clipped_layer_norm(direction, epsilon)
-      # lr == 0 gives an infinite ratio, clipped to 2; the step is then 0 anyway.
-      trust = jnp.clip((norm_ratio * (lr_ratio_numerator / lr)) ** exponent, 0.0, 2.0)
-      return (trust * direction).astype(u.dtype)
+      totals = (jnp.sum(_trust_square(x, epsilon)) for x in (p.astype(jnp.float32), direction))
+      return (_trust(*totals, u.size, lr, reference, exponent) * direction).astype(u.dtype)
 
     return jax.tree.map(leaf_update, updates, params), _common.advance_schedule_state(state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _common.extra_args_transform(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused optimizer.
 
 
 def _decay_mask(mask: Any, params: Any) -> list[bool]:
@@ -199,47 +296,72 @@ def _decay_mask(mask: Any, params: Any) -> list[bool]:
   return jax.tree.leaves(full)
 
 
-def _lamb16_leaf(g, p, mu, nu, mu_scale, nu_scale, *, lr, decay, beta1, beta2, epsilon, exponent, reference):
+def _lamb16_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, lr, decay, beta1, beta2, epsilon, exponent,
+                 reference):
   """One leaf of the fused LAMB16 step: two passes over g, p and the float8 moments.
 
-  Pass 1 reduces the four norms the step needs (the two scales, |u| and |p|) chunk by chunk, so that float32 m, v
-  and u exist only a chunk at a time; pass 2, element-wise, recomputes m, v and u and writes the update and the
+  Pass 1 reduces the four norms the step needs (the two scales, |u| and |p|); on CPU chunk by chunk, so that float32
+  m, v and u exist only a chunk at a time. Pass 2, element-wise, recomputes m, v and u and writes the update and the
   re-encoded moments.
   """
-  shape, n = g.shape, max(g.size, 1)
+  shape, n = g.shape, g.size
   flat = [x.reshape(-1) for x in (g, p, mu, nu)]
 
   def moments_and_direction(gc, pc, mc, vc):
-    grad = gc.astype(jnp.float32)
-    m = beta1 * float8.decode(mc, mu_scale) + (1 - beta1) * grad
-    v = beta2 * float8.decode(vc, nu_scale) + (1 - beta2) * grad * grad
-    return m, v, m / (jnp.sqrt(v) + epsilon) + decay * pc.astype(jnp.float32)
+    m, v = _moments(kernels, gc, mc, vc, mu_scale, nu_scale, beta1, beta2)
+    return m, v, _adam_direction(m, v, epsilon) + decay * pc.astype(jnp.float32)
 
   def norm_terms(gc, pc, mc, vc):
     m, v, u = moments_and_direction(gc, pc, mc, vc)
-    square = lambda x: jnp.minimum(x * x, float8.SQUARE_CLIP)
-    clipped = lambda x: jnp.clip(x * x, epsilon, 1.0)
     # Paired as fused_sums sums them: |m| with |p| (one decode), |v| with |u| (which needs v anyway).
-    return square(m), clipped(pc.astype(jnp.float32)), square(v), clipped(u)
+    return (float8.clipped_square(m), _trust_square(pc.astype(jnp.float32), epsilon), float8.clipped_square(v),
+            _trust_square(u, epsilon))
 
-  m_sum, p_sum, v_sum, u_sum = _chunked.fused_sums(norm_terms, flat)
-  new_mu_scale = jnp.sqrt(m_sum) / n + epsilon
-  new_nu_scale = jnp.sqrt(v_sum) / n + epsilon
-  norm_ratio = (jnp.sqrt(p_sum) / n) / (jnp.sqrt(u_sum) / n)
-  trust = jnp.clip((norm_ratio * (reference / lr)) ** exponent, 0.0, 2.0)
-
-  def outputs(gc, pc, mc, vc):
-    m, v, u = moments_and_direction(gc, pc, mc, vc)
-    return ((-lr) * (trust * u)).astype(g.dtype), float8.encode_momentum(m, new_mu_scale), float8.encode_variance(
-        v, new_nu_scale)
-
-  update, mu, nu = (x.reshape(shape) for x in outputs(*flat))
-  return update, mu, nu, new_mu_scale, new_nu_scale
+  m_sum, p_sum, v_sum, u_sum = kernels.sums(norm_terms, flat)
+  new_mu_scale, new_nu_scale = float8.scale_from_sum(m_sum, n, epsilon), float8.scale_from_sum(v_sum, n, epsilon)
+  trust = _trust(p_sum, u_sum, n, lr, reference, exponent)
+  m, v, u = moments_and_direction(*flat)
+  update = ((-lr) * (trust * u)).astype(g.dtype)
+  new_mu, new_nu = _encoded(kernels, m, v, new_mu_scale, new_nu_scale)
+  return update.reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
 
 
-def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-           weight_decay: optax.ScalarOrSchedule = 0.0, trust_scale: float = 0.382, reference_lr: float = 1e-3,
-           mask: Any | Callable[[optax.Params], Any] | None = None) -> optax.GradientTransformation:
+def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels):
+  _check_moment_args(b1, b2, eps)
+  _check_trust_args(learning_rate, trust_scale, reference_lr, eps)
+  _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("lamb16 needs `params`: call `update(grads, state, params)`.")
+    _check_leaves(updates, state.mu, "optimizer state (from init)")
+    _check_leaves(updates, params, "params")
+    hyper = {name: _common.value_at(h, state.count) for name, h in dict(
+        lr=learning_rate, decay=weight_decay, beta1=b1, beta2=b2, epsilon=eps, exponent=trust_scale,
+        reference=reference_lr).items()}
+    decayed = _decay_mask(mask, params)
+
+    def all_leaves(kernels, updates, params, mu, nu, mu_scale, nu_scale, hyper):
+      leaves, treedef = jax.tree.flatten(updates)
+      columns = [treedef.flatten_up_to(tree) for tree in (params, mu, nu, mu_scale, nu_scale)]
+      no_decay = dict(hyper, decay=jnp.float32(0))
+      results = [_lamb16_leaf(kernels, g, *others, **(hyper if decays else no_decay))
+                 for g, decays, *others in zip(leaves, decayed, *columns)]
+      return _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
+
+    step = _per_platform(all_leaves, kernels)
+    new_updates, mu, nu, mu_scale, nu_scale = step(updates, params, state.mu, state.nu, state.mu_scale,
+                                                   state.nu_scale, hyper)
+    return new_updates, ScaleByLamb16State(optax.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
+
+  return _common.extra_args_transform(_init_state, update_fn)
+
+
+def lamb16(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSchedule = 0.9,
+           b2: optax.ScalarOrSchedule = 0.999, eps: optax.ScalarOrSchedule = 1e-6,
+           weight_decay: optax.ScalarOrSchedule = 0.0, trust_scale: optax.ScalarOrSchedule = 0.382,
+           reference_lr: optax.ScalarOrSchedule = 1e-3,
+           mask: Any | Callable[[optax.Params], Any] | None = None) -> optax.GradientTransformationExtraArgs:
   """LAMB16: LAMB with float8 moments (2 bytes of state per parameter) and a learning-rate-adaptive trust ratio.
 
   Faithful to the reference (SPEC.md section 1): for each leaf, float8 moments without bias correction, the Adam
@@ -247,27 +369,31 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
   ``r = clip(((wn / un) * (reference_lr / lr)) ** trust_scale, 0, 2)`` from clipped layer norms. Params and
   gradients keep their dtype; all arithmetic is float32.
 
-  The maths is that of ``optax.chain(scale_by_lamb16(b1, b2, eps), <decoupled weight decay>,
-  scale_by_lamb16_trust_ratio(learning_rate, trust_scale, reference_lr, eps), <-learning_rate>)``, but computed in
-  one fused step per leaf: the norms chunk by chunk, then one element-wise pass that recomputes m, v and u and
-  writes the update and the re-encoded moments, so that no float32 copy of m, v or u of a whole leaf is stored. The
-  state is that of `scale_by_lamb16`, whose count also drives schedules. The faithful float8 storage can overflow
-  v to +inf for an element far above its leaf's scale, which then stops moving until that scale grows: see
-  `optax_lamb16.float8`.
+  The maths is that of ``optax.chain(scale_by_lamb16(b1, b2, eps), optax.add_decayed_weights(weight_decay, mask),
+  scale_by_lamb16_trust_ratio(learning_rate, trust_scale, reference_lr, eps),
+  optax.scale_by_learning_rate(learning_rate))``, written with the same per-element functions but computed in one
+  fused step per leaf: the norms first, then one element-wise pass that recomputes m, v and u and writes the update
+  and the re-encoded moments, so that no float32 copy of m, v or u of a whole leaf is stored. For float32 params the
+  two agree up to the order of the sums; for lower-precision params the fused step keeps float32 from the moments to
+  the update, where the chain rounds each block's output to the params' dtype. The state is that of
+  `scale_by_lamb16`, whose count also drives schedules. The faithful float8 storage can overflow v to +inf for an
+  element far above its leaf's scale, which then stops moving until that scale grows: see `optax_lamb16.float8`.
 
   Args:
     learning_rate: A non-negative float or an optax schedule; the trust ratio uses its value at each step.
     b1: Decay rate of the first moment, in [0, 1).
     b2: Decay rate of the second moment, in [0, 1).
     eps: Added to the moment scales and to ``sqrt(v)``; lower clip of the squares in the trust norms; positive.
-    weight_decay: Decoupled weight decay (float or schedule), added before the trust ratio (inside its norm).
+    weight_decay: Decoupled weight decay, added before the trust ratio (inside its norm).
     trust_scale: Exponent of the trust ratio.
     reference_lr: The learning rate at which the trust ratio is the plain norm ratio.
     mask: Pytree of booleans (or a callable returning one) like `params`, or a prefix of it: weight decay only
       where True, as in `optax.lamb`.
 
+  Every numeric hyperparameter may also be a schedule of the step count.
+
   Returns:
-    An `optax.GradientTransformation` whose state is a `ScaleByLamb16State`.
+    An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByLamb16State`.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax, optax_lamb16
@@ -284,30 +410,4 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76 minutes
     <https://arxiv.org/abs/1904.00962>`_, 2020. The LAMB16 proof of concept, vxst/LAMB16, 2024.
   """
-  moments = scale_by_lamb16(b1=b1, b2=b2, eps=eps)  # checks b1, b2, eps; its init is ours
-  _checks.check_learning_rate(learning_rate)
-  _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
-  _checks.check_range("trust_scale", trust_scale, 0.0, fix="The reference uses 0.382.")
-  _checks.check_range("reference_lr", reference_lr, 0.0, low_open=True, fix=_REFERENCE_LR_FIX)
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("lamb16 needs `params`: call `update(grads, state, params)`.")
-    _checks.check_float_leaves("updates", updates)
-    _checks.check_same_structure("updates", updates, "optimizer state (from init)", state.mu)
-    _checks.check_same_structure("updates", updates, "params", params)
-    at_step = lambda h: jnp.asarray(h(state.count) if callable(h) else h, jnp.float32)
-    lr, decay = at_step(learning_rate), at_step(weight_decay)
-    hyper = dict(beta1=at_step(b1), beta2=at_step(b2), epsilon=at_step(eps), exponent=at_step(trust_scale),
-                 reference=at_step(reference_lr), lr=lr)
-    leaves, treedef = jax.tree.flatten(updates)
-    columns = [treedef.flatten_up_to(tree) for tree in (params, state.mu, state.nu, state.mu_scale,
-                                                         state.nu_scale)]
-    results = [
-        _lamb16_leaf(g, *others, decay=decay if decayed else jnp.float32(0), **hyper)
-        for g, decayed, *others in zip(leaves, _decay_mask(mask, params), *columns)]
-    outputs = list(zip(*results)) or [()] * 5  # a tree without leaves (optax.masked)
-    new_updates, mu, nu, mu_scale, nu_scale = (jax.tree.unflatten(treedef, list(column)) for column in outputs)
-    return new_updates, ScaleByLamb16State(numerics.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
-
-  return optax.GradientTransformation(moments.init, update_fn)
+  return _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels=None)
