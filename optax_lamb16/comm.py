@@ -59,7 +59,8 @@ class SingleDevice:
 
 
 class MeshAxis:
-  """XLA collectives over a named mesh axis, inside `jax.shard_map` or `jax.pmap`."""
+  """XLA collectives over a named axis: a mesh axis inside `jax.shard_map` or `jax.pmap`, or a named `jax.vmap`
+  axis (ranks simulated on one device, e.g. in tests and examples)."""
 
   def __init__(self, axis_name: str):
     self.axis_name = axis_name
@@ -82,12 +83,20 @@ class MeshAxis:
 
   def all_gather(self, x):
     # The gathered value is the same on every rank: mark it invariant so replicated outputs type-check.
+    if not self._typed():
+      return jax.lax.all_gather(x, self.axis_name)
     return jax.lax.all_gather(x, self.axis_name, to="invarying")
+
+  def _typed(self) -> bool:
+    """Whether values carry `shard_map`'s varying/invariant types over this axis (not under a named `jax.vmap`)."""
+    return self.axis_name in jax.sharding.get_abstract_mesh().manual_axes
 
   def per_rank(self, x):
     # Per-rank buffers (zeros at init, replicated values that become per-rank) must be typed as varying over the
     # axis, like what they will hold.
     self.size  # a clear error if the axis is not bound
+    if not self._typed():
+      return x  # a named `jax.vmap` axis: nothing to mark
     manual = getattr(jax.typeof(x), "manual_axis_type", None)
     if manual is not None and self.axis_name in manual.varying:
       return x

@@ -116,7 +116,7 @@ def clipped_square(x: jax.Array) -> jax.Array:
 def scale_from_sum(total: jax.Array, n: int, eps: jax.Array | float) -> jax.Array:
   """The reference's per-tensor scale from ``total = sum(clipped_square(x))``: ``sqrt(total) / N + eps`` (N, not
   sqrt(N); N >= 1)."""
-  return jnp.sqrt(total) / max(n, 1) + eps
+  return jnp.sqrt(total) / jnp.float32(max(n, 1)) + eps  # a float32 N: leaves may exceed int32
 
 
 def moment_scale(x: jax.Array, eps: jax.Array | float) -> jax.Array:

@@ -120,7 +120,7 @@ def _trust_square(x, epsilon):
 
 
 def _layer_norm_from_sum(total, n: int):
-  return jnp.sqrt(total) / max(n, 1)
+  return jnp.sqrt(total) / jnp.float32(max(n, 1))
 
 
 def _trust(param_total, update_total, n: int, lr, reference_lr, exponent):
