@@ -5,9 +5,12 @@ ratios are fair:
 - state bytes per parameter (what `init` returns);
 - peak footprint of the jitted update = state bytes + XLA's temporary buffers (`compiled.memory_analysis()`), with
   the state donated (updated in place), as a training step would;
-- median wall time of the update over repeated calls after warm-up, the optimizers interleaved in rounds.
+- median wall time of the update over repeated calls after warm-up, the optimizers interleaved in rounds;
+- memory traffic: the least an update must move (one read of grads, state and params, one write of updates and
+  state), the bandwidth that gives at the median time and, on a GPU whose peak is known (`PEAK_GBPS`, or
+  --peak-gbps), its fraction of peak; and XLA's own estimate of the bytes the compiled update accesses.
 
-  python benchmarks/update_bench.py [--sizes 4M,50M] [--repeats 20] [--out docs/results/update_bench.json]
+  python benchmarks/update_bench.py [--sizes 4M,50M] [--repeats 20] [--peak-gbps X] [--out docs/results/update_bench.json]
 
 Prints a markdown table and writes JSON (with the device named).
 """
@@ -50,6 +53,15 @@ def make_tree(spec, key, scale=1.0):
   return tree
 
 
+# Peak memory bandwidth (GB/s) of the GPUs the library targets, by device kind (vendors' data sheets).
+PEAK_GBPS = {"H200": 4800.0, "H100 SXM": 3350.0, "H100 PCIe": 2000.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0,
+             "A100": 1555.0}
+
+
+def peak_gbps(device_kind: str) -> float | None:
+  return next((gbps for kind, gbps in PEAK_GBPS.items() if kind in device_kind), None)
+
+
 def tree_bytes(tree) -> int:
   return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -64,6 +76,12 @@ class Runner:
     update = jax.jit(lambda g, s, p: tx.update(g, s, p), donate_argnums=(1,))
     self.compiled = update.lower(grads, self.state, params).compile()
     self.temp_bytes = int(getattr(self.compiled.memory_analysis(), "temp_size_in_bytes", 0))
+    # The least traffic: every input read once (grads, params, state), every output written once (updates, state).
+    reads, writes = tree_bytes((grads, params)) + self.state_bytes, tree_bytes(grads) + self.state_bytes
+    self.min_traffic_bytes = reads + writes
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.xla_bytes_accessed = float((cost or {}).get("bytes accessed", float("nan")))
     self.times = []
     self.run(3, record=False)  # warm-up
 
@@ -78,7 +96,9 @@ class Runner:
   def row(self) -> dict:
     return {"optimizer": self.name, "state_bytes": self.state_bytes, "temp_bytes": self.temp_bytes,
             "peak_bytes": self.state_bytes + self.temp_bytes, "median_seconds": statistics.median(self.times),
-            "min_seconds": min(self.times)}
+            "min_seconds": min(self.times), "min_traffic_bytes": self.min_traffic_bytes,
+            "xla_bytes_accessed": self.xla_bytes_accessed,
+            "achieved_gbps": self.min_traffic_bytes / statistics.median(self.times) / 1e9}
 
 
 def measure_all(params, grads, repeats: int, rounds: int = 5) -> list[dict]:
@@ -92,12 +112,15 @@ def measure_all(params, grads, repeats: int, rounds: int = 5) -> list[dict]:
 
 def markdown(rows) -> str:
   lines = ["| pytree | optimizer | state B/param | XLA temp MB | peak MB (state + temp) | peak vs optax.lamb "
-           "| median update ms | time vs optax.lamb |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+           "| median update ms | time vs optax.lamb | least traffic MB | GB/s at it | of peak |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
+    of_peak = f"{r['of_peak_bandwidth']:.0%}" if r.get("of_peak_bandwidth") is not None else "n/a"
     lines.append(f"| {r['pytree']} ({r['num_params'] / 1e6:.1f}M) | {r['optimizer']} | "
                  f"{r['state_bytes'] / r['num_params']:.3f} | {r['temp_bytes'] / 1e6:.1f} | "
-                 f"{r['peak_bytes'] / 1e6:.1f} | {r['peak_vs_lamb']:.2f}x | {r['median_seconds'] * 1e3:.1f} | "
-                 f"{r['time_vs_lamb']:.2f}x |")
+                 f"{r['peak_bytes'] / 1e6:.1f} | {r['peak_vs_lamb']:.2f}x | {r['median_seconds'] * 1e3:.2f} | "
+                 f"{r['time_vs_lamb']:.2f}x | {r['min_traffic_bytes'] / 1e6:.0f} | {r['achieved_gbps']:.0f} | "
+                 f"{of_peak} |")
   return "\n".join(lines)
 
 
@@ -105,9 +128,12 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sizes", default="4M,50M")
   parser.add_argument("--repeats", type=int, default=20)
+  parser.add_argument("--peak-gbps", type=float, default=None,
+                      help="the device's peak memory bandwidth in GB/s (default: PEAK_GBPS by device kind)")
   parser.add_argument("--out", default="docs/results/update_bench.json")
   args = parser.parse_args()
   device = jax.devices()[0]
+  peak = args.peak_gbps or (peak_gbps(device.device_kind) if device.platform == "gpu" else None)
   rows = []
   for size in args.sizes.split(","):
     params = make_tree(SIZES[size], jax.random.key(0))
@@ -118,15 +144,16 @@ def main():
     lamb = next(r for r in size_rows if r["optimizer"] == "optax.lamb")
     for r in size_rows:
       r.update(pytree=size, num_params=num_params, peak_vs_lamb=r["peak_bytes"] / lamb["peak_bytes"],
-               time_vs_lamb=r["median_seconds"] / lamb["median_seconds"])
+               time_vs_lamb=r["median_seconds"] / lamb["median_seconds"],
+               of_peak_bandwidth=r["achieved_gbps"] / peak if peak else None)
     rows += size_rows
   machine = f"{device.platform.upper()} {device.device_kind}, {platform.processor() or platform.machine()}"
   print(f"jax {jax.__version__}, {machine}\n")
   print(markdown(rows))
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"jax": jax.__version__, "optax": optax.__version__, "device": machine, "rows": rows},
-                            indent=1))
+  out.write_text(json.dumps({"jax": jax.__version__, "optax": optax.__version__, "device": machine,
+                             "peak_gbps": peak, "rows": rows}, indent=1))
   print(f"\nwrote {out}")
 
 
