@@ -1,7 +1,7 @@
 """What the data-parallel examples share: the optimizers by name, their communication bill, batches and evaluation.
 
 Every optimizer here takes each rank's LOCAL gradients: the baselines average them with an exact float32 all-reduce
-(`compression.uncompressed_mean`), the 1-bit ones do their own communication.
+(`optax_lamb16.uncompressed_mean`), the 1-bit ones do their own communication.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ def make_optimizer(name: str, comm: Any, lr: float, total_steps: int, freeze_fra
   freeze = max(2, int(freeze_fraction * total_steps))
   onebit = dict(comm=comm, eps=eps, weight_decay=weight_decay, mask_zero_variance=mask_zero_variance)
   if name == "adam":
-    return optax.chain(compression.uncompressed_mean(comm), optax.adamw(lr, eps=eps, weight_decay=weight_decay))
+    return optax.chain(optax_lamb16.uncompressed_mean(comm), optax.adamw(lr, eps=eps, weight_decay=weight_decay))
   if name == "lamb":
-    return optax.chain(compression.uncompressed_mean(comm), optax.lamb(lr, weight_decay=weight_decay))
+    return optax.chain(optax_lamb16.uncompressed_mean(comm), optax.lamb(lr, weight_decay=weight_decay))
   if name == "lamb16":
-    return optax.chain(compression.uncompressed_mean(comm), optax_lamb16.lamb16(lr, weight_decay=weight_decay))
+    return optax.chain(optax_lamb16.uncompressed_mean(comm), optax_lamb16.lamb16(lr, weight_decay=weight_decay))
   if name == "lamb16_1bit":  # float8 optimizer state AND 1-bit gradient communication
     return optax.chain(optax_lamb16.compressed_mean(comm), optax_lamb16.lamb16(lr, weight_decay=weight_decay))
   if name in ("onebit_adam", "onebit_adam_exact"):

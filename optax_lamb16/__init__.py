@@ -6,13 +6,8 @@ LAMB16 keeps LAMB's moments in float8 (2 bytes of optimizer state per parameter 
 
 from optax_lamb16 import comm
 from optax_lamb16.comm import Communicator, as_communicator
-from optax_lamb16.compression import (
-    CompressedAllReduceState,
-    compressed_allreduce,
-    compressed_mean,
-    init_compressed_allreduce,
-    uncompressed_mean,
-)
+from optax_lamb16.compression import CompressedAllReduceState, compressed_allreduce, init_compressed_allreduce
+from optax_lamb16.gradient_mean import compressed_mean, uncompressed_mean
 from optax_lamb16.lamb16 import (
     ScaleByLamb16State,
     clipped_layer_norm,
@@ -21,7 +16,7 @@ from optax_lamb16.lamb16 import (
     scale_by_lamb16_trust_ratio,
 )
 from optax_lamb16.nonfinite import apply_if_finite
-from optax_lamb16.onebit_adam import OnebitAdamState, onebit_adam
+from optax_lamb16.onebit_adam import OnebitAdamState, ScaleByOnebitAdamState, onebit_adam, scale_by_onebit_adam
 from optax_lamb16.onebit_lamb import OnebitLambState, onebit_lamb
 from optax_lamb16.zero_one_adam import ZeroOneAdamState, zero_one_adam
 from optax_lamb16.sharding import local_view, sharded_init, state_partition_specs
@@ -38,7 +33,9 @@ __all__ = [
     "init_compressed_allreduce",
     "uncompressed_mean",
     "OnebitAdamState",
+    "ScaleByOnebitAdamState",
     "onebit_adam",
+    "scale_by_onebit_adam",
     "OnebitLambState",
     "onebit_lamb",
     "ZeroOneAdamState",

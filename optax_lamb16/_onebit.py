@@ -1,4 +1,5 @@
-"""What the 1-bit optimizers share: argument checks, DeepSpeed's step counter, masks and float32 views."""
+"""What the 1-bit optimizers share: argument checks, DeepSpeed's step counter, hyperparameters at a step, the warm-up
+moments, masks, the per-rank state layout, and dtype-preserving weight-decay and learning-rate blocks."""
 
 from __future__ import annotations
 
@@ -8,22 +9,41 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lamb16 import _checks, comm as comm_lib, compression
+from optax_lamb16 import _checks, _common, comm as comm_lib, compression
 
 # Fix hints shared by the optimizers' argument checks.
 EPS_FIX = "It keeps m / (sqrt(v) + eps) finite where v is 0 (elements or leaves whose gradients are all zero)."
 STEP_FIX = "Pass a non-negative int; it counts steps as DeepSpeed does (SPEC.md section 2)."
+FREEZE_FIX = (
+    "Steps count as in DeepSpeed (SPEC.md section 2): the state's count starts at 1 (DeepSpeed's set-up call) and "
+    "the first update runs with t = 2, so freeze_step = F gives F - 1 warm-up updates (exact all-reduce, m and v "
+    "updated) and compression from t = F + 1. With 0 or 1 there is no warm-up at all and v stays 0: 1-bit Adam "
+    "would divide by sqrt(0) + eps, 1-bit LAMB would never learn a trust ratio and update by exactly 0. Pass an int "
+    ">= 2 (DeepSpeed's default: 100000).")
+
+
+def check_moment_hyperparameters(b1: Any, b2: Any, eps: Any) -> None:
+  _checks.check_range("b1", b1, 0.0, 1.0, high_open=True, fix="Typical value: 0.9.")
+  _checks.check_range("b2", b2, 0.0, 1.0, high_open=True, fix="Typical value: 0.999.")
+  _checks.check_range("eps", eps, 0.0, low_open=True, fix=EPS_FIX + " Typical value: 1e-8.")
+
+
+def check_weight_decay(weight_decay: Any) -> None:
+  _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
 
 
 def check_common(learning_rate: Any, comm: Any, b1: Any, b2: Any, eps: Any,
                  weight_decay: Any) -> comm_lib.Communicator:
   """Checks the hyperparameters every 1-bit optimizer has; returns the communicator for `comm`."""
   _checks.check_learning_rate(learning_rate)
-  _checks.check_range("b1", b1, 0.0, 1.0, high_open=True, fix="Typical value: 0.9.")
-  _checks.check_range("b2", b2, 0.0, 1.0, high_open=True, fix="Typical value: 0.999.")
-  _checks.check_range("eps", eps, 0.0, low_open=True, fix=EPS_FIX + " Typical value: 1e-8.")
-  _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
+  check_moment_hyperparameters(b1, b2, eps)
+  check_weight_decay(weight_decay)
   return comm_lib.as_communicator(comm)
+
+
+def check_freeze_step(freeze_step: Any) -> Any:
+  """`freeze_step` of 1-bit Adam and 1-bit LAMB: at least one warm-up update, so at least 2 (see FREEZE_FIX)."""
+  return _checks.check_step_count("freeze_step", freeze_step, 2, fix=FREEZE_FIX)
 
 
 def initial_count() -> jax.Array:
@@ -31,21 +51,39 @@ def initial_count() -> jax.Array:
   return jnp.ones([], jnp.int32)
 
 
-def learning_rate_at(learning_rate: Any, count: jax.Array) -> jax.Array:
-  """The learning rate of this update; a schedule sees the number of updates so far (``count - 1``), as in optax."""
-  value = learning_rate(count - 1) if callable(learning_rate) else learning_rate
-  return jnp.asarray(value, jnp.float32)
+def next_count(count: jax.Array) -> jax.Array:
+  """This update's t: the count plus one, saturating at the int32 maximum (`optax.safe_increment`) instead of
+  wrapping round to negative steps, which would send every phase switch back to the warm-up."""
+  return optax.safe_increment(count)
 
 
-def check_update_args(updates: Any, like: Any, params: Any) -> tuple[Any, Any]:
-  """Validates `update`'s arguments; returns float32 views of the gradients and the params."""
-  if params is None:
+def hyperparameters_at(count: jax.Array, *hyperparameters: Any) -> tuple[jax.Array, ...]:
+  """Constants or schedules as float32 scalars for the update that `count` (DeepSpeed's, 1 after `init`) starts:
+  a schedule sees the number of updates so far, ``count - 1``, as optax's schedules do."""
+  return tuple(_common.value_at(h, count - 1) for h in hyperparameters)
+
+
+def zeros_like(tree: Any) -> Any:
+  """float32 zeros shaped like each leaf (abstract shapes fine), laid out like it on an Explicit mesh, and typed
+  replicated inside `shard_map` even where the leaf is per rank (`jnp.zeros_like` would type it varying)."""
+  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32, out_sharding=jax.typeof(p).sharding), tree)
+
+
+def check_update_args(updates: Any, like: Any, params: Any, params_required: bool = True) -> tuple[Any, Any]:
+  """Validates `update`'s arguments; returns float32 views of the gradients and the params (None if not given
+  where not `params_required`)."""
+  if params is None and params_required:
     raise ValueError("The 1-bit optimizers need `params`: call `update(grads, state, params)`.")
-  _checks.check_float_leaves("updates", updates)
+  compression.check_leaves("updates", updates)
   _checks.check_same_structure("updates", updates, "optimizer state (from init)", like)
+  if params is None:
+    return as_float32(updates), None
   _checks.check_same_structure("updates", updates, "params", params)
-  as_f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)
-  return as_f32(updates), as_f32(params)
+  return as_float32(updates), as_float32(params)
+
+
+def as_float32(tree: Any) -> Any:
+  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
 
 
 def check_exchange(communicator: comm_lib.Communicator, exchange: compression.CompressedAllReduceState,
@@ -60,15 +98,20 @@ def check_exchange(communicator: comm_lib.Communicator, exchange: compression.Co
   return world
 
 
-def checked_inputs(updates: Any, state: Any, params: Any,
-                   communicator: comm_lib.Communicator) -> tuple[Any, Any, int]:
-  """What every 1-bit update starts with: float32 grads and params, checked, and the world size its state fits."""
-  grads, params = check_update_args(updates, state.mu, params)
+def checked_inputs(updates: Any, state: Any, params: Any, communicator: comm_lib.Communicator,
+                   params_required: bool = True) -> tuple[Any, Any, int]:
+  """What every 1-bit update starts with: float32 grads and params, checked against the state's `nu` (laid out like
+  the params in every 1-bit state), and the world size its exchange state fits."""
+  grads, params = check_update_args(updates, state.nu, params, params_required)
   return grads, params, check_exchange(communicator, state.exchange, grads)
 
 
-def as_float32(*values: Any) -> tuple[jax.Array, ...]:
-  return tuple(jnp.asarray(v, jnp.float32) for v in values)
+def warmup_moments(grads: Any, mu: Any, nu: Any, b1: jax.Array, b2: jax.Array,
+                   communicator: comm_lib.Communicator) -> tuple[Any, Any]:
+  """The uncompressed step all three optimizers share (1-bit Adam's and 1-bit LAMB's warm-up, 0/1 Adam's variance
+  steps): the exact mean of the ranks' gradients, then ``m = b1*m + (1-b1)*g`` and ``v = b2*v + (1-b2)*g*g``."""
+  mean = compression.exact_mean(grads, communicator)
+  return _common.tree_moment_update(mu, mean, b1), _common.tree_moment_update(nu, mean, b2, order=2)
 
 
 def apply_mask(tree: optax.Updates, mask: Any, nu: optax.Updates, mask_zero_variance: bool) -> optax.Updates:
@@ -85,3 +128,58 @@ def apply_mask(tree: optax.Updates, mask: Any, nu: optax.Updates, mask_zero_vari
     tree = jax.tree.map(lambda x, v: jnp.where(v > 0, x, 0.0), tree, nu)
   return tree
 
+
+def to_per_rank_layout(tree: Any) -> Any:
+  """Per-rank state leaves are at least 1-d: a 0-d leaf is stored with shape (1,), so that it can be laid out as
+  one global array sharded over the data axis (spec ``P(axis)``, global shape ``(P,)``), like every per-rank leaf."""
+  return jax.tree.map(lambda x: jnp.reshape(x, (1,)) if jnp.ndim(x) == 0 else x, tree)
+
+
+def from_per_rank_layout(tree: Any, like: Any) -> Any:
+  """Inverse of `to_per_rank_layout`: leaves shaped like those of `like` again."""
+  return jax.tree.map(lambda x, p: jnp.reshape(x, ()) if jnp.ndim(p) == 0 else x, tree, like)
+
+
+# Dtype-preserving weight decay and learning rate. `optax.add_decayed_weights` and `optax.scale_by_learning_rate`
+# multiply by the hyperparameter as given: under `optax.inject_hyperparams` that is a float32 array, which turns
+# bfloat16 updates into float32 ones (or raises under strict dtype promotion), and a Python float is rounded to the
+# updates' dtype first. These compute in float32 (the 1-bit family's arithmetic) and round once, to the updates'
+# dtype; in float32 they are bitwise optax's ``g + wd * p`` and ``-lr * g``.
+
+def add_decayed_weights(weight_decay: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+  """``updates + weight_decay * params`` (DeepSpeed's decoupled form, added to the Adam direction), in float32,
+  returned in the updates' dtype. A schedule sees the number of updates so far."""
+  check_weight_decay(weight_decay)
+
+  def init_fn(params):
+    del params
+    return _common.init_schedule_state(weight_decay)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("The 1-bit optimizers need `params` (for the weight decay): call `update(grads, state, "
+                       "params)`.")
+    decay = _common.value_at(weight_decay, _common.schedule_count(state))
+    updates = jax.tree.map(lambda g, p: (g.astype(jnp.float32) + decay * p.astype(jnp.float32)).astype(g.dtype),
+                           updates, params)
+    return updates, _common.advance_schedule_state(state)
+
+  return _common.extra_args_transform(init_fn, update_fn)
+
+
+def scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+  """``-learning_rate * updates`` in float32, returned in the updates' dtype. A schedule sees the number of
+  updates so far."""
+  _checks.check_learning_rate(learning_rate)
+
+  def init_fn(params):
+    del params
+    return _common.init_schedule_state(learning_rate)
+
+  def update_fn(updates, state, params=None):
+    del params
+    step_size = -_common.value_at(learning_rate, _common.schedule_count(state))
+    updates = jax.tree.map(lambda g: (step_size * g.astype(jnp.float32)).astype(g.dtype), updates)
+    return updates, _common.advance_schedule_state(state)
+
+  return _common.extra_args_transform(init_fn, update_fn)

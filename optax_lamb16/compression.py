@@ -1,4 +1,4 @@
-"""The error-feedback 1-bit compressed all-reduce (SPEC.md section 3), backend-agnostic.
+"""The error-feedback 1-bit compressed all-reduce (SPEC.md section 3), backend-agnostic: the algorithm only.
 
 Each rank adds its worker error to its input, sends one sign bit per element (plus one float32 scale) in an
 all-to-all, averages the chunk it owns ("server" step, with its own error feedback), and all-gathers the server
@@ -7,6 +7,11 @@ travels as ONE flat buffer (leaves in tree-flatten order): one all-to-all and th
 
 Bytes sent per rank and call: about ``2 (P-1)/P * N_pad / 8`` plus O(P) scale bytes, 1/32 of a float32 ring
 all-reduce. The error buffers are per-rank state: never replicate or average them (see `sharding`).
+
+All arithmetic and every payload is float32 (SPEC.md). Leaves of lower precision (bfloat16, float16) are widened
+and the results cast back; float64 leaves (possible only with ``jax_enable_x64``) are rejected with a TypeError
+rather than silently rounded to float32. The optax transforms built on this exchange (`compressed_mean`,
+`uncompressed_mean`) live in `gradient_mean`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from optax_lamb16 import _checks, comm as comm_lib
 
@@ -45,6 +49,19 @@ def padded_length(n: int, world_size: int) -> int:
   return -(-n // quantum) * quantum
 
 
+def check_leaves(name: str, tree: Any) -> None:
+  """Raises TypeError unless every leaf of `tree` is a real floating array that the float32 exchange represents:
+  float64 leaves (``jax_enable_x64``) would be rounded to float32 without a word, so they are rejected."""
+  _checks.check_float_leaves(name, tree)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if jax.dtypes.canonicalize_dtype(leaf.dtype) == jnp.float64:
+      raise TypeError(
+          f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} is float64, but the 1-bit exchange and "
+          f"optimizers compute and communicate in float32 (SPEC.md), so its extra precision would be lost silently. "
+          f"Cast it to float32 (e.g. `jax.tree.map(lambda x: x.astype(jnp.float32), tree)`), or keep it out of "
+          f"the optimizer with `optax.masked` / `optax.partition`.")
+
+
 def tree_size(tree: Any) -> int:
   return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
@@ -67,7 +84,7 @@ def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllRe
       raise ValueError(f"`tree_or_length` must be a pytree or a non-negative element count, got {tree_or_length}.")
     n = int(tree_or_length)
   else:
-    _checks.check_float_leaves("tree_or_length", tree_or_length)
+    check_leaves("tree_or_length", tree_or_length)
     n = tree_size(tree_or_length)
   zeros = lambda length: comm_lib.mark_per_rank(communicator, jnp.zeros([length], jnp.float32))
   return CompressedAllReduceState(*(zeros(length) for length in error_buffer_lengths(n, world)))
@@ -135,6 +152,7 @@ def compressed_allreduce_flat(x: jax.Array, state: CompressedAllReduceState,
   """
   communicator = comm_lib.as_communicator(comm)
   world = comm_lib.world_size(communicator)
+  check_leaves("x", x)
   if x.ndim != 1 or (world > 1 and x.shape[0] != padded_length(x.shape[0], world)):
     raise ValueError(f"`x` must be a flat buffer padded to `padded_length(n, {world})`, got shape {x.shape}; "
                      f"`compressed_allreduce` pads pytrees itself.")
@@ -199,17 +217,17 @@ def compressed_allreduce(tree: Any, state: CompressedAllReduceState,
     ``(estimate, new_state)``: the estimate has `tree`'s structure, shapes and dtypes and is bitwise identical on
     every rank; with one rank it is `tree` itself.
 
-  Example:
-    >>> import jax, jax.numpy as jnp, numpy as np
-    >>> from jax.sharding import PartitionSpec as P
-    >>> import optax_lamb16
-    >>> mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:2])
+  Example (two ranks simulated on one device by a named `jax.vmap` axis; in training the same code runs inside
+  `jax.shard_map` over a mesh axis, or with an mpi4py communicator):
+    >>> import jax, jax.numpy as jnp, optax_lamb16
     >>> def mean_of(x):  # x: this rank's vector
     ...   state = optax_lamb16.init_compressed_allreduce(x, "data")
     ...   return optax_lamb16.compressed_allreduce(x, state, "data")[0]
     >>> x = jnp.array([[1.0, -2.0, 3.0, 4.0], [3.0, -2.0, 1.0, -4.0]])  # one row per rank
-    >>> f = jax.jit(jax.shard_map(lambda x: mean_of(x[0]), mesh=mesh, in_specs=P("data"), out_specs=P()))
-    >>> [round(v, 3) for v in f(x).tolist()]  # the exact mean is [2, -2, 2, 0]; later calls correct the error
+    >>> out = jax.vmap(mean_of, axis_name="data")(x)
+    >>> bool((out[0] == out[1]).all())  # bitwise the same on every rank
+    True
+    >>> [round(v, 3) for v in out[0].tolist()]  # the exact mean is [2, -2, 2, 0]; later calls correct the error
     [1.281, -1.281, 1.281, 1.281]
 
   References:
@@ -218,7 +236,7 @@ def compressed_allreduce(tree: Any, state: CompressedAllReduceState,
   """
   communicator = comm_lib.as_communicator(comm)
   world = comm_lib.world_size(communicator)
-  _checks.check_float_leaves("tree", tree)
+  check_leaves("tree", tree)
   n = tree_size(tree)
   check_state(state, n, world)
   if n == 0:
@@ -229,47 +247,6 @@ def compressed_allreduce(tree: Any, state: CompressedAllReduceState,
   padded = jnp.pad(flat, (0, padded_length(n, world) - n))
   decoded, state = compressed_allreduce_flat(padded, state, communicator)
   return unflatten_like(decoded[:n], tree), state
-
-
-def compressed_mean(comm: Any) -> optax.GradientTransformation:
-  """Turns each rank's local updates into their compressed mean over ranks (one exchange for the whole tree).
-
-  Put it first in a chain to train any optax optimizer with 1-bit gradient communication, e.g.
-  ``optax.chain(compressed_mean("data"), optax_lamb16.lamb16(1e-3))`` inside `shard_map`. Its state is per rank.
-
-  Args:
-    comm: A mesh-axis name, an mpi4py communicator, None, or a `comm.Communicator`.
-
-  Returns:
-    An `optax.GradientTransformation` whose state is a `CompressedAllReduceState`.
-  """
-  comm_lib.as_communicator(comm)  # reject unknown types early
-
-  def init_fn(params):
-    _checks.check_float_leaves("params", params)
-    return init_compressed_allreduce(params, comm)
-
-  def update_fn(updates, state, params=None):
-    _checks.check_float_leaves("updates", updates)
-    if params is not None:
-      _checks.check_same_structure("updates", updates, "params", params)
-    return compressed_allreduce(updates, state, comm)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def uncompressed_mean(comm: Any) -> optax.GradientTransformation:
-  """The exact float32 counterpart of `compressed_mean`: each rank's local updates -> their mean over ranks (one
-  all-reduce of the flattened tree). Stateless; the baseline that `compressed_mean` saves 31/32 of the bytes of.
-
-  Args:
-    comm: A mesh-axis name, an mpi4py communicator, None, or a `comm.Communicator`.
-
-  Returns:
-    A stateless `optax.GradientTransformation`.
-  """
-  comm_lib.as_communicator(comm)  # reject unknown types early
-  return optax.stateless(lambda updates, params=None: exact_mean(updates, comm))
 
 
 def exact_mean(tree: Any, comm: Any) -> Any:

@@ -4,6 +4,10 @@ Warm-up: Adam (no bias correction) on the exact mean of the ranks' gradients. Fr
 frozen and each rank's momentum ``b1*m + (1-b1)*g_local`` is averaged with ONE error-feedback 1-bit compressed
 all-reduce for the whole model (1/32 of the bytes of a float32 all-reduce). Parameters stay bitwise identical on all
 ranks in both phases.
+
+The maths decomposes as `optax.adamw`'s does: `scale_by_onebit_adam` (the moments and their exchange, emitting
+``m / (sqrt(v) + eps)``), then the decoupled weight decay (``+ weight_decay * params``), then ``-learning_rate``;
+`onebit_adam` is that chain.
 """
 
 from __future__ import annotations
@@ -14,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lamb16 import _checks, _onebit, compression
+from optax_lamb16 import _common, _onebit, comm as comm_lib, compression
 
 
-class OnebitAdamState(NamedTuple):
-  """State of `onebit_adam`.
+class ScaleByOnebitAdamState(NamedTuple):
+  """State of `scale_by_onebit_adam` (the first element of `onebit_adam`'s chain state).
 
   Attributes:
     count: int32, DeepSpeed's step counter: 1 after `init` (its set-up call), so the first update runs with t = 2.
@@ -32,9 +36,71 @@ class OnebitAdamState(NamedTuple):
   exchange: compression.CompressedAllReduceState
 
 
-def onebit_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, freeze_step: int = 100000,
-                b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
-                momentum_mask: Any = None, mask_zero_variance: bool = False) -> optax.GradientTransformation:
+OnebitAdamState = ScaleByOnebitAdamState  # its name from before `onebit_adam` was a chain
+
+
+def scale_by_onebit_adam(comm: Any, freeze_step: int = 100000, b1: optax.ScalarOrSchedule = 0.9,
+                         b2: optax.ScalarOrSchedule = 0.999, eps: optax.ScalarOrSchedule = 1e-8, *,
+                         momentum_mask: Any = None,
+                         mask_zero_variance: bool = False) -> optax.GradientTransformationExtraArgs:
+  """1-bit Adam's moments and their data-parallel exchange; emits the Adam direction ``m / (sqrt(v) + eps)``.
+
+  Takes each rank's LOCAL gradients. While ``t <= freeze_step`` (DeepSpeed's count, SPEC.md section 2): the exact
+  mean of the gradients over ranks updates m and v. After: each rank's ``b1*m + (1-b1)*g_local`` goes through ONE
+  compressed all-reduce for the whole tree and v stays frozen. The switch is a `lax.cond` on the state's counter.
+  ``init`` and ``update`` run where `comm` is usable (inside `shard_map` for a mesh-axis name).
+
+  Args:
+    comm: Mesh-axis name, mpi4py communicator, None (one device) or a `comm.Communicator`.
+    freeze_step: Last warm-up step in DeepSpeed's counting (``F - 1`` warm-up updates, compression from t = F + 1),
+      at least 2.
+    b1: First-moment decay, in [0, 1).
+    b2: Second-moment decay, in [0, 1).
+    eps: Added to ``sqrt(v)`` (no bias correction, as in DeepSpeed).
+    momentum_mask: Optional pytree like params of 0/1 arrays multiplied into the momentum after each compressed
+      exchange (DeepSpeed's ``exp_avg_mask``, e.g. for padded embedding rows).
+    mask_zero_variance: Not in DeepSpeed (default False, faithful): after each compressed exchange, also zero the
+      momentum where v is exactly 0 (elements that never had a gradient, which the exchange would hand sign noise).
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByOnebitAdamState` (``exchange`` is per
+    rank). Its updates have the gradients' dtype (computed in float32). A schedule for `b1`, `b2` or `eps` sees
+    the number of updates so far.
+  """
+  communicator = comm_lib.as_communicator(comm)
+  _onebit.check_moment_hyperparameters(b1, b2, eps)
+  freeze_step = _onebit.check_freeze_step(freeze_step)
+
+  def init_fn(params):
+    compression.check_leaves("params", params)
+    return ScaleByOnebitAdamState(count=_onebit.initial_count(), mu=_onebit.zeros_like(params),
+                                  nu=_onebit.zeros_like(params),
+                                  exchange=compression.init_compressed_allreduce(params, communicator))
+
+  def update_fn(updates, state, params=None):
+    grads, _, _ = _onebit.checked_inputs(updates, state, params, communicator, params_required=False)
+    t = _onebit.next_count(state.count)
+    beta1, beta2, epsilon = _onebit.hyperparameters_at(state.count, b1, b2, eps)
+
+    def warmup(_):
+      return *_onebit.warmup_moments(grads, state.mu, state.nu, beta1, beta2, communicator), state.exchange
+
+    def compressed(_):
+      local = _common.tree_moment_update(state.mu, grads, beta1)
+      mu, exchange = compression.compressed_allreduce(local, state.exchange, communicator)
+      return _onebit.apply_mask(mu, momentum_mask, state.nu, mask_zero_variance), state.nu, exchange
+
+    mu, nu, exchange = jax.lax.cond(t <= freeze_step, warmup, compressed, None)
+    directions = jax.tree.map(lambda m, v, g: (m / (jnp.sqrt(v) + epsilon)).astype(g.dtype), mu, nu, updates)
+    return directions, ScaleByOnebitAdamState(t, mu, nu, exchange)
+
+  return _common.extra_args_transform(init_fn, update_fn)
+
+
+def onebit_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step: int = 100000,
+                b1: optax.ScalarOrSchedule = 0.9, b2: optax.ScalarOrSchedule = 0.999,
+                eps: optax.ScalarOrSchedule = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0,
+                momentum_mask: Any = None, mask_zero_variance: bool = False) -> optax.GradientTransformationExtraArgs:
   """1-bit Adam: Adam whose momentum is averaged with 1-bit compressed communication after a warm-up.
 
   Takes each rank's LOCAL gradients and does all data-parallel communication itself: an exact all-reduce of the
@@ -42,20 +108,27 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
   a `lax.cond` on the state's counter, so whole training loops can be jitted or scanned. ``init`` and ``update``
   run where `comm` is usable (inside `shard_map` for a mesh-axis name).
 
+  The chain ``optax.chain(scale_by_onebit_adam(comm, freeze_step, b1, b2, eps, ...), weight decay, -learning_rate)``
+  (the last two dtype-preserving: computed in float32, rounded once to the updates' dtype). In float32 it is
+  bitwise ``-lr * (m / (sqrt(v) + eps) + weight_decay * p)``; with bfloat16 params each block rounds its output to
+  bfloat16, as the blocks of `optax.adamw` do.
+
   Args:
     learning_rate: Non-negative float or schedule (evaluated at the number of updates so far).
     comm: Mesh-axis name, mpi4py communicator, None (one device) or a `comm.Communicator`.
-    freeze_step: Last warm-up step in DeepSpeed's counting (``F - 1`` warm-up updates, compression from t = F + 1).
+    freeze_step: Last warm-up step in DeepSpeed's counting (``F - 1`` warm-up updates, compression from t = F + 1),
+      at least 2.
     b1: First-moment decay, in [0, 1).
     b2: Second-moment decay, in [0, 1).
     eps: Added to ``sqrt(v)``.
     weight_decay: Added as ``weight_decay * params`` to the Adam direction (DeepSpeed's decoupled form).
     momentum_mask: Optional pytree like params of 0/1 arrays multiplied into the momentum after each compressed
       exchange (DeepSpeed's ``exp_avg_mask``, e.g. for padded embedding rows).
+    mask_zero_variance: Not in DeepSpeed (default False, faithful): see `scale_by_onebit_adam`.
 
   Returns:
-    An `optax.GradientTransformation` whose state is a `OnebitAdamState` (``exchange`` is per rank; use
-    `state_partition_specs`).
+    An `optax.GradientTransformationExtraArgs` (a chain) whose state's first element is a
+    `ScaleByOnebitAdamState` (its ``exchange`` is per rank; use `state_partition_specs`).
 
   Static under `optax.inject_hyperparams`: `comm`, `freeze_step` (pass them via ``static_args``); numeric
   ``learning_rate, b1, b2, eps, weight_decay`` may be injected.
@@ -73,36 +146,9 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
     Tang et al., `1-bit Adam: Communication Efficient Large-Scale Training with Adam's Convergence Speed
     <https://arxiv.org/abs/2102.02888>`_, 2021; DeepSpeed 0.19.6 ``deepspeed/runtime/fp16/onebit/adam.py``.
   """
-  communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
-  freeze_step = _checks.check_step_count("freeze_step", freeze_step, 0, fix=_onebit.STEP_FIX)
-
-  def init_fn(params):
-    _checks.check_float_leaves("params", params)
-    zeros = lambda p: jnp.zeros(jnp.shape(p), jnp.float32)
-    return OnebitAdamState(count=_onebit.initial_count(), mu=jax.tree.map(zeros, params),
-                           nu=jax.tree.map(zeros, params),
-                           exchange=compression.init_compressed_allreduce(params, communicator))
-
-  def update_fn(updates, state, params=None):
-    grads, params, _ = _onebit.checked_inputs(updates, state, params, communicator)
-    t = state.count + 1
-    beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
-
-    def warmup(_):
-      mean = compression.exact_mean(grads, communicator)
-      mu = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, state.mu, mean)
-      nu = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.nu, mean)
-      return mu, nu, state.exchange
-
-    def compressed(_):
-      local = jax.tree.map(lambda m, g: beta1 * m + (1 - beta1) * g, state.mu, grads)
-      mu, exchange = compression.compressed_allreduce(local, state.exchange, communicator)
-      return _onebit.apply_mask(mu, momentum_mask, state.nu, mask_zero_variance), state.nu, exchange
-
-    mu, nu, exchange = jax.lax.cond(t <= freeze_step, warmup, compressed, None)
-    lr = _onebit.learning_rate_at(learning_rate, state.count)
-    new_updates = jax.tree.map(
-        lambda m, v, p, u: (-lr * (m / (jnp.sqrt(v) + epsilon) + decay * p)).astype(u.dtype), mu, nu, params, updates)
-    return new_updates, OnebitAdamState(t, mu, nu, exchange)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
+  return optax.chain(
+      scale_by_onebit_adam(comm, freeze_step, b1, b2, eps, momentum_mask=momentum_mask,
+                           mask_zero_variance=mask_zero_variance),
+      _onebit.add_decayed_weights(weight_decay),
+      _onebit.scale_by_learning_rate(learning_rate))

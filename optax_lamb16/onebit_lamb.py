@@ -4,6 +4,14 @@ Warm-up: LAMB (no bias correction) on the exact mean of the gradients, recording
 trust ratio (``lamb_coeff_freeze``). Compression: v is frozen; the momenta of all leaves, each scaled to a common
 RMS, go through ONE error-feedback 1-bit compressed all-reduce; a fresh second moment is rebuilt from the averaged
 momentum and each leaf's step is ``-lr * lamb_coeff_freeze * factor * u`` with a clipped, slowly moving ``factor``.
+
+Each phase is its own function of the whole tree (`_warmup_phase`, `_compression_phase`), and one `lax.cond` on the
+step counter runs one of them: the other phase's exchange and per-leaf maths are not computed.
+
+Unlike 1-bit Adam, 1-bit LAMB does not decompose into a direction, then weight decay, then ``-learning_rate``: the
+weight decay is inside the per-leaf coefficients (the warm-up trust ratio is ``||p|| / ||m/d + wd*p||``; during
+compression the factor is blended with ``||m/d|| / ||m/d + wd*p||``), so the step is not a scaled sum of a decay-free
+direction and ``wd * p``. `onebit_lamb` is therefore one transformation.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lamb16 import _checks, _onebit, comm as comm_lib, compression
+from optax_lamb16 import _checks, _common, _onebit, comm as comm_lib, compression
 
 
 class OnebitLambState(NamedTuple):
@@ -51,14 +59,31 @@ def _norm(x: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(x * x))
 
 
-def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, freeze_step: int = 100000,
-                b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
+class _Hyper(NamedTuple):
+  """The hyperparameters of one update, as the phases use them."""
+  lr: jax.Array
+  b1: jax.Array
+  b2: jax.Array
+  eps: jax.Array
+  weight_decay: jax.Array
+  max_coeff: Any
+  min_coeff: Any
+  coeff_beta: Any
+  factor_max: Any
+  factor_min: Any
+  factor_threshold: Any
+
+
+def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step: int = 100000,
+                b1: optax.ScalarOrSchedule = 0.9, b2: optax.ScalarOrSchedule = 0.999,
+                eps: optax.ScalarOrSchedule = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0,
                 max_coeff: float = 10.0, min_coeff: float = 0.01, coeff_beta: float = 0.9, factor_max: float = 4.0,
-                factor_min: float = 0.5, factor_threshold: float = 0.1,
-                momentum_mask: Any = None, mask_zero_variance: bool = False) -> optax.GradientTransformation:
+                factor_min: float = 0.5, factor_threshold: float = 0.1, momentum_mask: Any = None,
+                mask_zero_variance: bool = False) -> optax.GradientTransformationExtraArgs:
   """1-bit LAMB: LAMB whose momentum is averaged with one 1-bit compressed exchange per step after a warm-up.
 
-  Takes each rank's LOCAL gradients. Parameters stay bitwise identical on all ranks.
+  Takes each rank's LOCAL gradients. Parameters stay bitwise identical on all ranks. Not a chain: see the module
+  docstring.
 
   One guard DeepSpeed lacks: a leaf whose momentum is exactly zero at the freeze (it never had a gradient, or is
   empty) would get the scaling coefficient ``mean_rms / 0 = inf`` there. Here it gets 0 and its averaged momentum
@@ -68,7 +93,8 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
   Args:
     learning_rate: Non-negative float or schedule (evaluated at the number of updates so far).
     comm: Mesh-axis name, mpi4py communicator, None (one device) or a `comm.Communicator`.
-    freeze_step: Last warm-up step in DeepSpeed's counting; compression from t = freeze_step + 1.
+    freeze_step: Last warm-up step in DeepSpeed's counting (``F - 1`` warm-up updates, compression from
+      t = F + 1), at least 2.
     b1: First-moment decay, in [0, 1).
     b2: Second-moment decay, in [0, 1).
     eps: Added to ``sqrt(v)``.
@@ -85,9 +111,11 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
       sign noise).
 
   Returns:
-    An `optax.GradientTransformation` whose state is a `OnebitLambState`.
+    An `optax.GradientTransformationExtraArgs` whose state is a `OnebitLambState`. Its updates have the gradients'
+    dtype (computed in float32, rounded once).
 
-  Static under `optax.inject_hyperparams`: `comm`, `freeze_step`; the numeric hyperparameters may be injected.
+  Static under `optax.inject_hyperparams`: `comm`, `freeze_step`; the numeric hyperparameters may be injected, and
+  ``learning_rate, b1, b2, eps, weight_decay`` may be schedules (which see the number of updates so far).
 
   Example:
     >>> import jax.numpy as jnp, optax_lamb16
@@ -102,7 +130,7 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
     <https://arxiv.org/abs/2104.06069>`_, 2021; DeepSpeed 0.19.6 ``deepspeed/runtime/fp16/onebit/lamb.py``.
   """
   communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
-  freeze_step = _checks.check_step_count("freeze_step", freeze_step, 0, fix=_onebit.STEP_FIX)
+  freeze_step = _onebit.check_freeze_step(freeze_step)
   _checks.check_range("min_coeff", min_coeff, 0.0, fix="DeepSpeed's default: 0.01.")
   _checks.check_range("max_coeff", max_coeff, 0.0, fix="DeepSpeed's default: 10.0.")
   _checks.check_range("factor_min", factor_min, 0.0, fix="DeepSpeed's default: 0.5.")
@@ -115,15 +143,14 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
                       fix="They bound the compression-phase factor: pass factor_min <= factor_max (defaults 0.5, 4.0).")
 
   def init_fn(params):
-    _checks.check_float_leaves("params", params)
-    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    compression.check_leaves("params", params)
     scalars = lambda value: jax.tree.map(lambda _: jnp.full([], value, jnp.float32), params)
     n = compression.tree_size(params)
     world = comm_lib.world_size(communicator)
     return OnebitLambState(
-        count=_onebit.initial_count(), mu=zeros(), nu=zeros(), nu_fresh=zeros(), lamb_coeff_freeze=scalars(0.0),
-        last_factor=scalars(1.0), scaling_coeff=scalars(1.0),
-        padding_tail=jnp.zeros([compression.padded_length(n, world) - n], jnp.float32),
+        count=_onebit.initial_count(), mu=_onebit.zeros_like(params), nu=_onebit.zeros_like(params),
+        nu_fresh=_onebit.zeros_like(params), lamb_coeff_freeze=scalars(0.0), last_factor=scalars(1.0),
+        scaling_coeff=scalars(1.0), padding_tail=jnp.zeros([compression.padded_length(n, world) - n], jnp.float32),
         exchange=compression.init_compressed_allreduce(n, communicator))
 
   def update_fn(updates, state, params=None):
@@ -134,68 +161,81 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, free
       raise ValueError(f"`padding_tail` of the optimizer state has shape {state.padding_tail.shape}, but world size "
                        f"{world} needs ({tail},): the state was made for another world size. Re-create it with "
                        f"`init` where `comm` spans the current ranks.")
-    t = state.count + 1
-    beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
-    lr = _onebit.learning_rate_at(learning_rate, state.count)
-    compressing = t > freeze_step
-    momentum = lambda m, g: beta1 * m + (1 - beta1) * g
+    t = _onebit.next_count(state.count)
+    hyper = _Hyper(*_onebit.hyperparameters_at(state.count, learning_rate, b1, b2, eps, weight_decay), max_coeff,
+                   min_coeff, coeff_beta, factor_max, factor_min, factor_threshold)
+    warmup = lambda _: _warmup_phase(grads, params, state, t, freeze_step, hyper, communicator)
+    compress = lambda _: _compression_phase(grads, params, state, t, freeze_step, hyper, communicator, momentum_mask,
+                                            mask_zero_variance)
+    steps, new_state = jax.lax.cond(t > freeze_step, compress, warmup, None)
+    return jax.tree.map(lambda s, g: s.astype(g.dtype), steps, updates), new_state._replace(count=t)
 
-    # At the first compression step, scale every leaf's momentum to the mean RMS of all leaves.
-    rms = jax.tree.map(lambda m: _norm(m) / jnp.sqrt(jnp.float32(max(m.size, 1))), state.mu)
-    rms_leaves = jax.tree.leaves(rms)
-    mean_rms = sum(rms_leaves) / len(rms_leaves) if rms_leaves else jnp.float32(1)
-    # A leaf with no momentum at the freeze (never had a gradient, or empty) gets scaling 0: DeepSpeed's mean_rms / 0
-    # is inf. Such a leaf is sent as zeros and its averaged momentum is kept at 0, as a momentum mask would.
-    scaling = jax.tree.map(lambda r, s: jnp.where(t == freeze_step + 1, jnp.where(r > 0, mean_rms / r, 0.0), s),
-                           rms, state.scaling_coeff)
+  return _common.extra_args_transform(init_fn, update_fn)
 
-    def warmup(_):
-      mean = compression.exact_mean(grads, communicator)
-      nu = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.nu, mean)
-      return jax.tree.map(momentum, state.mu, mean), nu, state.exchange, state.padding_tail
 
-    def compressed(_):
-      scaled = jax.tree.map(lambda m, g, s: momentum(m, g) * s, state.mu, grads, scaling)
-      n = compression.tree_size(scaled)
-      buffer = jnp.concatenate([compression.flatten(scaled), state.padding_tail])
-      decoded, exchange = compression.compressed_allreduce_flat(buffer, state.exchange, communicator)
-      mu = jax.tree.map(lambda m, s: jnp.where(s > 0, m / s, 0.0), compression.unflatten_like(decoded[:n], scaled),
-                        scaling)
-      return _onebit.apply_mask(mu, momentum_mask, state.nu, mask_zero_variance), state.nu, exchange, decoded[n:]
+def _adam_update(m: jax.Array, v: jax.Array, p: jax.Array, hyper: _Hyper) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``d = sqrt(v) + eps``, the direction ``m / d`` and the update ``m / d + wd * p`` of one leaf."""
+  denominator = jnp.sqrt(v) + hyper.eps
+  direction = m / denominator
+  return denominator, direction, direction + hyper.weight_decay * p
 
-    mu, nu, exchange, padding_tail = jax.lax.cond(compressing, compressed, warmup, None)
 
-    def leaf(m, m_prev, v, v_fresh, p, coeff_freeze, last_factor):
-      denominator = jnp.sqrt(v) + epsilon
-      direction = m / denominator
-      update = direction + decay * p
-      update_norm, param_norm = _norm(update), _norm(p)
-      # Warm-up: LAMB's trust ratio, and its running average for the compression phase.
-      trust = jnp.where((param_norm > 0) & (update_norm > 0),
-                        jnp.clip(param_norm / update_norm, min_coeff, max_coeff), 1.0)
-      warm_coeff_freeze = jnp.where(trust != 1.0, coeff_beta * coeff_freeze + (1 - coeff_beta) * trust, coeff_freeze)
-      warm_v_fresh = jnp.where(t == freeze_step, v, v_fresh)
-      # Compression: rebuild the gradient from the averaged momentum, refresh v, bound the factor.
-      rebuilt = (m - beta1 * m_prev) / (1 - beta1)
-      comp_v_fresh = beta2 * v_fresh + (1 - beta2) * rebuilt * rebuilt
-      ratios = denominator / (jnp.sqrt(comp_v_fresh) + epsilon)
-      factor = jnp.max(ratios) if ratios.size else jnp.float32(1)
-      blend = jnp.where(update_norm > 0, jnp.minimum(1.0, _norm(direction) / update_norm), 1.0)
-      factor = jnp.where(decay > 0, factor * blend + (1 - blend), factor)
-      factor = jnp.clip(factor, factor_min, factor_max)
-      factor = jnp.clip(factor, last_factor * (1 - factor_threshold), last_factor * (1 + factor_threshold))
-      coefficient = jnp.where(compressing, coeff_freeze * factor, trust)
-      return (-lr * coefficient * update, jnp.where(compressing, comp_v_fresh, warm_v_fresh),
-              jnp.where(compressing, coeff_freeze, warm_coeff_freeze), jnp.where(compressing, factor, last_factor))
+def _warmup_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.Array, freeze_step: Any, hyper: _Hyper,
+                  communicator: comm_lib.Communicator) -> tuple[Any, OnebitLambState]:
+  """``t <= freeze_step``: LAMB on the exact mean of the gradients, and the running average of its trust ratios."""
+  mu, nu = _onebit.warmup_moments(grads, state.mu, state.nu, hyper.b1, hyper.b2, communicator)
 
-    results = jax.tree.map(leaf, mu, state.mu, nu, state.nu_fresh, params, state.lamb_coeff_freeze,
-                           state.last_factor)
-    treedef = jax.tree.structure(mu)
-    columns = list(zip(*treedef.flatten_up_to(results))) or [()] * 4  # a tree without leaves (optax.masked)
-    steps, nu_fresh, coeff_freeze, last_factor = (jax.tree.unflatten(treedef, column) for column in columns)
-    new_updates = jax.tree.map(lambda s, g: s.astype(g.dtype), steps, updates)
-    return new_updates, OnebitLambState(
-        count=t, mu=mu, nu=nu, nu_fresh=nu_fresh, lamb_coeff_freeze=coeff_freeze, last_factor=last_factor,
-        scaling_coeff=scaling, padding_tail=padding_tail, exchange=exchange)
+  def leaf(m, v, v_fresh, p, coeff_freeze):
+    _, _, update = _adam_update(m, v, p, hyper)
+    update_norm, param_norm = _norm(update), _norm(p)
+    trust = jnp.where((param_norm > 0) & (update_norm > 0),
+                      jnp.clip(param_norm / update_norm, hyper.min_coeff, hyper.max_coeff), 1.0)
+    coeff_freeze = jnp.where(trust != 1.0, hyper.coeff_beta * coeff_freeze + (1 - hyper.coeff_beta) * trust,
+                             coeff_freeze)
+    return -hyper.lr * trust * update, jnp.where(t == freeze_step, v, v_fresh), coeff_freeze
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  steps, nu_fresh, coeff_freeze = _common.unzip(
+      mu, jax.tree.map(leaf, mu, nu, state.nu_fresh, params, state.lamb_coeff_freeze), 3)
+  return steps, state._replace(mu=mu, nu=nu, nu_fresh=nu_fresh, lamb_coeff_freeze=coeff_freeze)
+
+
+def _compression_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.Array, freeze_step: Any,
+                       hyper: _Hyper, communicator: comm_lib.Communicator, momentum_mask: Any,
+                       mask_zero_variance: bool) -> tuple[Any, OnebitLambState]:
+  """``t > freeze_step``: the scaled momenta of all leaves in one compressed exchange (v frozen), a fresh second
+  moment rebuilt from the averaged momentum, and the bounded factor."""
+  # At the first compression step, scale every leaf's momentum to the mean RMS of all leaves. A leaf with no momentum
+  # then (never had a gradient, or empty) gets scaling 0, not DeepSpeed's mean_rms / 0 = inf: it is sent as zeros
+  # and its averaged momentum is kept at 0, as a momentum mask would.
+  rms = jax.tree.map(lambda m: _norm(m) / jnp.sqrt(jnp.float32(max(m.size, 1))), state.mu)
+  rms_leaves = jax.tree.leaves(rms)
+  mean_rms = sum(rms_leaves) / len(rms_leaves) if rms_leaves else jnp.float32(1)
+  scaling = jax.tree.map(lambda r, s: jnp.where(t == freeze_step + 1, jnp.where(r > 0, mean_rms / r, 0.0), s),
+                         rms, state.scaling_coeff)
+  # One exchange of the whole model, followed by the padding tail the previous exchange left (SPEC.md section 6).
+  scaled = jax.tree.map(lambda m, g, s: _common.moment_update(m, g, hyper.b1) * s, state.mu, grads, scaling)
+  n = compression.tree_size(scaled)
+  buffer = jnp.concatenate([compression.flatten(scaled), state.padding_tail])
+  decoded, exchange = compression.compressed_allreduce_flat(buffer, state.exchange, communicator)
+  mu = jax.tree.map(lambda m, s: jnp.where(s > 0, m / s, 0.0), compression.unflatten_like(decoded[:n], scaled),
+                    scaling)
+  mu = _onebit.apply_mask(mu, momentum_mask, state.nu, mask_zero_variance)
+
+  def leaf(m, m_prev, v, v_fresh, p, coeff_freeze, last_factor):
+    denominator, direction, update = _adam_update(m, v, p, hyper)
+    rebuilt = (m - hyper.b1 * m_prev) / (1 - hyper.b1)
+    v_fresh = _common.moment_update(v_fresh, rebuilt, hyper.b2, order=2)
+    ratios = denominator / (jnp.sqrt(v_fresh) + hyper.eps)
+    factor = jnp.max(ratios) if ratios.size else jnp.float32(1)
+    update_norm = _norm(update)
+    blend = jnp.where(update_norm > 0, jnp.minimum(1.0, _norm(direction) / update_norm), 1.0)
+    factor = jnp.where(hyper.weight_decay > 0, factor * blend + (1 - blend), factor)
+    factor = jnp.clip(factor, hyper.factor_min, hyper.factor_max)
+    factor = jnp.clip(factor, last_factor * (1 - hyper.factor_threshold), last_factor * (1 + hyper.factor_threshold))
+    return -hyper.lr * (coeff_freeze * factor) * update, v_fresh, factor
+
+  steps, nu_fresh, last_factor = _common.unzip(
+      mu, jax.tree.map(leaf, mu, state.mu, state.nu, state.nu_fresh, params, state.lamb_coeff_freeze,
+                       state.last_factor), 3)
+  return steps, state._replace(mu=mu, nu_fresh=nu_fresh, last_factor=last_factor, scaling_coeff=scaling,
+                               padding_tail=decoded[n:], exchange=exchange)

@@ -1,8 +1,12 @@
 """Partition specs for optimizer states whose parts differ per data-parallel rank.
 
-Inside `jax.shard_map`, a per-rank buffer of local shape (n,) is one global array of shape (P * n,) sharded over the
-data axis (spec ``P(axis)``); everything else in the state is replicated (spec ``P()``). State types list their
-per-rank fields in a class attribute ``PER_RANK_FIELDS``; nothing per-rank is ever silently replicated.
+Inside `jax.shard_map`, a per-rank buffer of local shape (n, ...) is one global array of shape (P * n, ...) sharded
+over the data axis (spec ``P(axis)``); everything else in the state is replicated (spec ``P()``). State types list
+their per-rank fields in a class attribute ``PER_RANK_FIELDS``; nothing per-rank is ever silently replicated.
+
+Per-rank leaves are therefore at least 1-d: a 0-d value cannot be split over an axis. The optimizers here store the
+per-rank state of a 0-d parameter (0/1 Adam's momentum and accumulated update) with shape (1,), global shape (P,);
+`state_partition_specs` rejects a 0-d per-rank leaf of any other state with an error that names it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
@@ -62,8 +67,18 @@ def state_partition_specs(state: Any, axis_name: str) -> Any:
     A pytree of `PartitionSpec` with the structure of `state`, usable as `in_specs` / `out_specs`.
   """
   replicated = (REPLICATED, WORLD_SIZED)
-  return jax.tree.map(lambda role: PartitionSpec() if role in replicated else PartitionSpec(axis_name),
-                      leaf_roles(state))
+
+  def spec(path, role, leaf):
+    if role in replicated:
+      return PartitionSpec()
+    if jnp.ndim(leaf) == 0:
+      raise ValueError(
+          f"State leaf {jax.tree_util.keystr(path)} is per rank ({role}) but 0-d: a per-rank leaf is split over the "
+          f"data axis {axis_name!r} (spec P({axis_name!r})), which needs at least one dimension. Store it with shape "
+          f"(1,) per rank (global shape (P,)), as the optimizers of optax_lamb16 do for 0-d parameters.")
+    return PartitionSpec(axis_name)
+
+  return jax.tree_util.tree_map_with_path(spec, leaf_roles(state), state)
 
 
 def local_view(params: Any, axis_name: str) -> Any:

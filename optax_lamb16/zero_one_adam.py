@@ -6,6 +6,12 @@ compressed all-reduce. After the freeze each rank takes local steps without comm
 and every `local_step_interval` steps (doubling up to `local_step_clipper`) the ranks sync with one compressed
 exchange of the accumulated update. Between syncs the parameters differ per rank; they agree again at each sync up
 to float32 rounding.
+
+Unlike 1-bit Adam, 0/1 Adam does not decompose into a direction followed by weight decay and ``-learning_rate``:
+the learning rate enters the state (the accumulated update ``u`` sums ``-lr * delta``, ``lr_sum`` sums lr, and a
+sync sets ``m = -w / lr_sum``), and a sync step rewrites the parameters themselves (``p = p_prev + w / (sqrt(v) +
+eps)``), so its update is the difference of two parameter vectors, not a scaled direction. `zero_one_adam` is
+therefore one transformation; its moment EMAs, warm-up exchange and masks are the ones the other two share.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lamb16 import _checks, _onebit, comm as comm_lib, compression
+from optax_lamb16 import _checks, _common, _onebit, comm as comm_lib, compression
 
 
 class ZeroOneAdamState(NamedTuple):
@@ -24,9 +30,10 @@ class ZeroOneAdamState(NamedTuple):
 
   Attributes:
     count: int32, DeepSpeed's step counter (1 after `init`; the first update runs with t = 2).
-    mu: first moments (float32): PER RANK after the freeze (local steps), identical on all ranks before.
+    mu: first moments (float32): PER RANK after the freeze (local steps), identical on all ranks before. Like every
+      per-rank leaf, laid out at least 1-d: the moment of a 0-d parameter has shape (1,).
     nu: second moments (float32), identical on all ranks, frozen after `var_freeze_step`.
-    accumulated_update: PER RANK, the sum of this rank's updates since the last sync (``u``).
+    accumulated_update: PER RANK, the sum of this rank's updates since the last sync (``u``); at least 1-d too.
     lr_sum: float32, the sum of the learning rates since the last sync.
     var_interval: int32, v is updated on steps t with ``t % var_interval == 0`` (1 at first).
     var_counter: int32, variance updates since the interval last doubled.
@@ -50,10 +57,18 @@ class ZeroOneAdamState(NamedTuple):
   PER_RANK_FIELDS = ("mu", "accumulated_update", "exchange")
 
 
-def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1: float = 0.9, b2: float = 0.999,
-                  eps: float = 1e-8, weight_decay: float = 0.0, var_freeze_step: int = 100000,
+VAR_FREEZE_FIX = (
+    "Pass a non-negative int; it counts steps as DeepSpeed does (SPEC.md section 2): v freezes at the end of the "
+    "first update with t > var_freeze_step, and the first update (t = 2) is a variance update, so 0 and 1 both give "
+    "exactly one variance update before the local steps.")
+
+
+def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax.ScalarOrSchedule = 0.9,
+                  b2: optax.ScalarOrSchedule = 0.999, eps: optax.ScalarOrSchedule = 1e-8,
+                  weight_decay: optax.ScalarOrSchedule = 0.0, var_freeze_step: int = 100000,
                   var_update_scaler: int = 16, local_step_scaler: int = 32678, local_step_clipper: int = 16,
-                  momentum_mask: Any = None, mask_zero_variance: bool = False) -> optax.GradientTransformation:
+                  momentum_mask: Any = None,
+                  mask_zero_variance: bool = False) -> optax.GradientTransformationExtraArgs:
   """0/1 Adam: adaptive variance-update intervals, then local steps with 1-bit synchronisation.
 
   Takes each rank's LOCAL gradients. Communication per step: on variance steps one exact all-reduce; on the other
@@ -62,7 +77,7 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
   skipped collectives really are skipped.
 
   The parameters become per rank between syncs: inside `shard_map`, carry them with spec ``P(axis)`` (one copy per
-  rank), not ``P()``; `state_partition_specs` gives the state's specs.
+  rank), not ``P()``; `state_partition_specs` gives the state's specs. Not a chain: see the module docstring.
 
   Args:
     learning_rate: Non-negative float or schedule (evaluated at the number of updates so far).
@@ -71,7 +86,8 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
     b2: Second-moment decay, in [0, 1).
     eps: Added to ``sqrt(v)``.
     weight_decay: Added as ``weight_decay * params`` to the Adam direction.
-    var_freeze_step: v freezes at the end of the first step with ``t > var_freeze_step``.
+    var_freeze_step: v freezes at the end of the first step with ``t > var_freeze_step`` (DeepSpeed's count, SPEC.md
+      section 2). The first update is always a variance update, so 0 and 1 (one variance update) are valid.
     var_update_scaler: Number of variance updates after which the variance interval doubles (>= 1).
     local_step_scaler: Number of local steps after which the sync interval doubles (>= 1; DeepSpeed's default
       32678 is kept as it is).
@@ -81,10 +97,12 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
       result where v is exactly 0 (elements that never had a gradient, which the exchange would hand sign noise).
 
   Returns:
-    An `optax.GradientTransformation` whose state is a `ZeroOneAdamState`.
+    An `optax.GradientTransformationExtraArgs` whose state is a `ZeroOneAdamState`. Its updates have the
+    gradients' dtype (computed in float32, rounded once).
 
   Static under `optax.inject_hyperparams`: `comm` and the four integer schedule arguments; numeric
-  ``learning_rate, b1, b2, eps, weight_decay`` may be injected.
+  ``learning_rate, b1, b2, eps, weight_decay`` may be injected or be schedules (which see the number of updates so
+  far).
 
   Example:
     >>> import jax.numpy as jnp, optax_lamb16
@@ -101,55 +119,60 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
     <https://arxiv.org/abs/2202.06009>`_, 2022; DeepSpeed 0.19.6 ``deepspeed/runtime/fp16/onebit/zoadam.py``.
   """
   communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
-  var_freeze_step = _checks.check_step_count("var_freeze_step", var_freeze_step, 0, fix=_onebit.STEP_FIX)
+  var_freeze_step = _checks.check_step_count("var_freeze_step", var_freeze_step, 0, fix=VAR_FREEZE_FIX)
   var_update_scaler, local_step_scaler, local_step_clipper = (
       _checks.check_step_count(name, value, 1, fix=f"Pass a positive int (DeepSpeed's default: {default}).")
       for name, value, default in (("var_update_scaler", var_update_scaler, 16),
                                    ("local_step_scaler", local_step_scaler, 32678),
                                    ("local_step_clipper", local_step_clipper, 16)))
+  # Per-rank leaves: marked varying for shard_map, at least 1-d (see `_onebit.to_per_rank_layout`).
   per_rank = lambda tree: jax.tree.map(lambda x: comm_lib.mark_per_rank(communicator, x), tree)
+  store = lambda tree: _onebit.to_per_rank_layout(per_rank(tree))
 
   def init_fn(params):
-    _checks.check_float_leaves("params", params)
-    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-    one, zero = jnp.ones([], jnp.int32), jnp.zeros([], jnp.int32)
+    compression.check_leaves("params", params)
+    zeros = lambda: _onebit.zeros_like(params)
+    # Every leaf its own buffer, so that the whole state can be donated to a jitted step.
     return ZeroOneAdamState(
-        count=_onebit.initial_count(), mu=per_rank(zeros()), nu=zeros(), accumulated_update=per_rank(zeros()),
-        lr_sum=jnp.zeros([], jnp.float32), var_interval=one, var_counter=zero, local_step_interval=one,
-        local_step_counter=zero, frozen=jnp.zeros([], jnp.bool_),
-        exchange=compression.init_compressed_allreduce(params, communicator))
+        count=_onebit.initial_count(), mu=store(zeros()), nu=zeros(), accumulated_update=store(zeros()),
+        lr_sum=jnp.zeros([], jnp.float32), var_interval=jnp.ones([], jnp.int32), var_counter=jnp.zeros([], jnp.int32),
+        local_step_interval=jnp.ones([], jnp.int32), local_step_counter=jnp.zeros([], jnp.int32),
+        frozen=jnp.zeros([], jnp.bool_), exchange=compression.init_compressed_allreduce(params, communicator))
 
   def update_fn(updates, state, params=None):
     grads, params, _ = _onebit.checked_inputs(updates, state, params, communicator)
-    t = state.count + 1
-    beta1, beta2, epsilon, decay = _onebit.as_float32(b1, b2, eps, weight_decay)
-    lr = _onebit.learning_rate_at(learning_rate, state.count)
+    t = _onebit.next_count(state.count)
+    beta1, beta2, epsilon, decay, lr = _onebit.hyperparameters_at(state.count, b1, b2, eps, weight_decay,
+                                                                   learning_rate)
     frozen = state.frozen
-    momentum = lambda m, g: beta1 * m + (1 - beta1) * g
+    mu_before = _onebit.from_per_rank_layout(state.mu, params)
+    accumulated_before = _onebit.from_per_rank_layout(state.accumulated_update, params)
 
+    # The moments: a variance step, a compressed step (before the freeze) or a local step (after it).
     def variance_step(_):
-      mean = compression.exact_mean(grads, communicator)
-      nu = jax.tree.map(lambda v, g: beta2 * v + (1 - beta2) * g * g, state.nu, mean)
-      return per_rank(jax.tree.map(momentum, state.mu, mean)), nu, state.exchange
+      mu, nu = _onebit.warmup_moments(grads, mu_before, state.nu, beta1, beta2, communicator)
+      return per_rank(mu), nu, state.exchange
 
     def compressed_step(_):
       mean, exchange = compression.compressed_allreduce(grads, state.exchange, communicator)
       mean = _onebit.apply_mask(mean, momentum_mask, state.nu, mask_zero_variance)
-      return per_rank(jax.tree.map(momentum, state.mu, mean)), state.nu, exchange
+      return per_rank(_common.tree_moment_update(mu_before, mean, beta1)), state.nu, exchange
 
     def local_step(_):
-      return per_rank(jax.tree.map(momentum, state.mu, grads)), state.nu, state.exchange
+      return per_rank(_common.tree_moment_update(mu_before, grads, beta1)), state.nu, state.exchange
 
     variance_due = jnp.logical_and(jnp.logical_not(frozen), t % state.var_interval == 0)
     branch = jnp.where(frozen, 2, jnp.where(variance_due, 0, 1))
     mu, nu, exchange = jax.lax.switch(branch, (variance_step, compressed_step, local_step), None)
 
+    # The Adam step on this rank's params, accumulated while frozen.
     denominators = jax.tree.map(lambda v: jnp.sqrt(v) + epsilon, nu)
     steps = jax.tree.map(lambda m, d, p: -lr * (m / d + decay * p), mu, denominators, params)
     new_params = jax.tree.map(jnp.add, params, steps)
-    accumulated = jax.tree.map(lambda u, s: jnp.where(frozen, u + s, u), state.accumulated_update, steps)
+    accumulated = jax.tree.map(lambda u, s: jnp.where(frozen, u + s, u), accumulated_before, steps)
     lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
 
+    # A sync: one compressed exchange of the accumulated updates brings all ranks' params together again.
     def sync(_):
       start = jax.tree.map(jnp.subtract, new_params, accumulated)  # the params at the last sync
       scaled = jax.tree.map(jnp.multiply, accumulated, denominators)
@@ -168,23 +191,28 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, comm: Any, b1
     mu, new_params, accumulated, lr_sum, exchange = jax.lax.cond(sync_due, sync, no_sync, None)
 
     # Interval schedules, with the phase this step ran in.
-    var_counter = jnp.where(variance_due, state.var_counter + 1, state.var_counter)
-    doubles = jnp.logical_and(variance_due, var_counter == var_update_scaler)
-    var_counter = jnp.where(doubles, 0, var_counter)
-    var_interval = jnp.where(doubles, state.var_interval * 2, state.var_interval)
-    local_counter = jnp.where(frozen, state.local_step_counter + 1, state.local_step_counter)
-    widens = jnp.logical_and(frozen, local_counter == local_step_scaler)
-    local_counter = jnp.where(widens, 0, local_counter)
-    local_interval = jnp.where(widens, jnp.minimum(local_step_clipper, state.local_step_interval * 2),
-                               state.local_step_interval)
+    var_counter, var_interval = _count_towards(state.var_counter, state.var_interval, variance_due,
+                                               var_update_scaler, lambda interval: interval * 2)
+    local_counter, local_interval = _count_towards(
+        state.local_step_counter, state.local_step_interval, frozen, local_step_scaler,
+        lambda interval: jnp.minimum(local_step_clipper, interval * 2))
     # Freeze v at the end of the first step past var_freeze_step; the error buffers change meaning, so reset them.
     freezes = jnp.logical_and(jnp.logical_not(frozen), t > var_freeze_step)
     exchange = jax.tree.map(lambda e: jnp.where(freezes, jnp.zeros_like(e), e), exchange)
 
     new_updates = jax.tree.map(lambda p1, p0, g: (p1 - p0).astype(g.dtype), new_params, params, updates)
     return new_updates, ZeroOneAdamState(
-        count=t, mu=mu, nu=nu, accumulated_update=accumulated, lr_sum=lr_sum, var_interval=var_interval,
-        var_counter=var_counter, local_step_interval=local_interval, local_step_counter=local_counter,
-        frozen=jnp.logical_or(frozen, freezes), exchange=exchange)
+        count=t, mu=_onebit.to_per_rank_layout(mu), nu=nu, accumulated_update=_onebit.to_per_rank_layout(accumulated),
+        lr_sum=lr_sum, var_interval=var_interval, var_counter=var_counter, local_step_interval=local_interval,
+        local_step_counter=local_counter, frozen=jnp.logical_or(frozen, freezes), exchange=exchange)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return _common.extra_args_transform(init_fn, update_fn)
+
+
+def _count_towards(counter: jax.Array, interval: jax.Array, active: jax.Array, scaler: Any,
+                   widen: Any) -> tuple[jax.Array, jax.Array]:
+  """One of 0/1 Adam's interval schedules: on an `active` step the counter advances; when it reaches `scaler` it
+  restarts from 0 and the interval widens. Returns the new (counter, interval)."""
+  counter = jnp.where(active, counter + 1, counter)
+  widens = jnp.logical_and(active, counter == scaler)
+  return jnp.where(widens, 0, counter), jnp.where(widens, widen(interval), interval)

@@ -1,6 +1,8 @@
 """A small data-parallel least-squares problem run by the JAX optimizers (in `shard_map`) and by the NumPy oracles.
 
 Each rank has its own data (X_r, y_r) and adds its own noise to its gradient every step, so local gradients differ.
+The model ``x @ w + b + s`` has a 2-D, a 1-D and a 0-d parameter (a scalar offset ``s``, so that every optimizer and
+state layout meets a 0-d leaf), and a leaf ``z`` that never gets a gradient.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import optax
 
 import optax_lamb16
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tests import reference
 
-NAMES = ("b", "w", "z")  # tree-flatten order of the params dict; "z" never gets a gradient (zero momentum)
+NAMES = ("b", "s", "w", "z")  # tree-flatten order of the params dict; "s" is 0-d; "z" never gets a gradient
 DIM, OUT, EXAMPLES = 16, 12, 24
+OFFSET = 2.0  # of the targets, learnt by the 0-d parameter "s"
 
 
 def make_problem(world: int, steps: int, seed: int = 0):
@@ -26,14 +30,20 @@ def make_problem(world: int, steps: int, seed: int = 0):
   noise = {"b": rng.standard_normal((steps, world, OUT)).astype(np.float32) * 0.2,
            "w": rng.standard_normal((steps, world, DIM, OUT)).astype(np.float32) * 0.2,
            "z": np.zeros((steps, world, 5), np.float32)}
+  # The 0-d offset: its noise drawn last, so that the other leaves' draws do not depend on it; the targets are offset
+  # by OFFSET, so that s moves from 0.75 towards it and stays well away from 0 (relative errors stay meaningful).
+  y = y + np.float32(OFFSET)
+  params["s"] = np.asarray(0.75, np.float32)
+  noise["s"] = rng.standard_normal((steps, world)).astype(np.float32) * 0.2
   return params, x, y, noise
 
 
 def numpy_grads(params: dict, x: np.ndarray, y: np.ndarray, noise_t: dict, rank: int) -> list[np.ndarray]:
   """Gradient of mean((x w + b - y)^2) on `rank`'s data, plus its noise; leaves in NAMES order."""
-  residual = x[rank] @ params["w"] + params["b"] - y[rank]
+  residual = x[rank] @ params["w"] + params["b"] + params["s"] - y[rank]
   scale = np.float32(2.0 / residual.size)
-  grads = {"b": scale * residual.sum(axis=0), "w": scale * (x[rank].T @ residual), "z": np.zeros(5, np.float32)}
+  grads = {"b": scale * residual.sum(axis=0), "s": scale * residual.sum(), "w": scale * (x[rank].T @ residual),
+           "z": np.zeros(5, np.float32)}
   return [(grads[n] + noise_t[n][rank]).astype(np.float32) for n in NAMES]
 
 
@@ -44,7 +54,7 @@ def host_mesh(world: int | None = None, axis: str = "data"):
 
 
 def _loss(params, x, y):
-  return jnp.mean((x @ params["w"] + params["b"] - y) ** 2)
+  return jnp.mean((x @ params["w"] + params["b"] + params["s"] - y) ** 2)
 
 
 def noisy_step(tx, params, state, x, y, noise, rank, view=None):
@@ -113,14 +123,19 @@ def run_mpi_rank(tx, rank: int, params: dict, x, y, noise):
   return jax.tree.map(np.asarray, run(jax.tree.map(jnp.asarray, params)))
 
 
-def run_oracle(oracle, world: int, params: dict, x, y, noise) -> list[list[list[np.ndarray]]]:
+def run_oracle(oracle, world: int, params: dict, x, y, noise, param_dtype=None) -> list[list[list[np.ndarray]]]:
   """Runs a NumPy oracle whose `step(params, local_grads)` returns every rank's new params (a list per rank) or
-  the params all ranks share. Returns trajectory[t][rank] = list of leaves in NAMES order."""
-  current = [[params[n].astype(np.float32) for n in NAMES] for _ in range(world)]
+  the params all ranks share. Returns trajectory[t][rank] = list of leaves in NAMES order.
+
+  `param_dtype` (e.g. ml_dtypes.bfloat16; None: float32): the params start rounded to it and the local gradients are
+  rounded to it, as `trajectory_fn` and the single-device loops give them to the optimizer (make the oracle with
+  the same `param_dtype`)."""
+  rounded = reference.rounding_to(param_dtype)
+  current = [[rounded(params[n]) for n in NAMES] for _ in range(world)]
   trajectory = []
   for t in range(noise["b"].shape[0]):
     noise_t = {n: noise[n][t] for n in NAMES}
-    local = [numpy_grads(dict(zip(NAMES, current[r])), x, y, noise_t, r) for r in range(world)]
+    local = [[rounded(g) for g in numpy_grads(dict(zip(NAMES, current[r])), x, y, noise_t, r)] for r in range(world)]
     new = oracle.step(current, local)
     current = new if isinstance(new[0], list) else [new] * world
     trajectory.append(current)

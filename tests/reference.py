@@ -141,12 +141,24 @@ def _exact_mean(per_rank: list[list[np.ndarray]]) -> list[np.ndarray]:
   return [(a / F32(len(per_rank))).astype(F32) for a in total]
 
 
+def rounding_to(dtype):
+  """x -> x rounded to `dtype` (e.g. ml_dtypes.bfloat16) and back to float32; the identity for None (float32)."""
+  if dtype is None:
+    return lambda x: np.asarray(x, F32)
+  return lambda x: np.asarray(x, F32).astype(dtype).astype(F32)
+
+
 class OnebitAdamReference:
   """SPEC.md sections 2 and 4 for P ranks. `step` takes every rank's params and local gradients (lists of leaves)
-  and returns the new params, which all ranks share."""
+  and returns the new params, which all ranks share.
+
+  `param_dtype` (None: float32): the params' dtype. The update ``-lr * (m / (sqrt(v) + eps) + wd * p)`` is then
+  formed as optax chains form it, each stage rounded to that dtype (the direction, plus the weight decay, times
+  -lr), and ``p + update`` is rounded too; gradients are rounded by the caller (`onebit_harness.run_oracle`)."""
 
   def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, mask=None,
-               mask_zero_variance=False):
+               mask_zero_variance=False, param_dtype=None):
+    self.round = rounding_to(param_dtype)
     self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
     self.mask_zero_variance = mask_zero_variance
     self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
@@ -171,16 +183,24 @@ class OnebitAdamReference:
         self.m = [m * F32(k) for m, k in zip(self.m, self.mask)]
       if self.mask_zero_variance:
         self.m = [np.where(v > 0, m, F32(0)) for m, v in zip(self.m, self.v)]
-    return [(p - self.lr * (m / (np.sqrt(v) + self.eps) + self.wd * p)).astype(F32)
-            for p, m, v in zip(params, self.m, self.v)]
+    r = self.round
+    new_params = []
+    for p, m, v in zip(params, self.m, self.v):
+      update = r(-self.lr * r(r(m / (np.sqrt(v) + self.eps)) + self.wd * p))
+      new_params.append(r(p + update))
+    return new_params
 
 
 class ZeroOneAdamReference:
-  """SPEC.md sections 2 and 5 for P ranks: per-rank params, m and u; shared v, lr sum and schedules."""
+  """SPEC.md sections 2 and 5 for P ranks: per-rank params, m and u; shared v, lr sum and schedules.
+
+  `param_dtype` (None: float32): the params' dtype; each rank's step ``new - p`` is rounded to it, and so is
+  ``p + step``."""
 
   def __init__(self, params, world, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, var_freeze_step=100000,
                var_update_scaler=16, local_step_scaler=32678, local_step_clipper=16, mask=None,
-               mask_zero_variance=False):
+               mask_zero_variance=False, param_dtype=None):
+    self.param_dtype, self.round = param_dtype, rounding_to(param_dtype)
     self.world, self.lr = world, F32(lr)
     self.mask_zero_variance = mask_zero_variance
     self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
@@ -255,15 +275,24 @@ class ZeroOneAdamReference:
       self.frozen = True
       self.car.worker_error = [np.zeros_like(e) for e in self.car.worker_error]
       self.car.server_error = [np.zeros_like(e) for e in self.car.server_error]
-    return [[x.astype(F32) for x in leaves] for leaves in new_params]
+    if self.param_dtype is None:
+      return [[x.astype(F32) for x in leaves] for leaves in new_params]
+    r = self.round  # the optimizer returns the step new - p, in the params' dtype, which optax then adds to p
+    return [[r(p + r(x - p)) for x, p in zip(new_params[rank], per_rank_params[rank])] for rank in range(world)]
 
 
 class OnebitLambReference:
-  """SPEC.md sections 2 and 6 for P ranks; params and every state but the error feedback are shared."""
+  """SPEC.md sections 2 and 6 for P ranks; params and every state but the error feedback are shared.
+
+  `mask`: optional 0/1 leaves multiplied into the averaged momentum after it is divided by the scaling coefficient
+  (DeepSpeed's ``exp_avg_mask``). `param_dtype` (None: float32): the params' dtype; the step ``-lr * coeff * u`` is
+  rounded to it, and so is ``p + step``."""
 
   def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_coeff=10.0,
-               min_coeff=0.01, coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1,
-               mask_zero_variance=False):
+               min_coeff=0.01, coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1, mask=None,
+               mask_zero_variance=False, param_dtype=None):
+    self.round = rounding_to(param_dtype)
+    self.mask = mask
     self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
     self.mask_zero_variance = mask_zero_variance
     self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
@@ -297,7 +326,7 @@ class OnebitLambReference:
           r = F32(np.clip(norm(p) / norm(u), self.min_coeff, self.max_coeff))
         if r != 1:
           self.coeff_freeze[i] = F32(self.coeff_beta * self.coeff_freeze[i] + (F32(1) - self.coeff_beta) * r)
-        new_params.append(p - self.lr * (r * u))
+        new_params.append(self.round(p + self.round(-self.lr * (r * u))))
       return new_params
     m_prev = [m.copy() for m in self.m]
     if t == self.freeze_step + 1:
@@ -318,6 +347,8 @@ class OnebitLambReference:
     else:
       averaged = local[0]
     self.m = [a / s if s > 0 else np.zeros_like(a) for a, s in zip(averaged, self.scaling)]
+    if self.mask is not None:
+      self.m = [m * F32(k) for m, k in zip(self.m, self.mask)]
     if self.mask_zero_variance:
       self.m = [np.where(v > 0, m, F32(0)) for m, v in zip(self.m, self.v)]
     for i, (p, m, mp, v) in enumerate(zip(params, self.m, m_prev, self.v)):
@@ -334,5 +365,5 @@ class OnebitLambReference:
       lf = self.last_factor[i]
       f = F32(np.clip(f, lf * (F32(1) - self.factor_threshold), lf * (F32(1) + self.factor_threshold)))
       self.last_factor[i] = f
-      new_params.append(p - self.lr * ((self.coeff_freeze[i] * f) * u))
+      new_params.append(self.round(p + self.round(-self.lr * ((self.coeff_freeze[i] * f) * u))))
     return new_params

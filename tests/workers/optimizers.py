@@ -4,11 +4,11 @@ import numpy as np
 import optax
 
 import optax_lamb16
-from optax_lamb16 import compression
 
 # "z" never gets a gradient: 1-bit Adam (like DeepSpeed's) needs it masked, or sign noise divided by its zero v
 # blows it up.
-MASK = {"b": np.ones(12, np.float32), "w": np.ones((16, 12), np.float32), "z": np.zeros(5, np.float32)}
+MASK = {"b": np.ones(12, np.float32), "s": np.ones((), np.float32), "w": np.ones((16, 12), np.float32),
+        "z": np.zeros(5, np.float32)}
 
 STEPS = 20
 NAMES_OF_OPTIMIZERS = ("onebit_adam", "zero_one_adam", "onebit_lamb")
@@ -24,7 +24,7 @@ SAVE_STEPS = {"lamb16": (7,), "lamb16_1bit": (7,), "onebit_adam": (3, 12), "zero
 
 def make_optimizer(name, comm):
   if name == "lamb16":  # exact float32 gradient mean, then LAMB16
-    return optax.chain(compression.uncompressed_mean(comm), optax_lamb16.lamb16(0.01, weight_decay=0.01))
+    return optax.chain(optax_lamb16.uncompressed_mean(comm), optax_lamb16.lamb16(0.01, weight_decay=0.01))
   if name == "lamb16_1bit":
     return optax.chain(optax_lamb16.compressed_mean(comm), optax_lamb16.lamb16(0.01, weight_decay=0.01))
   if name == "onebit_adam":
