@@ -38,6 +38,15 @@ def make_problem(world: int, steps: int, seed: int = 0):
   return params, x, y, noise
 
 
+def partial_mask() -> dict:
+  """A `momentum_mask` for the problem: every other row of "w", the never-trained "z" and one entry of "b" masked."""
+  w = np.ones((DIM, OUT), np.float32)
+  w[::2] = 0.0
+  b = np.ones(OUT, np.float32)
+  b[3] = 0.0
+  return {"b": b, "s": np.ones((), np.float32), "w": w, "z": np.zeros(5, np.float32)}
+
+
 def numpy_grads(params: dict, x: np.ndarray, y: np.ndarray, noise_t: dict, rank: int) -> list[np.ndarray]:
   """Gradient of mean((x w + b - y)^2) on `rank`'s data, plus its noise; leaves in NAMES order."""
   residual = x[rank] @ params["w"] + params["b"] + params["s"] - y[rank]

@@ -202,3 +202,46 @@ def test_custom_communicator_object_is_used_and_exchanges_packed_bytes():
   # One all-to-all of sign bytes and three all-gathers (worker scales, server bytes, server scales) per call.
   assert custom.calls == [("all_to_all", jnp.uint8), ("all_gather", jnp.float32), ("all_gather", jnp.uint8),
                           ("all_gather", jnp.float32)]
+
+
+def test_named_vmap_axis_is_the_same_exchange_as_shard_map():
+  """`comm` may name a `jax.vmap` axis (ranks simulated on one device, as the docstring examples do): the same bits
+  as over a mesh axis."""
+  inputs = random_inputs(4, 6, 300, seed=3)
+
+  def calls(x):  # x: (T, n) of one rank
+    state = optax_lamb16.init_compressed_allreduce(x.shape[-1], "data")
+    return jax.lax.scan(lambda s, x_t: optax_lamb16.compressed_allreduce(x_t, s, "data")[::-1], state, x)[1]
+
+  vmapped = jax.jit(jax.vmap(calls, axis_name="data"))(jnp.asarray(inputs))
+  np.testing.assert_array_equal(np.asarray(vmapped), run_calls(inputs)[0])
+
+
+def test_float64_leaves_are_rejected_naming_the_leaf():
+  with jax.enable_x64(True):
+    tree = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.float64)}
+    with pytest.raises(TypeError, match=r"`tree_or_length` leaf \['b'\] is float64.*Cast it to float32"):
+      optax_lamb16.init_compressed_allreduce(tree, None)
+    with pytest.raises(TypeError, match=r"`tree` leaf \['b'\] is float64"):
+      optax_lamb16.compressed_allreduce(tree, optax_lamb16.init_compressed_allreduce(5, None), None)
+    for transform in (optax_lamb16.compressed_mean(None), optax_lamb16.uncompressed_mean(None)):
+      with pytest.raises(TypeError, match=r"`updates` leaf \['b'\] is float64"):
+        transform.update(tree, transform.init({"a": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.float32)}))
+
+
+DOCTESTED = ("compression", "gradient_mean", "onebit_adam", "zero_one_adam", "onebit_lamb", "comm", "sharding")
+
+
+def test_docstring_examples_run_on_a_single_device(tmp_path):
+  """The examples must not rely on the 8 host devices this suite forces: run them with `doctest` in a fresh
+  process that has one."""
+  from tests.workers import launch
+  script = tmp_path / "doctests.py"
+  script.write_text(
+      "import doctest, importlib, jax\n"
+      "assert jax.device_count() == 1, jax.devices()\n"
+      f"for name in {DOCTESTED!r}:\n"
+      "  result = doctest.testmod(importlib.import_module('optax_lamb16.' + name))\n"
+      "  assert result.failed == 0, (name, result)\n"
+      "  print(name, result.attempted)\n")
+  launch.run_process(script, [], devices=1)

@@ -37,3 +37,55 @@ def test_matches_numpy_oracle_through_all_phases(world, weight_decay):
       assert spread > 1e-6, (t, spread)
     else:
       assert spread <= 1e-6, (t, kind, spread)
+
+
+def test_momentum_mask_matches_numpy_oracle():
+  """The mask multiplies every compressed exchange's output: the gradients' before the freeze, the accumulated
+  updates' at syncs (SPEC.md section 5)."""
+  world = 2
+  params, x, y, noise = h.make_problem(world, 30, seed=13)
+  mask = h.partial_mask()
+  make = lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=0.01, momentum_mask=mask, **SCHEDULE)
+  got = h.run_jax(make, world, params, x, y, noise, per_rank_params=True)
+  oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, weight_decay=0.01,
+                                          mask=[mask[n] for n in h.NAMES], **SCHEDULE)
+  h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
+  assert "local+sync" in oracle.log and "compressed" in oracle.log
+  unmasked = h.run_jax(lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=0.01, **SCHEDULE),
+                       world, params, x, y, noise, per_rank_params=True)
+  assert np.abs(unmasked["w"][:, -1] - got["w"][:, -1]).max() > 1e-3
+
+
+def test_sharded_init_with_a_0d_param_matches_numpy_oracle_through_all_phases():
+  """`sharded_init` used to give the per-rank momentum of the 0-d param "s" the spec P('data'), which a 0-d array
+  cannot have; per-rank leaves are stored at least 1-d. Step by step (one program at a time) over global arrays."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  world, steps = 2, 24
+  params, x, y, noise = h.make_problem(world, steps, seed=14)
+  mesh = h.host_mesh(world)
+  tx = optax_lamb16.zero_one_adam(0.01, comm="data", weight_decay=0.01, **SCHEDULE)
+  state = optax_lamb16.sharded_init(tx, params, mesh, "data")
+  specs = optax_lamb16.state_partition_specs(state, "data")
+  assert state.mu["s"].shape == (world,) and state.accumulated_update["s"].shape == (world,)
+  assert specs.mu["s"] == P("data") and specs.nu["s"] == P() and state.nu["s"].shape == ()
+  put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
+  local = {n: put(np.broadcast_to(p, (world, *p.shape)), P("data")) for n, p in params.items()}
+
+  def local_step(params, state, x, y, noise_t):
+    mine = jax.tree.map(lambda a: a[0], params)
+    mine, state = h.noisy_step(tx, mine, state, x, y, noise_t, 0)
+    return jax.tree.map(lambda a: a[None], mine), state
+
+  step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(P("data"), specs, P("data"), P("data"), P("data")),
+                               out_specs=(P("data"), specs)))
+  trajectory = []
+  for t in range(steps):
+    local, state = jax.block_until_ready(step(local, state, put(x, P("data")), put(y, P("data")),
+                                              {n: put(a[t], P("data")) for n, a in noise.items()}))
+    trajectory.append(jax.tree.map(np.asarray, local))
+  got = {n: np.stack([p[n] for p in trajectory], axis=1) for n in h.NAMES}
+  oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, weight_decay=0.01, **SCHEDULE)
+  h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
+  assert {"variance", "compressed", "local", "local+sync"} <= set(oracle.log)
