@@ -165,8 +165,8 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
     hyper = _Hyper(*_onebit.hyperparameters_at(state.count, learning_rate, b1, b2, eps, weight_decay), max_coeff,
                    min_coeff, coeff_beta, factor_max, factor_min, factor_threshold)
     warmup = lambda _: _warmup_phase(grads, params, state, t, freeze_step, hyper, communicator)
-    compress = lambda _: _compression_phase(grads, params, state, t, freeze_step, hyper, communicator, momentum_mask,
-                                            mask_zero_variance)
+    compress = lambda _: _compression_phase(grads, params, state, t, freeze_step, hyper, communicator, world,
+                                            momentum_mask, mask_zero_variance)
     steps, new_state = jax.lax.cond(t > freeze_step, compress, warmup, None)
     return jax.tree.map(lambda s, g: s.astype(g.dtype), steps, updates), new_state._replace(count=t)
 
@@ -200,7 +200,7 @@ def _warmup_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.Array,
 
 
 def _compression_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.Array, freeze_step: Any,
-                       hyper: _Hyper, communicator: comm_lib.Communicator, momentum_mask: Any,
+                       hyper: _Hyper, communicator: comm_lib.Communicator, world: int, momentum_mask: Any,
                        mask_zero_variance: bool) -> tuple[Any, OnebitLambState]:
   """``t > freeze_step``: the scaled momenta of all leaves in one compressed exchange (v frozen), a fresh second
   moment rebuilt from the averaged momentum, and the bounded factor."""
@@ -214,11 +214,15 @@ def _compression_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.A
                          rms, state.scaling_coeff)
   # One exchange of the whole model, followed by the padding tail the previous exchange left (SPEC.md section 6).
   scaled = jax.tree.map(lambda m, g, s: _common.moment_update(m, g, hyper.b1) * s, state.mu, grads, scaling)
-  n = compression.tree_size(scaled)
-  buffer = jnp.concatenate([compression.flatten(scaled), state.padding_tail])
-  decoded, exchange = compression.compressed_allreduce_flat(buffer, state.exchange, communicator)
-  mu = jax.tree.map(lambda m, s: jnp.where(s > 0, m / s, 0.0), compression.unflatten_like(decoded[:n], scaled),
-                    scaling)
+  if world == 1:  # the exchange is the identity and there is no tail: leaf by leaf (typed replicated on a mesh axis)
+    averaged, exchange = compression.compressed_allreduce(scaled, state.exchange, communicator)
+    padding_tail = state.padding_tail
+  else:
+    n = compression.tree_size(scaled)
+    buffer = jnp.concatenate([compression.flatten(scaled), state.padding_tail])
+    decoded, exchange = compression.compressed_allreduce_flat(buffer, state.exchange, communicator)
+    averaged, padding_tail = compression.unflatten_like(decoded[:n], scaled), decoded[n:]
+  mu = jax.tree.map(lambda m, s: jnp.where(s > 0, m / s, 0.0), averaged, scaling)
   mu = _onebit.apply_mask(mu, momentum_mask, state.nu, mask_zero_variance)
 
   def leaf(m, m_prev, v, v_fresh, p, coeff_freeze, last_factor):
@@ -238,4 +242,4 @@ def _compression_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.A
       mu, jax.tree.map(leaf, mu, state.mu, state.nu, state.nu_fresh, params, state.lamb_coeff_freeze,
                        state.last_factor), 3)
   return steps, state._replace(mu=mu, nu_fresh=nu_fresh, last_factor=last_factor, scaling_coeff=scaling,
-                               padding_tail=decoded[n:], exchange=exchange)
+                               padding_tail=padding_tail, exchange=exchange)
