@@ -1,18 +1,82 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written and do what their comments say."""
 
 import pathlib
 import re
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_lamb16
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_readme_python_blocks_run():
-  blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-  assert blocks, "the README has no Python example"
-  for block in blocks:
-    namespace = {}
-    exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own documentation
-    if "params" in namespace:  # the quickstart took a step: the weights moved and stayed finite
-      import jax.numpy as jnp
-      w = namespace["params"]["w"]
-      assert bool(jnp.all(jnp.isfinite(w))) and not bool(jnp.all(w == 1.0))
+def moved_and_finite(params, start: float) -> None:
+  leaves = jax.tree.leaves(params)
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+  assert any(bool(jnp.any(x != start)) for x in leaves), "the example's step did not move the params"
+
+
+def lamb16_states(state):
+  return [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, optax_lamb16.ScaleByLamb16State))
+          if isinstance(s, optax_lamb16.ScaleByLamb16State)]
+
+
+def check_quickstart(ns):
+  """One jitted LAMB16 step: the weights moved from 1 and stayed finite; the moments are float8."""
+  moved_and_finite(ns["params"]["w"], 1.0)
+  (state,) = lamb16_states(ns["opt_state"])
+  assert {x.dtype for x in jax.tree.leaves(state.mu)} == {jnp.dtype(jnp.float8_e4m3fn)}
+  assert {x.dtype for x in jax.tree.leaves(state.nu)} == {jnp.dtype(jnp.float8_e5m2)}
+
+
+def check_data_parallel(ns):
+  """Three shard_map steps: the params moved and stay replicated; the error buffers are sharded over "data"."""
+  moved_and_finite(ns["params"], 0.0)
+  world = ns["world"]
+  exchange = ns["state"][0]
+  assert isinstance(exchange, optax_lamb16.CompressedAllReduceState)
+  for buffer in jax.tree.leaves(exchange):
+    assert buffer.sharding.spec == jax.sharding.PartitionSpec("data") and buffer.shape[0] % world == 0
+  for leaf in jax.tree.leaves(ns["params"]):
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert all(np.array_equal(s, shards[0]) for s in shards)
+
+
+def check_checkpointing(ns):
+  """Ten steps with a NaN at step 4: that one is skipped (and counted), the others move the params; checkpoints
+  at steps 5 and 10."""
+  moved_and_finite(ns["params"], 0.0)
+  assert int(ns["opt_state"].total_notfinite) == 1
+  (directory,) = ns["made_directories"]
+  with optax_lamb16.Checkpointer(directory) as reopened:
+    assert reopened.latest_step() == 10
+
+
+# Each README block, recognised by a phrase it contains, and what it must have done.
+CHECKS = {"clip_by_global_norm": check_quickstart, "jax.shard_map": check_data_parallel,
+          "Checkpointer": check_checkpointing}
+
+
+def test_readme_has_python_examples():
+  assert BLOCKS, "the README has no Python example"
+
+
+@pytest.mark.parametrize("block", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
+def test_readme_block_runs_and_does_what_it_says(block, monkeypatch):
+  checks = [check for phrase, check in CHECKS.items() if phrase in block]
+  assert len(checks) == 1, f"no (or more than one) check in tests/test_readme.py for this README block:\n{block}"
+  namespace = {"made_directories": []}  # the temporary directories the block makes, to look into afterwards
+  make_directory = tempfile.mkdtemp
+
+  def recording_mkdtemp(*args, **kwargs):
+    namespace["made_directories"].append(make_directory(*args, **kwargs))
+    return namespace["made_directories"][-1]
+
+  monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
+  exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own documentation
+  checks[0](namespace)
