@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
 from tests import onebit_harness as h
+from tests.test_examples_mnist import untrained_test_loss
 from tests.workers import launch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -147,24 +148,13 @@ def test_zero_one_adam_step_kinds_follow_its_interval_doubling():
 # ----------------------------------------------------------------------------------------------------------------------
 # The examples end to end.
 
-@functools.cache
-def initial_test_loss(seed: int = 0) -> float:
-  """The test loss of the examples' convnet before training (the examples' seed)."""
-  from flax import nnx
-
-  import mnist_common
-  graphdef, params = nnx.split(mnist_common.ReferenceConvNet(nnx.Rngs(seed)), nnx.Param)
-  data = mnist_common.load_mnist()
-  return mnist_common.make_evaluator(graphdef)(params, data["x_test"], data["y_test"])[0]
-
-
 def check_results(path, names, world):
   """The runs trained (test accuracy well above chance, test loss below the untrained model's) and billed the
   bytes the compiled HLO sends for the exchanges they made."""
   runs = {r["optimizer"]: r for r in json.loads(path.read_text())["runs"]}
   assert sorted(runs) == sorted(names)
   costs = hlo_exchange_bytes(world)
-  untrained = initial_test_loss()
+  untrained = untrained_test_loss(seed=0)  # the examples' default seed
   for name, run in runs.items():
     assert run["steps"] == STEPS and run.get("num_params", MNIST_PARAMS) == MNIST_PARAMS  # mpi.py does not say
     assert run["exact_steps"] + run["compressed_steps"] + run["silent_steps"] == STEPS
