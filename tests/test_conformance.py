@@ -486,9 +486,9 @@ def _mesh_init(case: Case, tx):
   mesh = h.host_mesh(WORLD)
   params = make_params()
   state = optax_lamb16.sharded_init(tx, params, mesh, "data")
-  if case.per_rank_params:
-    params = jax.device_put(jax.tree.map(lambda p: jnp.broadcast_to(p, (WORLD, *p.shape)), params),
-                            NamedSharding(mesh, P("data")))
+  if case.per_rank_params:  # one copy per rank
+    params = jax.tree.map(lambda p: jnp.broadcast_to(p, (WORLD, *p.shape)), params)
+  params = jax.device_put(params, NamedSharding(mesh, P("data") if case.per_rank_params else P()))
   return params, state, optax_lamb16.state_partition_specs(state, "data")
 
 
@@ -503,10 +503,10 @@ def mesh_start(case: Case):
   return jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), specs
 
 
-def mesh_run(step, params, state, steps=STEPS):
-  """`steps` calls of a jitted shard_map step; the final params and the state after each step."""
+def mesh_run(step, params, state, steps=STEPS, start=0):
+  """`steps` calls of a jitted shard_map step from step `start`; the final params and the state after each step."""
   states = []
-  for t in range(steps):
+  for t in range(start, start + steps):
     params, state = jax.block_until_ready(step(params, state, grads_at(t, lead=(WORLD,))))  # one program at a time
     states.append(state)
   return params, states
@@ -521,33 +521,24 @@ def mesh_reference_run(case: Case):
 
 
 @cases(COMMUNICATING)
-def test_mesh_extra_args_no_recompilation_and_stable_state(case):
-  """Extra arguments inside shard_map, no recompilation on the second call, and the global state keeps the shapes,
-  dtypes and shardings `sharded_init` gave it, step after step (the same results as without extra arguments)."""
+def test_mesh_step_with_extra_args_and_donated_state(case):
+  """One jitted shard_map step that passes extra arguments and donates params and state (as a training loop
+  would): it runs from `sharded_init`'s state, the second call compiles nothing, the global state keeps the
+  shapes, dtypes and shardings `sharded_init` gave it step after step, and the results are the plain run's."""
   tx = case.build("data")
   params, state0, specs = mesh_start(case)
-  step = jax.jit(_mesh_step(case, tx, specs, value=jnp.float32(1.0), unexpected_extra_args=1))
-  params, states = mesh_run(step, params, state0, steps=STEPS - 1)
+  step = jax.jit(_mesh_step(case, tx, specs, value=jnp.float32(1.0), unexpected_extra_args=1), donate_argnums=(0, 1))
+  params, states = mesh_run(step, params, state0, steps=1)
   with compilations() as compiled:
-    params, last = jax.block_until_ready(step(params, states[-1], grads_at(STEPS - 1, lead=(WORLD,))))
-  assert not compiled, f"the second call of the jitted shard_map step recompiles: {compiled}"
-  for t, state in enumerate(states + [last]):
+    params, more = mesh_run(step, params, states[-1], steps=STEPS - 1, start=1)
+  assert not compiled, f"a later call of the jitted shard_map step recompiles: {compiled}"
+  for t, state in enumerate(states + more):  # the donated ones keep their types and shardings
     mismatches = type_mismatches(state0, state)
     shardings = [(a.sharding, b.sharding) for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state))
                  if not a.sharding.is_equivalent_to(b.sharding, a.ndim)]
     assert not mismatches and not shardings, (t, mismatches, shardings)
   want_params, want_states = mesh_reference_run(case)
-  assert_close((params, last), (want_params, want_states[-1]))
-
-
-@cases(COMMUNICATING)
-def test_mesh_state_can_be_donated(case):
-  """The state from `sharded_init` donated to the jitted shard_map step, step after step."""
-  params, state, specs = mesh_start(case)
-  step = jax.jit(_mesh_step(case, case.build("data"), specs), donate_argnums=(0, 1))
-  params, states = mesh_run(step, params, state)
-  want_params, want_states = mesh_reference_run(case)
-  assert_close((params, states[-1]), (want_params, want_states[-1]))
+  assert_close((params, more[-1]), (want_params, want_states[-1]))
 
 
 @cases(COMMUNICATING)
