@@ -1,7 +1,7 @@
 """Compute cost of the 1-bit compressed exchange and of the 1-bit optimizers' steps, on one device.
 
 Each configuration runs as ONE rank of a P-rank job whose collectives are simulated locally with the same shapes
-(`SimulatedRanks`: the all-to-all returns this rank's own chunks, the all-gather repeats this rank's value P times),
+(`optax_lamb16.comm.SimulatedRanks`: rank 0 of P ranks that hold the same values),
 so the time is what the exchange computes (packing, error feedback, unpacking, scales, flatten and unflatten), with
 no network. `optax.adam`'s update on the same tree is timed alongside, in interleaved rounds, as the yardstick.
 
@@ -21,54 +21,53 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import optax
 
 import optax_lamb16
 from update_bench import SIZES, make_tree
 
 
-class SimulatedRanks:
-  """A `Communicator` of `size` ranks on one device: collectives keep their shapes, nothing is sent."""
-
-  def __init__(self, size: int):
-    self.size = size
-
-  def mean(self, x):
-    return x
-
-  def all_to_all(self, x):
-    return x
-
-  def all_gather(self, x):
-    return jnp.broadcast_to(x, (self.size, *x.shape))
+def _next_t(state):
+  return int(state.count) + 1  # the step counter the next update runs with (SPEC.md section 2)
 
 
 def configurations(comm):
-  """name -> (transform, updates before timing): the updates bring the state into the phase the name says."""
+  """name -> (transform, updates before timing, check): the updates bring the state into the phase the name says,
+  and `check(state)` confirms it (None: one phase only)."""
   return {
-      "optax.adam": (optax.adam(1e-3), 0),
-      "compressed_mean": (optax_lamb16.compressed_mean(comm), 0),
-      "uncompressed_mean + optax.adam": (optax.chain(optax_lamb16.uncompressed_mean(comm), optax.adam(1e-3)), 0),
-      "onebit_adam, warm-up": (optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=10), 0),
-      "onebit_adam, compression": (optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=2), 2),
-      "zero_one_adam, compressed step": (optax_lamb16.zero_one_adam(1e-3, comm=comm, var_freeze_step=100), 1),
-      # After the freeze, interval 16 is reached in 4 local steps (scaler 1); t = 7 is then a local step.
+      "optax.adam": (optax.adam(1e-3), 0, None),
+      "compressed_mean": (optax_lamb16.compressed_mean(comm), 0, None),
+      "uncompressed_mean + optax.adam": (optax.chain(optax_lamb16.uncompressed_mean(comm), optax.adam(1e-3)), 0,
+                                         None),
+      "onebit_adam, warm-up": (optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=10), 0,
+                               lambda s: _next_t(s[0]) <= 10),
+      "onebit_adam, compression": (optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=2), 2,
+                                   lambda s: _next_t(s[0]) > 2),
+      # Not frozen, and t = 3 is not a variance step (interval 2 after one doubling with scaler 1).
+      "zero_one_adam, compressed step": (optax_lamb16.zero_one_adam(
+          1e-3, comm=comm, var_freeze_step=100, var_update_scaler=1), 1,
+          lambda s: not bool(s.frozen) and _next_t(s) % int(s.var_interval) != 0),
+      # After the freeze the sync interval doubles every local step (scaler 1) up to 16: t = 7 is a local step.
       "zero_one_adam, local step": (optax_lamb16.zero_one_adam(
-          1e-3, comm=comm, var_freeze_step=2, local_step_scaler=1, local_step_clipper=16), 5),
-      "onebit_lamb, compression": (optax_lamb16.onebit_lamb(1e-3, comm=comm, freeze_step=2), 2),
-      "compressed_mean + lamb16": (optax.chain(optax_lamb16.compressed_mean(comm), optax_lamb16.lamb16(1e-3)), 0),
+          1e-3, comm=comm, var_freeze_step=2, local_step_scaler=1, local_step_clipper=16), 5,
+          lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) != 0),
+      "onebit_lamb, compression": (optax_lamb16.onebit_lamb(1e-3, comm=comm, freeze_step=2), 2,
+                                   lambda s: _next_t(s) > 2),
+      "compressed_mean + lamb16": (optax.chain(optax_lamb16.compressed_mean(comm), optax_lamb16.lamb16(1e-3)), 0,
+                                   None),
   }
 
 
 class Runner:
-  def __init__(self, name, tx, warm_steps, params, grads):
+  def __init__(self, name, tx, warm_steps, check, params, grads):
     self.name, self.params, self.grads = name, params, grads
     update = jax.jit(tx.update)
     state = tx.init(params)
     for _ in range(warm_steps):
       _, state = update(grads, state, params)
     self.state = jax.block_until_ready(state)
+    if check is not None and not check(state):
+      raise RuntimeError(f"{name}: the state is not in the phase this row times; fix `configurations`.")
     self.update = update
     self.times = []
     self.run(3, record=False)
@@ -92,8 +91,8 @@ def main():
   params = make_tree(SIZES[args.size], jax.random.key(0))
   grads = make_tree(SIZES[args.size], jax.random.key(1), scale=0.01)
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  runners = [Runner(name, tx, warm, params, grads)
-             for name, (tx, warm) in configurations(SimulatedRanks(args.ranks)).items()]
+  runners = [Runner(name, tx, warm, check, params, grads)
+             for name, (tx, warm, check) in configurations(optax_lamb16.comm.SimulatedRanks(args.ranks)).items()]
   for _ in range(args.rounds):
     for runner in runners:
       runner.run(max(1, args.repeats // args.rounds))

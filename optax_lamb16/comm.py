@@ -58,6 +58,31 @@ class SingleDevice:
     return "SingleDevice()"
 
 
+class SimulatedRanks:
+  """Rank 0 of `size` ranks that all hold the same values, on one device: every collective has the shapes and the
+  results it would have in such a job, and nothing is sent.
+
+  For measuring what a communicating transform computes (`benchmarks/exchange_compute.py`), and for building or
+  checking the state of a P-rank job on one device. Use a real communicator to train.
+  """
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def mean(self, x):
+    return x
+
+  def all_to_all(self, x):
+    # Rank 0 receives row 0 of every rank, and every rank's row 0 is this one.
+    return jnp.broadcast_to(x[:1], x.shape)
+
+  def all_gather(self, x):
+    return jnp.broadcast_to(x, (self.size, *x.shape))
+
+  def __repr__(self):
+    return f"SimulatedRanks({self.size})"
+
+
 class MeshAxis:
   """XLA collectives over a named axis: a mesh axis inside `jax.shard_map` or `jax.pmap`, or a named `jax.vmap`
   axis (ranks simulated on one device, e.g. in tests and examples)."""

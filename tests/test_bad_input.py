@@ -39,20 +39,8 @@ def all_finite(tree):
              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
 
 
-class IdenticalRanks:
-  """A `Communicator` of `size` ranks on one device, all holding rank 0's values: enough to build and use states."""
-
-  def __init__(self, size):
-    self.size = size
-
-  def mean(self, x):
-    return x
-
-  def all_to_all(self, x):
-    return jnp.broadcast_to(x[:1], x.shape)
-
-  def all_gather(self, x):
-    return jnp.broadcast_to(x, (self.size, *x.shape))
+# A `Communicator` of `size` ranks on one device, all holding rank 0's values: enough to build and use states.
+IdenticalRanks = optax_lamb16.comm.SimulatedRanks
 
 
 # ----------------------------------------------------------------------------------------------------------------------
