@@ -274,11 +274,12 @@ class Checkpointer:
     self._manager.close()
 
   def latest_step(self) -> int | None:
-    """The step of the newest complete checkpoint, or None (not verified: `restore` verifies)."""
-    return self._manager.latest_step()
+    """The newest (highest) step of a complete checkpoint, or None (not verified: `restore` verifies)."""
+    return max(self._manager.all_steps(), default=None)
 
   def all_steps(self) -> list[int]:
-    return list(self._manager.all_steps())
+    """The steps of the complete checkpoints, in increasing order."""
+    return sorted(self._manager.all_steps())
 
   def save(self, step: int, tree: Any, *, world_size: int) -> None:
     """Saves `tree` (params, optimizer states, ...) as checkpoint `step`, with the checksums of its files.
@@ -288,6 +289,9 @@ class Checkpointer:
       tree: Any pytree of arrays; per-rank state leaves are global arrays sharded over the data axis, as
         `sharded_init` / `state_partition_specs` lay them out.
       world_size: The number of data-parallel ranks that produced the state.
+
+    A step older than the newest one (after restoring an older checkpoint) is saved too, never skipped; with
+    `max_to_keep`, the checkpoints saved longest ago are the ones dropped.
 
     Raises:
       ValueError: A checkpoint of `step` exists already.

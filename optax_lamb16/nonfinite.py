@@ -4,6 +4,10 @@
 are each rank's LOCAL gradients, so a NaN on one rank would make that rank alone skip the step and its replica
 diverge from the others for good. `apply_if_finite` here makes the decision global: one tiny all-reduce of a
 "my gradients are finite" flag, and every rank skips (or applies) the step together.
+
+Only the gradients are checked, as in optax. The optimizer state may legitimately hold inf: LAMB16's faithful second
+moment overflows float8 to +inf for an element with a large gradient in a quiet leaf (`optax_lamb16.float8`), which
+freezes that element and is not a bad batch; a skipped step keeps such a state bitwise, inf included.
 """
 
 from __future__ import annotations

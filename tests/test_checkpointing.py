@@ -1,4 +1,7 @@
-"""Exact resume with `optax_lamb16.Checkpointer`: bitwise continuation in a new process, world-size changes, errors."""
+"""`optax_lamb16.Checkpointer`: bitwise continuation in a new process, world-size changes, 0-d per-rank leaves,
+damaged checkpoints (checksums, fallback), errors."""
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +10,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
+import orbax.checkpoint as ocp
 from optax_lamb16 import sharding
+from optax_lamb16.checkpointing import MANIFEST, CheckpointFallbackWarning, DamagedCheckpointError, newest_intact_step
 from tests import onebit_harness as h
 from tests.workers import launch
 from tests.workers.optimizers import make_optimizer
@@ -40,6 +45,12 @@ def _trained(name, world, steps, per_rank_params=False):
   return run
 
 
+def _exchange(state) -> optax_lamb16.CompressedAllReduceState:
+  """The error-feedback state inside an optimizer state (1-bit Adam's is inside its chain)."""
+  is_exchange = lambda node: isinstance(node, optax_lamb16.CompressedAllReduceState)
+  return next(node for node in jax.tree.leaves(state, is_leaf=is_exchange) if is_exchange(node))
+
+
 def _bits(tree):
   return [np.asarray(leaf).tobytes() for leaf in jax.tree.leaves(tree)]
 
@@ -47,7 +58,7 @@ def _bits(tree):
 @pytest.mark.parametrize("name", ["onebit_adam", "onebit_lamb"])
 def test_a_world_size_change_is_an_error_unless_error_feedback_is_reset(name, tmp_path):
   saved = _trained(name, 4, 9)  # in the compression phase: error buffers are non-zero
-  assert np.abs(np.asarray(saved.state.exchange.worker_error)).max() > 0
+  assert np.abs(np.asarray(_exchange(saved.state).worker_error)).max() > 0
   with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
     checkpoints.save(9, {"opt_state": saved.state}, world_size=4)
     fresh = h.Stepper(lambda comm: make_optimizer(name, comm), h.make_problem(2, 1)[0], _mesh(2))
@@ -91,7 +102,7 @@ def test_dropping_the_error_feedback_on_resume_changes_the_run(tmp_path):
     p, s = run.params, run.state
     for t in range(12):
       if drop and t == 9:
-        s = s._replace(exchange=jax.tree.map(jnp.zeros_like, s.exchange))
+        s = (s[0]._replace(exchange=jax.tree.map(jnp.zeros_like, s[0].exchange)), *s[1:])  # 1-bit Adam's chain
       p, s = jax.block_until_ready(run.step(p, s, xs, ys, run.noise(noise, t)))
     runs.append(np.asarray(p["w"]))
   assert not np.array_equal(runs[0], runs[1])
@@ -114,3 +125,157 @@ def test_restore_checks_structure_shapes_and_arguments(tmp_path):
       checkpoints.restore({"params": wider, "opt_state": tx.init(wider)}, world_size=1)
     with pytest.raises(ValueError, match="on_world_size_change"):
       checkpoints.restore(state, world_size=1, on_world_size_change="ignore")
+
+
+def test_a_world_size_change_checks_per_rank_leaves_against_the_new_world_size(tmp_path):
+  # A target laid out for 4 ranks restored as if the job had 2: before, the per-rank leaves came back with 2 ranks'
+  # blocks but the target's shardings, silently; now the first such leaf is named.
+  saved = _trained("zero_one_adam", 4, 14, per_rank_params=True)
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(14, saved.state, world_size=4)
+    with pytest.raises(ValueError, match=r"\.mu\['b'\] is float32\[48\] \(per_rank, saved by 4 ranks\), `target` "
+                                         r"has float32\[48\].*does not hold 2 blocks of the saved per-rank shape \[12\]"):
+      checkpoints.restore(saved.state, world_size=2, on_world_size_change="reset_error_feedback")
+  onebit = h.Stepper(lambda comm: make_optimizer("onebit_adam", comm), h.make_problem(4, 1)[0], _mesh(4)).state
+  with optax_lamb16.Checkpointer(tmp_path / "onebit") as checkpoints:
+    checkpoints.save(1, onebit, world_size=4)
+    with pytest.raises(ValueError, match=r"worker_error is float32\[896\].*is not laid out for 3 ranks"):
+      checkpoints.restore(onebit, world_size=3, on_world_size_change="reset_error_feedback")
+
+
+def test_0d_per_rank_leaves_save_restore_and_resize(tmp_path):
+  # 0/1 Adam keeps a 0-d parameter's per-rank state as one value per rank (global shape (P,)).
+  saved = _trained("zero_one_adam", 4, 14, per_rank_params=True)
+  mu_s = np.asarray(saved.state.mu["s"])
+  assert mu_s.shape == (4,) and len(set(mu_s.tolist())) > 1  # between syncs: one value per rank, and they differ
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(14, {"params": saved.params, "opt_state": saved.state}, world_size=4)
+    same = checkpoints.restore({"params": saved.params, "opt_state": saved.state}, world_size=4)
+    assert _bits(same) == _bits({"params": saved.params, "opt_state": saved.state})
+    fresh = h.Stepper(lambda comm: make_optimizer("zero_one_adam", comm), h.make_problem(2, 1)[0], _mesh(2), True)
+    checkpoints.save(15, saved.state, world_size=4)
+    resized = checkpoints.restore(fresh.state, world_size=2, on_world_size_change="reset_error_feedback")
+  np.testing.assert_array_equal(np.asarray(resized.mu["s"]), [mu_s[0], mu_s[0]])
+  assert resized.mu["s"].sharding == fresh.state.mu["s"].sharding
+
+
+class _PerRankScalar(NamedTuple):
+  value: jax.Array
+  PER_RANK_FIELDS = ("value",)
+
+
+def test_a_0d_per_rank_leaf_of_another_state_is_taken_as_saved_on_a_world_size_change(tmp_path):
+  # On one device nothing is laid out by rank: a 0-d per-rank value has no first axis to take rank 0's block from
+  # (it raised IndexError before).
+  tree = {"state": _PerRankScalar(jnp.float32(3.0)), "w": jnp.ones(3)}
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(1, tree, world_size=1)
+    restored = checkpoints.restore(tree, world_size=2, on_world_size_change="reset_error_feedback")
+  assert _bits(restored) == _bits(tree)
+
+
+def test_saving_an_older_step_than_the_latest_is_not_skipped_and_an_existing_step_is_an_error(tmp_path):
+  # Orbax skips, silently, a step older than its latest one (e.g. after restoring an older checkpoint).
+  tree = {"w": jnp.arange(4.0)}
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(5, tree, world_size=1)
+    checkpoints.save(3, {"w": jnp.arange(4.0) * 2}, world_size=1)
+    assert checkpoints.all_steps() == [3, 5]
+    np.testing.assert_array_equal(checkpoints.restore(tree, world_size=1, step=3)["w"], np.arange(4.0) * 2)
+    with pytest.raises(ValueError, match="checkpoint step 5 exists already"):
+      checkpoints.save(5, tree, world_size=1)
+
+
+# -- damaged checkpoints ------------------------------------------------------------------------------------------
+
+def _damage_tree():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32), "s": jnp.float32(0.5)}
+  tx = optax_lamb16.lamb16(1e-2)
+  return {"params": params, "opt_state": tx.init(params)}
+
+
+def _leaf_file(step_dir):
+  """The biggest data file of the replicated item: it holds the bytes of the leaf "w"."""
+  files = [p for p in (step_dir / "replicated").rglob("*") if p.is_file() and "/d/" in p.as_posix()]
+  return max(files, key=lambda p: p.stat().st_size)
+
+
+def _cut_short(path):
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip(path):
+  data = bytearray(path.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda path: path.unlink(), "is missing"),
+    (_cut_short, r"has \d+ bytes, \d+ were saved \(cut short"),
+    (_flip, r"does not match the SHA-256 checksum written at save time"),
+])
+def test_a_damaged_checkpoint_is_an_error_naming_the_step_and_the_file(damage, problem, tmp_path):
+  tree = _damage_tree()
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(7, tree, world_size=1)
+    victim = _leaf_file(tmp_path / "7")
+    damage(victim)
+    message = rf"checkpoint step 7 is damaged: {victim} {problem}.*fallback=True"
+    with pytest.raises(DamagedCheckpointError, match=message):
+      checkpoints.restore(tree, world_size=1)
+    with pytest.raises(DamagedCheckpointError, match=message):
+      checkpoints.verify(7)
+  step, damaged = newest_intact_step(tmp_path)  # what a launcher reports, without JAX devices
+  assert step is None and [(error.step, error.path) for error in damaged] == [(7, str(victim))]
+
+
+def test_orbax_alone_restores_a_flipped_leaf_silently(tmp_path):
+  # Why the checksums: the flip above lands in a leaf's bytes, and Orbax reads other values without a word.
+  tree = _damage_tree()
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(7, tree, world_size=1)
+  _flip(_leaf_file(tmp_path / "7"))
+  manager = ocp.CheckpointManager(tmp_path)
+  leaves = manager.restore(7, args=ocp.args.Composite(replicated=ocp.args.StandardRestore()))["replicated"]
+  manager.close()
+  want = dict(zip((f"{i:06d}" for i in range(len(jax.tree.leaves(tree)))), jax.tree.leaves(tree)))
+  assert any(np.asarray(leaf).tobytes() != np.asarray(want[key]).tobytes() for key, leaf in leaves.items())
+
+
+def test_a_damaged_manifest_is_named_too(tmp_path):
+  tree = _damage_tree()
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(2, tree, world_size=1)
+    manifest = tmp_path / "2" / MANIFEST
+    text = manifest.read_text()
+    manifest.write_text(text.replace('"bytes": ', '"bytes": 1', 1))
+    with pytest.raises(DamagedCheckpointError, match=rf"step 2 is damaged: {manifest} does not match its own checksum"):
+      checkpoints.restore(tree, world_size=1)
+    manifest.unlink()
+    with pytest.raises(DamagedCheckpointError, match=rf"step 2 is damaged: {manifest} is missing"):
+      checkpoints.restore(tree, world_size=1)
+
+
+def test_fallback_restores_the_newest_intact_checkpoint_and_says_which(tmp_path):
+  tree = _damage_tree()
+  older = jax.tree.map(lambda a: a + 1 if a.dtype == jnp.float32 else a, tree)
+  with optax_lamb16.Checkpointer(tmp_path, max_to_keep=3) as checkpoints:
+    checkpoints.save(4, older, world_size=1)
+    checkpoints.save(8, tree, world_size=1)
+    _flip(_leaf_file(tmp_path / "8"))
+    with pytest.raises(DamagedCheckpointError, match="step 8"):
+      checkpoints.restore(tree, world_size=1)
+    with pytest.warns(CheckpointFallbackWarning, match=r"restored checkpoint step 4 .* skipped step 8 \(.*SHA-256.*"
+                                                       r"Moved the damaged newer steps \[8\] aside"):
+      restored = checkpoints.restore(tree, world_size=1, fallback=True)
+    assert checkpoints.restored_step == 4 and _bits(restored) == _bits(older)
+    assert checkpoints.latest_step() == 4 and (tmp_path / "8.damaged").is_dir()  # kept, not deleted
+    checkpoints.save(8, tree, world_size=1)  # training goes on and saves that step again
+    assert _bits(checkpoints.restore(tree, world_size=1)) == _bits(tree)
+    _flip(_leaf_file(tmp_path / "4"))
+    _flip(_leaf_file(tmp_path / "8"))
+    with pytest.raises(DamagedCheckpointError, match="holds no intact checkpoint at or before this step.*step 8.*"
+                                                     "step 4"):
+      checkpoints.restore(tree, world_size=1, fallback=True)

@@ -1,4 +1,5 @@
-"""`optax_lamb16.apply_if_finite`: a NaN/inf on any one rank skips the step on every rank, on every backend."""
+"""`optax_lamb16.apply_if_finite`: a NaN/inf on any one rank skips the step on every rank, on every backend; LAMB16's
+float8 v overflowing to +inf is state, not a non-finite gradient (for optax.apply_if_finite too), and checkpoints."""
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +49,58 @@ def test_gives_up_after_max_consecutive_errors_like_optax():
 def test_rejects_a_negative_max_consecutive_errors():
   with pytest.raises(ValueError, match="max_consecutive_errors"):
     optax_lamb16.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=-1)
+
+
+# -- LAMB16's float8 v overflowing to +inf (optax_lamb16/float8.py) is state, not a non-finite gradient -------------
+
+def _overflowing_problem():
+  """A big, otherwise quiet leaf (its v scale ~eps) with one large gradient: its v encodes to +inf after a step."""
+  n = 200_000
+  params = {"big": jnp.zeros(n), "w": jnp.ones(3)}
+  grads = {"big": jnp.zeros(n).at[0].set(10.0).at[1].set(0.01), "w": jnp.full(3, 0.1)}
+  return params, grads
+
+
+def _holds_inf(state) -> bool:
+  return any(leaf.dtype == jnp.float8_e5m2 and bool(jnp.isposinf(leaf.astype(jnp.float32)).any())
+             for leaf in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("wrapper", [optax_lamb16.apply_if_finite, optax.apply_if_finite],
+                         ids=["optax_lamb16", "optax"])
+def test_float8_state_overflow_is_not_taken_for_a_nonfinite_gradient(wrapper):
+  params, grads = _overflowing_problem()
+  tx = wrapper(optax_lamb16.lamb16(1e-2), max_consecutive_errors=2)
+  step = jax.jit(tx.update)
+  state = tx.init(params)
+  start = params
+  for _ in range(3):
+    updates, state = step(grads, state, params)
+    assert bool(state.last_finite) and int(state.total_notfinite) == 0
+    assert all(bool(jnp.isfinite(u).all()) for u in jax.tree.leaves(updates))
+    params = optax.apply_updates(params, updates)
+    assert _holds_inf(state.inner_state)  # the overflowed v stays +inf (the documented, faithful behaviour)
+  assert params["big"][1] != start["big"][1] and bool((params["w"] != start["w"]).all())  # training went on
+  # A real non-finite gradient while the state holds inf: skipped, the state (its inf included) bitwise kept.
+  updates, skipped = step({**grads, "w": jnp.array([0.1, jnp.nan, 0.1])}, state, params)
+  assert not bool(skipped.last_finite) and int(skipped.total_notfinite) == 1
+  assert not any(bool(u.any()) for u in jax.tree.leaves(updates))
+  assert h.same_bits(skipped.inner_state, state.inner_state)
+
+
+def test_a_state_holding_float8_inf_checkpoints_and_restores_bitwise(tmp_path):
+  params, grads = _overflowing_problem()
+  tx = optax_lamb16.apply_if_finite(optax_lamb16.lamb16(1e-2), max_consecutive_errors=2)
+  step = jax.jit(lambda p, s: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(grads, s, p)))
+  params, state = step(params, tx.init(params))
+  assert _holds_inf(state)
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(1, {"params": params, "opt_state": state}, world_size=1)
+    restored = checkpoints.restore({"params": params, "opt_state": state}, world_size=1)
+  assert h.same_bits(restored, {"params": params, "opt_state": state})
+  runs = []
+  for p, s in ((params, state), (restored["params"], restored["opt_state"])):
+    for _ in range(3):
+      p, s = step(p, s)
+    runs.append((p, s))
+  assert h.same_bits(*runs) and int(runs[0][1].total_notfinite) == 0
