@@ -112,9 +112,9 @@ def train(name: str, args, mesh, data, log=print) -> dict:
   if args.checkpoint_dir:  # the whole training state, per-rank error feedback included: resuming is exact
     checkpoints = optax_lamb16.Checkpointer(pathlib.Path(args.checkpoint_dir) / name, max_to_keep=2)
     if checkpoints.latest_step() is not None:
-      step_count = checkpoints.latest_step()
-      restored = checkpoints.restore({"params": params, "opt_state": opt_state}, world_size=world)
-      params, opt_state = restored["params"], restored["opt_state"]
+      # fallback: a damaged newest checkpoint (cut short by a copy, flipped bytes) resumes from the newest intact one.
+      restored = checkpoints.restore({"params": params, "opt_state": opt_state}, world_size=world, fallback=True)
+      params, opt_state, step_count = restored["params"], restored["opt_state"], checkpoints.restored_step
       log(f"{name:>20} resumed from the checkpoint of step {step_count}")
   losses, started = [], time.perf_counter()
   for seen, index in enumerate(dp_common.batches(num_train, args.global_batch, args.epochs, args.seed)):

@@ -93,7 +93,7 @@ def resume_report(checkpoint_dirs: dict[str, pathlib.Path]) -> str:
       lines.append(f"  {name}: from the checkpoint of step {steps[-1]} ({directory / str(steps[-1])})")
     else:
       lines.append(f"  {name}: its newest checkpoint is DAMAGED ({damaged[0]}); the newest intact one is step "
-                   f"{intact} (restore with fallback=True to use it)")
+                   f"{intact}, where it resumes")
   return "The same command resumes\n" + "\n".join(lines)
 
 

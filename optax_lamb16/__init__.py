@@ -23,6 +23,8 @@ from optax_lamb16.sharding import local_view, sharded_init, state_partition_spec
 
 __all__ = [
     "Checkpointer",
+    "CheckpointFallbackWarning",
+    "DamagedCheckpointError",
     "Communicator",
     "CompressedAllReduceState",
     "apply_if_finite",
@@ -53,9 +55,12 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+_CHECKPOINTING = ("Checkpointer", "CheckpointFallbackWarning", "DamagedCheckpointError")
+
+
 def __getattr__(name: str):
   # Orbax is imported only when checkpointing is used: it is slow to import.
-  if name == "Checkpointer":
-    from optax_lamb16.checkpointing import Checkpointer
-    return Checkpointer
+  if name in _CHECKPOINTING:
+    from optax_lamb16 import checkpointing
+    return getattr(checkpointing, name)
   raise AttributeError(f"module 'optax_lamb16' has no attribute {name!r}")
