@@ -74,11 +74,14 @@ def noisy_step(tx, params, state, x, y, noise, rank, view=None):
   return optax.apply_updates(params, updates), state
 
 
-def trajectory_fn(make_tx, mesh, per_rank_params: bool = False):
+def trajectory_fn(make_tx, mesh, per_rank_params: bool = False, with_states: bool = False):
   """A jitted f(params, x, y, noise) -> each rank's params after every step, {name: (P, T, ...)}, over `mesh`.
 
   All steps run in one `lax.scan` inside one `shard_map` (one dispatch). Params are replicated values (typed
   invariant over the axis, as users keep them with spec P()) unless `per_rank_params` (0/1 Adam between syncs).
+  `with_states`: f returns (params, states) instead, states the optimizer state after every step with every leaf
+  stacked per rank as (P, T, ...) (each rank's own view of it: its shard of a per-rank leaf, a replicated leaf as
+  that rank holds it).
   """
   tx = make_tx("data")
 
@@ -95,7 +98,7 @@ def trajectory_fn(make_tx, mesh, per_rank_params: bool = False):
       grads = jax.tree.map(lambda g, n, p: (g + n[0]).astype(p.dtype), grads, noise_t, params)
       updates, state = tx.update(grads, state, params)
       params = optax.apply_updates(params, updates)
-      return (params, state), params
+      return (params, state), ((params, state) if with_states else params)
 
     _, trajectory = jax.lax.scan(step, (params, state), noise)
     return jax.tree.map(lambda a: a[None], trajectory)
@@ -113,11 +116,39 @@ def global_inputs(mesh, params, x, y, noise, param_dtype=jnp.float32):
   return params, put(x, P("data")), put(y, P("data")), {n: put(a, P(None, "data")) for n, a in noise.items()}
 
 
-def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32, per_rank_params=False):
-  """`trajectory_fn` on the first `world` host devices of this process, as NumPy arrays."""
+def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32, per_rank_params=False,
+            with_states=False):
+  """`trajectory_fn` on the first `world` host devices of this process, as NumPy arrays: the params trajectory, or
+  (params, states) with `with_states` (every state leaf (P, T, ...): rank r's state after step t at [r, t])."""
   mesh = host_mesh(world)
-  f = trajectory_fn(make_tx, mesh, per_rank_params)
+  f = trajectory_fn(make_tx, mesh, per_rank_params, with_states)
   return jax.tree.map(np.asarray, f(*global_inputs(mesh, params, x, y, noise, param_dtype)))
+
+
+def state_at(states, t: int = -1, rank: int = 0):
+  """Rank `rank`'s state after step `t` (default: the last) from `run_jax(..., with_states=True)`'s states."""
+  return jax.tree.map(lambda a: a[rank, t], states)
+
+
+def zero_one_adam_phases(states, rank: int = 0) -> list[str]:
+  """Each step's phase as rank `rank`'s 0/1 Adam state schedules it, in the oracle's `log` vocabulary.
+
+  Step t (``count`` after it) runs from the state before it: a variance update if not `frozen` and
+  ``t % var_interval == 0``, otherwise a compressed step until frozen; after the freeze a local step, and a sync too
+  if ``t % local_step_interval == 0``. The state before the first step is `init`'s (count 1, intervals 1, unfrozen).
+  """
+  count = states.count[rank]
+  frozen = np.concatenate([[False], states.frozen[rank, :-1]])
+  var_interval = np.concatenate([[1], states.var_interval[rank, :-1]])
+  local_interval = np.concatenate([[1], states.local_step_interval[rank, :-1]])
+  assert list(count) == list(range(2, len(count) + 2)), count  # DeepSpeed's count: the first update has t = 2
+  phases = []
+  for t, was_frozen, v_int, l_int in zip(count, frozen, var_interval, local_interval):
+    if not was_frozen:
+      phases.append("variance" if t % v_int == 0 else "compressed")
+    else:
+      phases.append("local+sync" if t % l_int == 0 else "local")
+  return phases
 
 
 def run_mpi_rank(tx, rank: int, params: dict, x, y, noise):

@@ -244,12 +244,16 @@ def test_zero_one_adam_var_freeze_step_0_or_1_is_one_variance_update(var_freeze_
   world, steps = 2, 12
   schedule = dict(var_freeze_step=var_freeze_step, var_update_scaler=2, local_step_scaler=3, local_step_clipper=4)
   params, x, y, noise = h.make_problem(world, steps, seed=35)
-  got = h.run_jax(lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, **schedule), world, params, x, y, noise,
-                  per_rank_params=True)
+  got, states = h.run_jax(lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, **schedule), world, params, x, y,
+                          noise, per_rank_params=True, with_states=True)
   oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, **schedule)
   h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
-  assert oracle.log[0] == "variance" and "variance" not in oracle.log[1:]
-  assert np.all(oracle.v[h.NAMES.index("w")] > 0)
+  phases = h.zero_one_adam_phases(states)
+  assert phases == oracle.log and phases[0] == "variance" and "variance" not in phases[1:], (phases, oracle.log)
+  first, last = h.state_at(states, 0), h.state_at(states, -1)
+  assert bool(first.frozen) and int(first.var_interval) == 1  # frozen at the end of the first (variance) update
+  assert np.all(first.nu["w"] > 0)  # which filled v ...
+  np.testing.assert_array_equal(last.nu["w"], first.nu["w"])  # ... and nothing touched it after
   assert all(np.all(np.isfinite(leaf)) for leaf in got.values())
 
 

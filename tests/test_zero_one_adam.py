@@ -17,13 +17,16 @@ SCHEDULE = dict(var_freeze_step=14, var_update_scaler=2, local_step_scaler=3, lo
 def test_matches_numpy_oracle_through_all_phases(world, weight_decay):
   params, x, y, noise = h.make_problem(world, STEPS, seed=10 + world)
   make = lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=weight_decay, **SCHEDULE)
-  got = h.run_jax(make, world, params, x, y, noise, per_rank_params=True)
+  got, states = h.run_jax(make, world, params, x, y, noise, per_rank_params=True, with_states=True)
   oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, weight_decay=weight_decay,
                                           **SCHEDULE)
   trajectory = h.run_oracle(oracle, world, params, x, y, noise)
-  # The run goes through every phase: variance steps with a doubling interval, compressed steps, local steps, syncs
-  # with a widening interval.
-  log = oracle.log
+  # The library's phase schedule (from its state: frozen, var_interval, local_step_interval, count) is the oracle's,
+  # on every rank, and goes through every phase: variance steps with a doubling interval, compressed steps, local
+  # steps, syncs with a widening interval.
+  log = h.zero_one_adam_phases(states)
+  for r in range(world):
+    assert h.zero_one_adam_phases(states, r) == oracle.log, (r, h.zero_one_adam_phases(states, r), oracle.log)
   assert {"variance", "compressed", "local", "local+sync"} <= set(log), log
   variance_steps = [t + 2 for t, kind in enumerate(log) if kind == "variance"]
   assert variance_steps[:4] == [2, 3, 4, 6], variance_steps  # interval 1, then 2 after two variance updates
@@ -46,11 +49,12 @@ def test_momentum_mask_matches_numpy_oracle():
   params, x, y, noise = h.make_problem(world, 30, seed=13)
   mask = h.partial_mask()
   make = lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=0.01, momentum_mask=mask, **SCHEDULE)
-  got = h.run_jax(make, world, params, x, y, noise, per_rank_params=True)
+  got, states = h.run_jax(make, world, params, x, y, noise, per_rank_params=True, with_states=True)
   oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, weight_decay=0.01,
                                           mask=[mask[n] for n in h.NAMES], **SCHEDULE)
   h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
-  assert "local+sync" in oracle.log and "compressed" in oracle.log
+  phases = h.zero_one_adam_phases(states)
+  assert phases == oracle.log and "local+sync" in phases and "compressed" in phases, (phases, oracle.log)
   unmasked = h.run_jax(lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=0.01, **SCHEDULE),
                        world, params, x, y, noise, per_rank_params=True)
   assert np.abs(unmasked["w"][:, -1] - got["w"][:, -1]).max() > 1e-3
@@ -80,12 +84,15 @@ def test_sharded_init_with_a_0d_param_matches_numpy_oracle_through_all_phases():
 
   step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(P("data"), specs, P("data"), P("data"), P("data")),
                                out_specs=(P("data"), specs)))
-  trajectory = []
+  trajectory, schedule = [], []
   for t in range(steps):
     local, state = jax.block_until_ready(step(local, state, put(x, P("data")), put(y, P("data")),
                                               {n: put(a[t], P("data")) for n, a in noise.items()}))
     trajectory.append(jax.tree.map(np.asarray, local))
+    schedule.append(state._replace(mu=None, nu=None, accumulated_update=None, exchange=None))  # the replicated scalars
   got = {n: np.stack([p[n] for p in trajectory], axis=1) for n in h.NAMES}
   oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, weight_decay=0.01, **SCHEDULE)
   h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
-  assert {"variance", "compressed", "local", "local+sync"} <= set(oracle.log)
+  phases = h.zero_one_adam_phases(jax.tree.map(lambda *a: np.stack(a)[None], *schedule))  # leaves (1, T)
+  assert phases == oracle.log and {"variance", "compressed", "local", "local+sync"} <= set(phases), (phases,
+                                                                                                     oracle.log)
