@@ -13,7 +13,6 @@ from optax_lamb16 import _checks, _common, comm as comm_lib, compression
 
 # Fix hints shared by the optimizers' argument checks.
 EPS_FIX = "It keeps m / (sqrt(v) + eps) finite where v is 0 (elements or leaves whose gradients are all zero)."
-STEP_FIX = "Pass a non-negative int; it counts steps as DeepSpeed does (SPEC.md section 2)."
 FREEZE_FIX = (
     "Steps count as in DeepSpeed (SPEC.md section 2): the state's count starts at 1 (DeepSpeed's set-up call) and "
     "the first update runs with t = 2, so freeze_step = F gives F - 1 warm-up updates (exact all-reduce, m and v "

@@ -119,11 +119,6 @@ def scale_from_sum(total: jax.Array, n: int, eps: jax.Array | float) -> jax.Arra
   return jnp.sqrt(total) / jnp.float32(max(n, 1)) + eps  # a float32 N: leaves may exceed int32
 
 
-def moment_scale(x: jax.Array, eps: jax.Array | float) -> jax.Array:
-  """The reference's per-tensor scale of `x`: ``sqrt(sum(min(x*x, 10))) / N + eps``."""
-  return scale_from_sum(jnp.sum(clipped_square(x)), x.size, eps)
-
-
 def encode_momentum(m: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array] = to_e4m3fn) -> jax.Array:
   """float8_e4m3fn of ``clip(m / scale, -15, 15)``; `cast` is `to_e4m3fn` or `native_e4m3fn` (bitwise equal)."""
   return cast(jnp.clip(m / scale, -MOMENTUM_CLIP, MOMENTUM_CLIP))
