@@ -34,8 +34,10 @@ import mnist_common  # noqa: E402
 import optax_lamb16  # noqa: E402
 
 COLOURS = {"adam": "tab:red", "lamb": "tab:green", "lamb16": "tab:blue", "adamw": "tab:orange",
-           "pytorch_lamb": "tab:olive"}
-LABELS = {"adam": "Adam", "lamb": "LAMB", "lamb16": "LAMB16", "adamw": "AdamW", "pytorch_lamb": "LAMB (pytorch-lamb)"}
+           "pytorch_lamb": "tab:olive", "lamb16_blockwise": "tab:purple"}
+LABELS = {"adam": "Adam", "lamb": "LAMB", "lamb16": "LAMB16", "adamw": "AdamW", "pytorch_lamb": "LAMB (pytorch-lamb)",
+          "lamb16_blockwise": "LAMB16 (block-wise)"}
+FLOAT8_OPTIMIZERS = ("lamb16", "lamb16_blockwise")  # their runs log optax_lamb16.float8_health once an epoch
 TRAIN_CURVE_POINTS = 200  # train-loss points kept per run (window means)
 
 
@@ -79,6 +81,8 @@ def make_optimizer(name: str, lr: float, weight_decay: float) -> optax.GradientT
     return optax.chain(pytorch_lamb_direction(weight_decay), optax.scale_by_learning_rate(lr))
   if name == "lamb16":
     return optax_lamb16.lamb16(lr, weight_decay=weight_decay)
+  if name == "lamb16_blockwise":
+    return optax_lamb16.lamb16_blockwise(lr, weight_decay=weight_decay)
   raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(COLOURS)}")
 
 
@@ -102,6 +106,8 @@ def train_one(name: str, data, batch_size: int, lr: float, weight_decay: float, 
   x_train, y_train = data["x_train"], data["y_train"]
   rng = np.random.default_rng(seed)
   losses, test_curve, step, started = [], [], 0, time.perf_counter()
+  health_fn = getattr(optax_lamb16, "float8_health", None) if name in FLOAT8_OPTIMIZERS else None
+  health = []
   for epoch in range(1, epochs + 1):
     order = rng.permutation(len(x_train))  # shuffled every epoch; the last partial batch is kept, as in PyTorch
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -116,17 +122,22 @@ def train_one(name: str, data, batch_size: int, lr: float, weight_decay: float, 
     test_loss, test_accuracy = evaluate(params, data["x_test"], data["y_test"])
     test_curve.append({"epoch": epoch, "samples": int(sum(n for n, _ in losses)), "test_loss": test_loss,
                        "test_accuracy": test_accuracy})
+    if health_fn is not None:  # fractions of the float8 state: m saturated, v at inf, v at zero
+      health.append({"epoch": epoch, **{key: float(value) for key, value in health_fn(opt_state).items()}})
     tqdm.write(f"{name:>8} epoch {epoch}: test loss {test_loss:.4f}, accuracy {test_accuracy:.4f}")
     if max_steps is not None and step >= max_steps:
       break
   seconds = time.perf_counter() - started
-  return {
+  record = {
       "optimizer": name, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "epochs": epochs,
       "seed": seed, "steps": step, "num_params": mnist_common.count_params(params),
       "final_test_accuracy": test_curve[-1]["test_accuracy"], "final_test_loss": test_curve[-1]["test_loss"],
       "train_loss_curve": _downsample(losses), "test_curve": test_curve, "seconds": round(seconds, 2),
       "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(opt_state))),
   }
+  if health_fn is not None:
+    record["float8_health"] = health
+  return record
 
 
 def _downsample(losses: list[tuple[int, float]]) -> list[dict]:
