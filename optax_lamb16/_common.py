@@ -5,10 +5,12 @@ One implementation each, so that the building blocks and the fused or communicat
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -40,21 +42,45 @@ def advance_schedule_state(state: optax.OptState) -> optax.OptState:
   return state
 
 
-def moment_update(moment: jax.Array, value: jax.Array, decay: jax.Array, order: int = 1) -> jax.Array:
-  """The exponential moving average of the moments: ``decay * moment + (1 - decay) * value**order``.
+class Decay(NamedTuple):
+  """A moment decay rate ``b`` and its complement ``1 - b``, float32 scalars."""
+  rate: jax.Array
+  complement: jax.Array
 
-  The product is formed left to right, ``(1 - decay) * value * value`` for the second moment, as the references'
+
+def _is_static_number(hyperparameter: Any) -> bool:
+  return isinstance(hyperparameter, (numbers.Real, np.ndarray, np.generic)) and not isinstance(hyperparameter, bool)
+
+
+def decay_at(hyperparameter: Any, count: jax.Array | None) -> Decay:
+  """`value_at` for a decay rate, with its complement.
+
+  For a static number (Python or NumPy) ``1 - b`` is formed in double precision and rounded once to float32, as the
+  references do (PyTorch's ``alpha=1 - beta``): ``1 - float32(0.999)`` in float32 is 0.00099998713, 1.3e-5 away
+  from 0.001, enough to flip float8 roundings of LAMB16's v within a few steps. A schedule or a traced value (under
+  `optax.inject_hyperparams`) is float32 only, and its complement is formed in float32.
+  """
+  rate = value_at(hyperparameter, count)
+  if _is_static_number(hyperparameter):
+    return Decay(rate, jnp.float32(1.0 - np.float64(hyperparameter)))
+  return Decay(rate, 1 - rate)
+
+
+def moment_update(moment: jax.Array, value: jax.Array, decay: Decay, order: int = 1) -> jax.Array:
+  """The exponential moving average of the moments: ``b * moment + (1 - b) * value**order`` for ``decay = (b, 1-b)``.
+
+  The product is formed left to right, ``(1 - b) * value * value`` for the second moment, as the references'
   ``addcmul`` does. All operands are float32.
   """
-  weighted = (1 - decay) * value
+  weighted = decay.complement * value
   if order == 2:
     weighted = weighted * value
   elif order != 1:
     raise ValueError(f"`order` must be 1 or 2, got {order}")
-  return decay * moment + weighted
+  return decay.rate * moment + weighted
 
 
-def tree_moment_update(moments: Any, values: Any, decay: jax.Array, order: int = 1) -> Any:
+def tree_moment_update(moments: Any, values: Any, decay: Decay, order: int = 1) -> Any:
   """`moment_update` leaf by leaf over two pytrees of the same structure."""
   return jax.tree.map(lambda m, x: moment_update(m, x, decay, order), moments, values)
 

@@ -62,6 +62,11 @@ def hyperparameters_at(count: jax.Array, *hyperparameters: Any) -> tuple[jax.Arr
   return tuple(_common.value_at(h, count - 1) for h in hyperparameters)
 
 
+def decays_at(count: jax.Array, *decay_rates: Any) -> tuple[_common.Decay, ...]:
+  """`hyperparameters_at` for decay rates (`_common.decay_at`: ``1 - b`` in double precision where b is static)."""
+  return tuple(_common.decay_at(b, count - 1) for b in decay_rates)
+
+
 def zeros_like(tree: Any) -> Any:
   """float32 zeros shaped like each leaf (abstract shapes fine), laid out like it on an Explicit mesh, and typed
   replicated inside `shard_map` even where the leaf is per rank (`jnp.zeros_like` would type it varying)."""
@@ -105,7 +110,7 @@ def checked_inputs(updates: Any, state: Any, params: Any, communicator: comm_lib
   return grads, params, check_exchange(communicator, state.exchange, grads)
 
 
-def warmup_moments(grads: Any, mu: Any, nu: Any, b1: jax.Array, b2: jax.Array,
+def warmup_moments(grads: Any, mu: Any, nu: Any, b1: _common.Decay, b2: _common.Decay,
                    communicator: comm_lib.Communicator) -> tuple[Any, Any]:
   """The uncompressed step all three optimizers share (1-bit Adam's and 1-bit LAMB's warm-up, 0/1 Adam's variance
   steps): the exact mean of the ranks' gradients, then ``m = b1*m + (1-b1)*g`` and ``v = b2*v + (1-b2)*g*g``."""

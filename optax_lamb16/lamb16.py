@@ -179,7 +179,8 @@ def _scale_by_lamb16(b1, b2, eps, kernels):
   def update_fn(updates, state, params=None):
     del params
     _check_leaves(updates, state.mu, "optimizer state (from init)")
-    beta1, beta2, epsilon = (_common.value_at(h, state.count) for h in (b1, b2, eps))
+    beta1, beta2 = (_common.decay_at(h, state.count) for h in (b1, b2))
+    epsilon = _common.value_at(eps, state.count)
 
     def all_leaves(kernels, updates, mu, nu, mu_scale, nu_scale, beta1, beta2, epsilon):
       leaf = lambda *args: _moments_leaf(kernels, *args, beta1, beta2, epsilon)
@@ -337,8 +338,8 @@ def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr,
     _check_leaves(updates, state.mu, "optimizer state (from init)")
     _check_leaves(updates, params, "params")
     hyper = {name: _common.value_at(h, state.count) for name, h in dict(
-        lr=learning_rate, decay=weight_decay, beta1=b1, beta2=b2, epsilon=eps, exponent=trust_scale,
-        reference=reference_lr).items()}
+        lr=learning_rate, decay=weight_decay, epsilon=eps, exponent=trust_scale, reference=reference_lr).items()}
+    hyper.update(beta1=_common.decay_at(b1, state.count), beta2=_common.decay_at(b2, state.count))
     decayed = _decay_mask(mask, params)
 
     def all_leaves(kernels, updates, params, mu, nu, mu_scale, nu_scale, hyper):

@@ -80,7 +80,8 @@ def scale_by_onebit_adam(comm: Any, freeze_step: int = 100000, b1: optax.ScalarO
   def update_fn(updates, state, params=None):
     grads, _, _ = _onebit.checked_inputs(updates, state, params, communicator, params_required=False)
     t = _onebit.next_count(state.count)
-    beta1, beta2, epsilon = _onebit.hyperparameters_at(state.count, b1, b2, eps)
+    beta1, beta2 = _onebit.decays_at(state.count, b1, b2)
+    (epsilon,) = _onebit.hyperparameters_at(state.count, eps)
 
     def warmup(_):
       return *_onebit.warmup_moments(grads, state.mu, state.nu, beta1, beta2, communicator), state.exchange

@@ -62,8 +62,8 @@ def _norm(x: jax.Array) -> jax.Array:
 class _Hyper(NamedTuple):
   """The hyperparameters of one update, as the phases use them."""
   lr: jax.Array
-  b1: jax.Array
-  b2: jax.Array
+  b1: _common.Decay
+  b2: _common.Decay
   eps: jax.Array
   weight_decay: jax.Array
   max_coeff: Any
@@ -162,8 +162,10 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
                        f"{world} needs ({tail},): the state was made for another world size. Re-create it with "
                        f"`init` where `comm` spans the current ranks.")
     t = _onebit.next_count(state.count)
-    hyper = _Hyper(*_onebit.hyperparameters_at(state.count, learning_rate, b1, b2, eps, weight_decay), max_coeff,
-                   min_coeff, coeff_beta, factor_max, factor_min, factor_threshold)
+    lr, epsilon, decay = _onebit.hyperparameters_at(state.count, learning_rate, eps, weight_decay)
+    beta1, beta2 = _onebit.decays_at(state.count, b1, b2)
+    hyper = _Hyper(lr, beta1, beta2, epsilon, decay, max_coeff, min_coeff, coeff_beta, factor_max, factor_min,
+                   factor_threshold)
     warmup = lambda _: _warmup_phase(grads, params, state, t, freeze_step, hyper, communicator)
     compress = lambda _: _compression_phase(grads, params, state, t, freeze_step, hyper, communicator, world,
                                             momentum_mask, mask_zero_variance)
@@ -227,7 +229,7 @@ def _compression_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.A
 
   def leaf(m, m_prev, v, v_fresh, p, coeff_freeze, last_factor):
     denominator, direction, update = _adam_update(m, v, p, hyper)
-    rebuilt = (m - hyper.b1 * m_prev) / (1 - hyper.b1)
+    rebuilt = (m - hyper.b1.rate * m_prev) / hyper.b1.complement
     v_fresh = _common.moment_update(v_fresh, rebuilt, hyper.b2, order=2)
     ratios = denominator / (jnp.sqrt(v_fresh) + hyper.eps)
     factor = jnp.max(ratios) if ratios.size else jnp.float32(1)

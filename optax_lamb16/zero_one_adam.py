@@ -142,8 +142,8 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
   def update_fn(updates, state, params=None):
     grads, params, _ = _onebit.checked_inputs(updates, state, params, communicator)
     t = _onebit.next_count(state.count)
-    beta1, beta2, epsilon, decay, lr = _onebit.hyperparameters_at(state.count, b1, b2, eps, weight_decay,
-                                                                   learning_rate)
+    beta1, beta2 = _onebit.decays_at(state.count, b1, b2)
+    epsilon, decay, lr = _onebit.hyperparameters_at(state.count, eps, weight_decay, learning_rate)
     frozen = state.frozen
     mu_before = _onebit.from_per_rank_layout(state.mu, params)
     accumulated_before = _onebit.from_per_rank_layout(state.accumulated_update, params)

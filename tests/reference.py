@@ -14,6 +14,12 @@ import numpy as np
 F32 = np.float32
 
 
+def complement(b: float) -> np.float32:
+  """``1 - b`` as the references form it: in double precision from the Python number, rounded once to float32
+  (PyTorch's ``alpha=1 - beta``), not ``1 - float32(b)``."""
+  return F32(1.0 - float(b))
+
+
 def to_float8_e4m3fn(x: np.ndarray) -> np.ndarray:
   return np.asarray(x, F32).astype(ml_dtypes.float8_e4m3fn)
 
@@ -36,6 +42,7 @@ class Lamb16Reference:
   def __init__(self, params, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, trust_scale=0.382, reference_lr=1e-3,
                decay_mask=None):
     self.b1, self.b2, self.eps = F32(b1), F32(b2), F32(eps)
+    self.c1, self.c2 = complement(b1), complement(b2)
     self.weight_decay, self.trust_scale, self.reference_lr = F32(weight_decay), F32(trust_scale), F32(reference_lr)
     self.decay_mask = decay_mask if decay_mask is not None else [True] * len(params)
     self.states = [
@@ -54,8 +61,8 @@ class Lamb16Reference:
       m = s.mq.astype(F32) * s.sm
       v = s.vq.astype(F32) * s.sv
       # 2. moments, no bias correction
-      m = self.b1 * m + (F32(1) - self.b1) * g
-      v = self.b2 * v + (F32(1) - self.b2) * g * g
+      m = self.b1 * m + self.c1 * g
+      v = self.b2 * v + self.c2 * g * g
       # 3. scales: L2 norm of squares clipped at 10, divided by N
       sm_new = np.sqrt(np.sum(np.minimum(m * m, F32(10)), dtype=F32)) / n + self.eps
       sv_new = np.sqrt(np.sum(np.minimum(v * v, F32(10)), dtype=F32)) / n + self.eps
@@ -162,6 +169,7 @@ class OnebitAdamReference:
     self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
     self.mask_zero_variance = mask_zero_variance
     self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
+    self.c1, self.c2 = complement(b1), complement(b2)
     self.m = [np.zeros(p.shape, F32) for p in params]
     self.v = [np.zeros(p.shape, F32) for p in params]
     self.mask = mask
@@ -171,13 +179,13 @@ class OnebitAdamReference:
   def step(self, per_rank_params, local_grads):
     params = per_rank_params[0]  # identical on every rank
     self.t += 1
-    b1, b2 = self.b1, self.b2
+    b1, b2, c1, c2 = self.b1, self.b2, self.c1, self.c2
     if self.t <= self.freeze_step:
       g = _exact_mean(local_grads)
-      self.m = [b1 * m + (F32(1) - b1) * gi for m, gi in zip(self.m, g)]
-      self.v = [b2 * v + (F32(1) - b2) * gi * gi for v, gi in zip(self.v, g)]
+      self.m = [b1 * m + c1 * gi for m, gi in zip(self.m, g)]
+      self.v = [b2 * v + c2 * gi * gi for v, gi in zip(self.v, g)]
     else:
-      local_m = [_flat([b1 * m + (F32(1) - b1) * gi for m, gi in zip(self.m, grads)]) for grads in local_grads]
+      local_m = [_flat([b1 * m + c1 * gi for m, gi in zip(self.m, grads)]) for grads in local_grads]
       self.m = _unflat(self.car(local_m) if self.world > 1 else local_m[0], self.m)
       if self.mask is not None:
         self.m = [m * F32(k) for m, k in zip(self.m, self.mask)]
@@ -204,6 +212,7 @@ class ZeroOneAdamReference:
     self.world, self.lr = world, F32(lr)
     self.mask_zero_variance = mask_zero_variance
     self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
+    self.c1, self.c2 = complement(b1), complement(b2)
     self.var_freeze_step, self.var_update_scaler = var_freeze_step, var_update_scaler
     self.local_step_scaler, self.local_step_clipper = local_step_scaler, local_step_clipper
     self.mask = mask
@@ -231,12 +240,12 @@ class ZeroOneAdamReference:
 
   def step(self, per_rank_params, local_grads):
     self.t += 1
-    t, b1, b2, world = self.t, self.b1, self.b2, self.world
-    momentum = lambda m, g: [b1 * a + (F32(1) - b1) * b for a, b in zip(m, g)]
+    t, b1, b2, c1, c2, world = self.t, self.b1, self.b2, self.c1, self.c2, self.world
+    momentum = lambda m, g: [b1 * a + c1 * b for a, b in zip(m, g)]
     variance_due = not self.frozen and t % self.var_interval == 0
     if variance_due:
       g = _exact_mean(local_grads)
-      self.v = [b2 * v + (F32(1) - b2) * gi * gi for v, gi in zip(self.v, g)]
+      self.v = [b2 * v + c2 * gi * gi for v, gi in zip(self.v, g)]
       self.m = [momentum(self.m[r], g) for r in range(world)]
       self.log.append("variance")
     elif not self.frozen:
@@ -296,7 +305,9 @@ class OnebitLambReference:
     self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
     self.mask_zero_variance = mask_zero_variance
     self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
+    self.c1, self.c2 = complement(b1), complement(b2)
     self.max_coeff, self.min_coeff, self.coeff_beta = F32(max_coeff), F32(min_coeff), F32(coeff_beta)
+    self.coeff_complement = complement(coeff_beta)
     self.factor_max, self.factor_min, self.factor_threshold = F32(factor_max), F32(factor_min), F32(factor_threshold)
     zeros = lambda: [np.zeros(p.shape, F32) for p in params]
     self.m, self.v, self.v_fresh = zeros(), zeros(), zeros()
@@ -311,12 +322,13 @@ class OnebitLambReference:
     params = per_rank_params[0]
     self.t += 1
     t, b1, b2, eps, wd = self.t, self.b1, self.b2, self.eps, self.wd
+    c1, c2 = self.c1, self.c2
     norm = lambda x: F32(np.sqrt(np.sum(x * x, dtype=F32)))
     new_params = []
     if t <= self.freeze_step:
       g = _exact_mean(local_grads)
-      self.m = [b1 * m + (F32(1) - b1) * gi for m, gi in zip(self.m, g)]
-      self.v = [b2 * v + (F32(1) - b2) * gi * gi for v, gi in zip(self.v, g)]
+      self.m = [b1 * m + c1 * gi for m, gi in zip(self.m, g)]
+      self.v = [b2 * v + c2 * gi * gi for v, gi in zip(self.v, g)]
       if t == self.freeze_step:
         self.v_fresh = [v.copy() for v in self.v]
       for i, (p, m, v) in enumerate(zip(params, self.m, self.v)):
@@ -325,7 +337,7 @@ class OnebitLambReference:
         if norm(p) > 0 and norm(u) > 0:
           r = F32(np.clip(norm(p) / norm(u), self.min_coeff, self.max_coeff))
         if r != 1:
-          self.coeff_freeze[i] = F32(self.coeff_beta * self.coeff_freeze[i] + (F32(1) - self.coeff_beta) * r)
+          self.coeff_freeze[i] = F32(self.coeff_beta * self.coeff_freeze[i] + self.coeff_complement * r)
         new_params.append(self.round(p + self.round(-self.lr * (r * u))))
       return new_params
     m_prev = [m.copy() for m in self.m]
@@ -334,7 +346,7 @@ class OnebitLambReference:
       mean_rms = F32(sum(rms) / F32(len(rms)))
       # Guard (not in DeepSpeed): a leaf without momentum gets scaling 0 and keeps zero momentum.
       self.scaling = [F32(mean_rms / r) if r > 0 else F32(0) for r in rms]
-    local = [[(b1 * m + (F32(1) - b1) * gi) * s for m, gi, s in zip(self.m, grads, self.scaling)]
+    local = [[(b1 * m + c1 * gi) * s for m, gi, s in zip(self.m, grads, self.scaling)]
              for grads in local_grads]
     if self.world > 1:
       buffers = [np.concatenate([_flat(leaves), self.tail]) for leaves in local]
@@ -352,8 +364,8 @@ class OnebitLambReference:
     if self.mask_zero_variance:
       self.m = [np.where(v > 0, m, F32(0)) for m, v in zip(self.m, self.v)]
     for i, (p, m, mp, v) in enumerate(zip(params, self.m, m_prev, self.v)):
-      g_hat = (m - b1 * mp) / (F32(1) - b1)
-      self.v_fresh[i] = b2 * self.v_fresh[i] + (F32(1) - b2) * g_hat * g_hat
+      g_hat = (m - b1 * mp) / c1
+      self.v_fresh[i] = b2 * self.v_fresh[i] + c2 * g_hat * g_hat
       d = np.sqrt(v) + eps
       u0 = m / d
       u = u0 + wd * p

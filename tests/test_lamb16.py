@@ -13,11 +13,19 @@ from tests import reference
 
 # A tiny, a medium and a large (>= 400k) leaf.
 SHAPES = {"tiny": (10,), "medium": (96, 64), "large": (640, 641)}
+# The trajectory tests add a small leaf, where float8 roundings decide the trajectory most (and where forming 1 - b
+# in float32 drifted by 3e-3 of the distance moved within 10 steps at lr 0.02).
+TRAJECTORY_SHAPES = dict(SHAPES, small=(10, 64))
+# Leaves of at most this many elements follow the oracle to float32 rounding at every step. In larger ones the
+# float32 sums behind the scales add in another order than NumPy's, so a scale can differ by an ulp and flip the
+# float8 rounding of the odd element that sits on a rounding boundary (measured: about 9 of 410k elements of the
+# large leaf over 40 steps, each moving its parameter by a few percent), which the trajectory carries on.
+EXACT_ORDER_SIZE = 8192
 
 
-def make_params(seed=0):
+def make_params(seed=0, shapes=SHAPES):
   rng = np.random.default_rng(seed)
-  return {name: (rng.standard_normal(shape) * 0.5).astype(np.float32) for name, shape in SHAPES.items()}
+  return {name: (rng.standard_normal(shape) * 0.5).astype(np.float32) for name, shape in shapes.items()}
 
 
 def make_grads(params, rng, scale):
@@ -26,8 +34,9 @@ def make_grads(params, rng, scale):
 
 
 def run_both(tx_kwargs, steps, grad_scale, lr_of_step, seed=0):
-  """Runs optax_lamb16.lamb16 (jitted) and the NumPy oracle on the same gradients; returns (start, jax, numpy)."""
-  start = make_params(seed)
+  """Runs optax_lamb16.lamb16 (jitted) and the NumPy oracle on the same gradients; returns (start, jax, numpy,
+  state, drift per leaf and step)."""
+  start = make_params(seed, TRAJECTORY_SHAPES)
   names = sorted(start)  # tree-flatten order of a dict
   tx = optax_lamb16.lamb16(**tx_kwargs)
   oracle_kwargs = {k: v for k, v in tx_kwargs.items() if k != "learning_rate"}
@@ -42,11 +51,16 @@ def run_both(tx_kwargs, steps, grad_scale, lr_of_step, seed=0):
   state = tx.init(params_jax)
   params_np = [start[n] for n in names]
   rng = np.random.default_rng(seed + 1)
+  drift = {n: [] for n in names}  # per leaf and step: |jax - numpy| / |numpy - start|
   for t in range(steps):
     grads = make_grads({n: p for n, p in zip(names, params_np)}, rng, grad_scale)
     params_jax, state = step(params_jax, state, grads)
     params_np = oracle.step(params_np, [grads[n] for n in names], lr_of_step(t))
-  return start, params_jax, dict(zip(names, params_np)), state
+    for n, want in zip(names, params_np):
+      moved = np.linalg.norm(want - start[n])
+      assert moved > 0, (n, t)
+      drift[n].append(np.linalg.norm(np.asarray(params_jax[n]) - want) / moved)
+  return start, params_jax, dict(zip(names, params_np)), state, drift
 
 
 SETTINGS = [
@@ -60,8 +74,8 @@ SETTINGS = [
 
 @pytest.mark.parametrize("lr, weight_decay, grad_scale", SETTINGS)
 def test_matches_numpy_oracle_for_40_steps(lr, weight_decay, grad_scale):
-  start, got, want, state = run_both(dict(learning_rate=lr, weight_decay=weight_decay), 40, grad_scale,
-                                    lambda t: lr)
+  *_, state, drift = run_both(dict(learning_rate=lr, weight_decay=weight_decay), 40, grad_scale,
+                              lambda t: lr)
   moments = state
   # The settings reach the regimes they are named after.
   if grad_scale < 1e-2:
@@ -70,11 +84,10 @@ def test_matches_numpy_oracle_for_40_steps(lr, weight_decay, grad_scale):
     saturated = jnp.mean(jnp.abs(moments.mu["large"].astype(jnp.float32)) == 15.0)
     assert saturated > 0.5, saturated
     assert float(moments.nu_scale["tiny"]) * float(jnp.max(moments.nu["tiny"].astype(jnp.float32))) > 5.0
-  for name in SHAPES:
-    moved = np.linalg.norm(want[name] - start[name])
-    assert moved > 0
-    error = np.linalg.norm(np.asarray(got[name]) - want[name])
-    assert error <= 1e-4 * moved, (name, error, moved)
+  for name, shape in TRAJECTORY_SHAPES.items():
+    worst = max(drift[name])
+    # The reference's trajectory to float32 rounding, every step (1 - b is formed in double precision by both).
+    assert worst <= (1e-5 if math.prod(shape) <= EXACT_ORDER_SIZE else 3e-4), (name, worst)
 
 
 def test_matches_numpy_oracle_with_schedule_and_mask():
@@ -120,8 +133,8 @@ def test_hand_worked_first_step():
   moments = state
   np.testing.assert_array_equal(moments.mu["w"].astype(jnp.float32), [0.8125, -1.625, 2.5])
   np.testing.assert_allclose(moments.mu_scale["w"], math.sqrt(0.14) / 3 + 1e-6, rtol=1e-6)
-  # float32(1 - 0.999) = 0.00099998713: 1.3e-5 relative off the decimal value used here.
-  np.testing.assert_allclose(moments.nu_scale["w"], math.sqrt(1e-6 + 16e-6 + 81e-6) / 3 + 1e-6, rtol=3e-5)
+  # 1 - b2 is formed in double precision (float32(1 - 0.999) would be 1.3e-5 off).
+  np.testing.assert_allclose(moments.nu_scale["w"], math.sqrt(1e-6 + 16e-6 + 81e-6) / 3 + 1e-6, rtol=1e-6)
 
 
 def test_state_is_float8_and_at_most_2_bytes_per_parameter():
@@ -228,7 +241,9 @@ def test_inside_chain_matches_manual_composition(small_problem):
 def test_inject_hyperparams_gives_same_updates_and_state(small_problem):
   params, grads_list = small_problem
   kwargs = dict(learning_rate=0.02, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.01, trust_scale=0.4, reference_lr=2e-3)
-  plain_params, plain_state = run_steps(optax_lamb16.lamb16(**kwargs), params, grads_list)
+  # Injected decay rates are float32 values, so 1 - b is formed in float32, as for decay rates given as arrays.
+  as_arrays = dict(kwargs, b1=jnp.float32(0.8), b2=jnp.float32(0.99))
+  plain_params, plain_state = run_steps(optax_lamb16.lamb16(**as_arrays), params, grads_list)
   injected = optax.inject_hyperparams(optax_lamb16.lamb16)(**kwargs)
   inj_params, inj_state = run_steps(injected, params, grads_list)
   assert_trees_equal(inj_params, plain_params, rtol=1e-6)
@@ -242,7 +257,8 @@ def test_inject_hyperparams_gives_same_updates_and_state(small_problem):
 def test_schedule_is_used_by_trust_ratio_and_scaling(small_problem):
   params, grads_list = small_problem
   schedule = optax.linear_schedule(0.05, 0.001, len(grads_list))
-  got, _ = run_steps(optax_lamb16.lamb16(schedule), params, grads_list)
+  # Decay rates as float32 arrays, as inject_hyperparams passes its defaults too.
+  got, _ = run_steps(optax_lamb16.lamb16(schedule, b1=jnp.float32(0.9), b2=jnp.float32(0.999)), params, grads_list)
   # The same via inject_hyperparams (which evaluates the schedule itself and passes numbers).
   want, _ = run_steps(optax.inject_hyperparams(optax_lamb16.lamb16)(learning_rate=schedule), params, grads_list)
   assert_trees_equal(got, want, rtol=1e-6)
@@ -459,3 +475,16 @@ def test_leaves_too_large_for_int32_offsets_are_summed_whole():
   state = jax.eval_shape(tx.init, params)
   updates, _ = jax.eval_shape(tx.update, params, state, params)
   assert updates["w"].shape == huge.shape
+
+
+def test_one_minus_a_static_decay_rate_is_formed_in_double_precision():
+  from optax_lamb16 import _common
+  for b in (0.9, 0.999, np.float64(0.99)):
+    decay = _common.decay_at(b, None)
+    assert decay.rate == np.float32(b) and decay.complement == np.float32(1.0 - float(b))
+  assert _common.decay_at(0.999, None).complement != np.float32(1) - np.float32(0.999)  # 1.3e-5 apart
+  # Traced or scheduled rates only exist in float32: the complement is formed there.
+  traced = jax.jit(lambda b: _common.decay_at(b, None).complement)(jnp.float32(0.999))
+  assert traced == np.float32(1) - np.float32(0.999)
+  scheduled = _common.decay_at(optax.constant_schedule(0.999), jnp.int32(0)).complement
+  assert scheduled == np.float32(1) - np.float32(0.999)

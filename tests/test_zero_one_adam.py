@@ -38,8 +38,9 @@ def test_matches_numpy_oracle_through_all_phases(world, weight_decay):
     spread = max(np.abs(got[n][:, t] - got[n][0, t]).max() for n in h.NAMES)
     if kind == "local":
       assert spread > 1e-6, (t, spread)
-    else:
-      assert spread <= 1e-6, (t, kind, spread)
+    else:  # a few float32 ulps of the largest parameter
+      ulp = np.spacing(max(np.abs(got[n][:, t]).max() for n in h.NAMES))
+      assert spread <= 4 * ulp, (t, kind, spread, ulp)
 
 
 def test_momentum_mask_matches_numpy_oracle():
