@@ -11,8 +11,11 @@ from optax_lamb16.gradient_mean import compressed_mean, uncompressed_mean
 from optax_lamb16.lamb16 import (
     ScaleByLamb16State,
     clipped_layer_norm,
+    float8_health,
     lamb16,
+    lamb16_blockwise,
     scale_by_lamb16,
+    scale_by_lamb16_blockwise,
     scale_by_lamb16_trust_ratio,
 )
 from optax_lamb16.nonfinite import apply_if_finite
@@ -47,8 +50,11 @@ __all__ = [
     "state_partition_specs",
     "ScaleByLamb16State",
     "clipped_layer_norm",
+    "float8_health",
     "lamb16",
+    "lamb16_blockwise",
     "scale_by_lamb16",
+    "scale_by_lamb16_blockwise",
     "scale_by_lamb16_trust_ratio",
 ]
 

@@ -128,3 +128,36 @@ def encode_variance(v: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], 
   """float8_e5m2 of ``min(v, 10) / scale`` (can overflow to +inf: see the module docstring); `cast` is `to_e5m2` or
   `native_e5m2` (bitwise equal)."""
   return cast(jnp.minimum(v, SQUARE_CLIP) / scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Block-wise absmax storage (SPEC.md section 1b, `lamb16_blockwise`): one float32 scale per block of elements, the
+# block's largest magnitude stored at the format's largest finite value, so that nothing clips or overflows.
+
+MOMENTUM_TOP = 448.0  # float8_e4m3fn's largest finite value
+VARIANCE_TOP = 57344.0  # float8_e5m2's
+# The smallest scale: float32's smallest normal number, so that an all-zero block divides 0 by a positive number.
+SCALE_FLOOR = 2.0 ** -126
+
+
+def block_scale(absmax: jax.Array, top: float) -> jax.Array:
+  """The scale of a block whose largest magnitude is `absmax`: ``max(absmax / top, 2^-126)``. Dividing the block by
+  it puts its largest element at `top` (at most an ulp above, which rounds back to `top`: no clip needed)."""
+  return jnp.maximum(absmax / jnp.float32(top), jnp.float32(SCALE_FLOOR))
+
+
+def encode_block(x: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array]) -> jax.Array:
+  """``cast(x / scale)`` for the block-wise storage (`cast` is one of this module's float8 casts)."""
+  return cast(x / scale)
+
+
+def health(mu: jax.Array, nu: jax.Array, blockwise: bool) -> dict[str, jax.Array]:
+  """Per-leaf float8 health of stored moments (`optax_lamb16.float8_health`): fractions of the elements of m at the
+  encoder's clip (±15 for the per-tensor storage; the block-wise storage never clips) and stored as 0, and of v
+  stored as +inf (overflow) and as 0 (underflow, or no gradient yet)."""
+  size = max(mu.size, 1)
+  fraction = lambda flags: jnp.sum(flags, dtype=jnp.float32) / jnp.float32(size)
+  m, v = mu.astype(jnp.float32), nu.astype(jnp.float32)
+  saturated = jnp.zeros([], jnp.float32) if blockwise else fraction(jnp.abs(m) >= MOMENTUM_CLIP)
+  return {"mu_saturated": saturated, "mu_zero": fraction(m == 0), "nu_inf": fraction(jnp.isinf(v)),
+          "nu_zero": fraction(v == 0)}

@@ -140,16 +140,92 @@ def _check_leaves(updates: Any, like: Any, like_name: str) -> None:
   _checks.check_same_structure("updates", updates, like_name, like)
 
 
-def _init_state(params: Any) -> ScaleByLamb16State:
+def _num_blocks(size: int, block_size: int) -> int:
+  return -(-size // block_size)
+
+
+def _init_state(params: Any, block_size: int | None = None) -> ScaleByLamb16State:
+  """The state of both storages: per-leaf scalar scales, or (`block_size`) one scale per block of the flat leaf."""
   _checks.check_float_leaves("params", params)
+  scale_shape = (lambda p: ()) if block_size is None else (lambda p: (_num_blocks(p.size, block_size),))
   # zeros_like keeps each leaf's sharding (an explicitly sharded leaf gets its moments sharded the same way).
   return ScaleByLamb16State(
       count=jnp.zeros([], jnp.int32),
       mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=float8.MOMENTUM_DTYPE), params),
       nu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=float8.VARIANCE_DTYPE), params),
-      mu_scale=jax.tree.map(lambda _: jnp.ones([], jnp.float32), params),
-      nu_scale=jax.tree.map(lambda _: jnp.ones([], jnp.float32), params),
+      mu_scale=jax.tree.map(lambda p: jnp.ones(scale_shape(p), jnp.float32), params),
+      nu_scale=jax.tree.map(lambda p: jnp.ones(scale_shape(p), jnp.float32), params),
   )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The block-wise storage (SPEC.md section 1b): the same step with one scale per block of B elements of the flat leaf.
+
+
+def _check_block_size(block_size: Any) -> None:
+  if block_size is None:
+    return
+  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"`block_size` must be a positive int, got {block_size!r}. State costs 2 + 8 / block_size bytes "
+                     f"per parameter: 256 (the default) gives 2.03.")
+
+
+def _blocks(x: jax.Array, block_size: int) -> list[jax.Array]:
+  """A flat array as its full blocks, shape (N // B, B), and its last partial block, shape (1, N % B)."""
+  full = x.shape[0] // block_size * block_size
+  pieces = [x[:full].reshape(-1, block_size)] if full else []
+  return pieces + ([x[full:].reshape(1, -1)] if x.shape[0] > full else [])
+
+
+def _block_columns(scales: jax.Array, block_size: int, n: int) -> list[jax.Array]:
+  """The scales of `_blocks`' pieces of an n-element array, as columns that broadcast over each piece's rows."""
+  full = n // block_size
+  pieces = [scales[:full, None]] if full else []
+  return pieces + ([scales[full:, None]] if n > full * block_size else [])
+
+
+def _blockwise_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, block_size, lr, decay, beta1, beta2,
+                    epsilon, exponent, reference):
+  """One leaf of `lamb16_blockwise` (or, with ``p=None``, of `scale_by_lamb16_blockwise`: the direction alone).
+
+  Pass 1 reduces each block's largest |m| and v and the two trust norms; pass 2 recomputes m, v and u element-wise
+  and writes the update and the moments stored with the new scales. Full blocks are processed as rows of a 2-D view
+  and the last partial block apart, so that no input is padded or copied.
+  """
+  shape, n = g.shape, g.size
+  if n == 0:
+    return jnp.zeros_like(g), mu, nu, mu_scale, nu_scale
+  flat = {"g": g, "mu": mu, "nu": nu} | ({} if p is None else {"p": p})
+  split = {name: _blocks(x.reshape(-1), block_size) for name, x in flat.items()}
+  pieces = [dict(zip(split, views)) for views in zip(*split.values())]
+
+  def moments_and_direction(piece, mu_column, nu_column):
+    m, v = _moments(kernels, piece["g"], piece["mu"], piece["nu"], mu_column, nu_column, beta1, beta2)
+    u = _adam_direction(m, v, epsilon)
+    return m, v, (u if p is None else u + decay * piece["p"].astype(jnp.float32))
+
+  old_columns = [_block_columns(scale, block_size, n) for scale in (mu_scale, nu_scale)]
+  m_max, v_max, p_sum, u_sum = [], [], 0.0, 0.0
+  for piece, mu_column, nu_column in zip(pieces, *old_columns):
+    m, v, u = moments_and_direction(piece, mu_column, nu_column)
+    m_max.append(jnp.max(jnp.abs(m), axis=1))
+    v_max.append(jnp.max(v, axis=1))
+    if p is not None:
+      p_sum = p_sum + jnp.sum(_trust_square(piece["p"].astype(jnp.float32), epsilon))
+      u_sum = u_sum + jnp.sum(_trust_square(u, epsilon))
+  new_mu_scale = float8.block_scale(jnp.concatenate(m_max), float8.MOMENTUM_TOP)
+  new_nu_scale = float8.block_scale(jnp.concatenate(v_max), float8.VARIANCE_TOP)
+  trust = None if p is None else _trust(p_sum, u_sum, n, lr, reference, exponent)
+
+  outputs = []
+  new_columns = [_block_columns(scale, block_size, n) for scale in (new_mu_scale, new_nu_scale)]
+  for piece, mu_column, nu_column, new_mu_column, new_nu_column in zip(pieces, *old_columns, *new_columns):
+    m, v, u = moments_and_direction(piece, mu_column, nu_column)
+    step = u if trust is None else (-lr) * (trust * u)
+    outputs.append((step.astype(g.dtype), float8.encode_block(m, new_mu_column, kernels.to_e4m3fn),
+                    float8.encode_block(v, new_nu_column, kernels.to_e5m2)))
+  joined = [jnp.concatenate([out[k].reshape(-1) for out in outputs]).reshape(shape) for k in range(3)]
+  return (*joined, new_mu_scale, new_nu_scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,8 +249,9 @@ def _moments_leaf(kernels: _Kernels, g, mu, nu, mu_scale, nu_scale, beta1, beta2
   return direction.reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
 
 
-def _scale_by_lamb16(b1, b2, eps, kernels):
+def _scale_by_lamb16(b1, b2, eps, kernels, block_size=None):
   _check_moment_args(b1, b2, eps)
+  _check_block_size(block_size)
 
   def update_fn(updates, state, params=None):
     del params
@@ -183,7 +260,12 @@ def _scale_by_lamb16(b1, b2, eps, kernels):
     epsilon = _common.value_at(eps, state.count)
 
     def all_leaves(kernels, updates, mu, nu, mu_scale, nu_scale, beta1, beta2, epsilon):
-      leaf = lambda *args: _moments_leaf(kernels, *args, beta1, beta2, epsilon)
+      if block_size is None:
+        leaf = lambda *args: _moments_leaf(kernels, *args, beta1, beta2, epsilon)
+      else:
+        leaf = lambda g, *others: _blockwise_leaf(kernels, g, None, *others, block_size=block_size, lr=None,
+                                                  decay=None, beta1=beta1, beta2=beta2, epsilon=epsilon,
+                                                  exponent=None, reference=None)
       return _common.unzip(updates, jax.tree.map(leaf, updates, mu, nu, mu_scale, nu_scale), 5)
 
     step = _per_platform(all_leaves, kernels)
@@ -191,7 +273,7 @@ def _scale_by_lamb16(b1, b2, eps, kernels):
                                                   beta1, beta2, epsilon)
     return directions, ScaleByLamb16State(optax.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
 
-  return _common.extra_args_transform(_init_state, update_fn)
+  return _common.extra_args_transform(functools.partial(_init_state, block_size=block_size), update_fn)
 
 
 def scale_by_lamb16(b1: optax.ScalarOrSchedule = 0.9, b2: optax.ScalarOrSchedule = 0.999,
@@ -327,8 +409,10 @@ def _lamb16_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, lr, dec
   return update.reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
 
 
-def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels):
+def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels, block_size=None):
   _check_moment_args(b1, b2, eps)
+  _check_block_size(block_size)
+  leaf_step = _lamb16_leaf if block_size is None else functools.partial(_blockwise_leaf, block_size=block_size)
   _check_trust_args(learning_rate, trust_scale, reference_lr, eps)
   _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
 
@@ -346,7 +430,7 @@ def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr,
       leaves, treedef = jax.tree.flatten(updates)
       columns = [treedef.flatten_up_to(tree) for tree in (params, mu, nu, mu_scale, nu_scale)]
       no_decay = dict(hyper, decay=jnp.float32(0))
-      results = [_lamb16_leaf(kernels, g, *others, **(hyper if decays else no_decay))
+      results = [leaf_step(kernels, g, *others, **(hyper if decays else no_decay))
                  for g, decays, *others in zip(leaves, decayed, *columns)]
       return _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
 
@@ -355,7 +439,7 @@ def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr,
                                                    state.nu_scale, hyper)
     return new_updates, ScaleByLamb16State(optax.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
 
-  return _common.extra_args_transform(_init_state, update_fn)
+  return _common.extra_args_transform(functools.partial(_init_state, block_size=block_size), update_fn)
 
 
 def lamb16(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSchedule = 0.9,
@@ -412,3 +496,129 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSchedule = 0
     <https://arxiv.org/abs/1904.00962>`_, 2020. The LAMB16 proof of concept, vxst/LAMB16, 2024.
   """
   return _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The block-wise option (SPEC.md section 1b) and the float8 health of a state.
+
+DEFAULT_BLOCK_SIZE = 256
+
+
+def scale_by_lamb16_blockwise(b1: optax.ScalarOrSchedule = 0.9, b2: optax.ScalarOrSchedule = 0.999,
+                              eps: optax.ScalarOrSchedule = 1e-6,
+                              block_size: int = DEFAULT_BLOCK_SIZE) -> optax.GradientTransformationExtraArgs:
+  """`scale_by_lamb16` with block-wise absmax storage of the moments (SPEC.md section 1b), which never clips.
+
+  Each leaf, flattened, is cut into blocks of `block_size` elements (the last one may be shorter); each block of m
+  and of v has its own float32 scale, ``max|x| / 448`` for m (float8_e4m3fn) and ``max v / 57344`` for v
+  (float8_e5m2), so that the block's largest element is stored at the format's largest finite value and nothing
+  saturates or overflows. State: ``2 + 8 / block_size`` bytes per parameter (2.03 for 256), plus 4 per leaf.
+
+  Args:
+    b1: Decay rate of the first moment, in [0, 1), or a schedule.
+    b2: Decay rate of the second moment, in [0, 1), or a schedule.
+    eps: Added to ``sqrt(v)``; positive, or a schedule.
+    block_size: Elements per block; a positive int.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByLamb16State` with one scale per block.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lamb16
+    >>> tx = optax_lamb16.scale_by_lamb16_blockwise(block_size=2)
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> state.mu_scale["w"].shape  # blocks [0, 1] and [2]
+    (2,)
+    >>> updates, state = tx.update({"w": jnp.array([1.0, -2.0, 0.5])}, state)
+    >>> [round(u, 3) for u in updates["w"].tolist()]
+    [3.162, -3.162, 3.162]
+  """
+  return _scale_by_lamb16(b1, b2, eps, kernels=None, block_size=block_size)
+
+
+def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSchedule = 0.9,
+                     b2: optax.ScalarOrSchedule = 0.999, eps: optax.ScalarOrSchedule = 1e-6,
+                     weight_decay: optax.ScalarOrSchedule = 0.0, trust_scale: optax.ScalarOrSchedule = 0.382,
+                     reference_lr: optax.ScalarOrSchedule = 1e-3,
+                     mask: Any | Callable[[optax.Params], Any] | None = None,
+                     block_size: int = DEFAULT_BLOCK_SIZE) -> optax.GradientTransformationExtraArgs:
+  """LAMB16 with block-wise absmax float8 storage: an opt-in alternative to `lamb16`'s faithful quantizer.
+
+  The step is `lamb16`'s (same moments, Adam direction, decoupled decay, adaptive trust ratio and update, fused in
+  the same two passes per leaf); only the storage of m and v between steps differs, as in
+  `scale_by_lamb16_blockwise`: one float32 scale per block of `block_size` elements, the block's largest magnitude
+  stored at the float8 format's top. The faithful per-tensor scale ``sqrt(sum(min(x*x, 10))) / N + eps`` puts most
+  of m at its ±15 clip in any leaf of more than a few hundred elements and can overflow v to +inf
+  (`optax_lamb16.float8`); here nothing clips, and an element is lost only when it is 2^17 (m) or 2^32 (v) times
+  smaller than its block's largest and rounds to 0. State: about 2.03 bytes per parameter for blocks of 256.
+
+  Args:
+    learning_rate: A non-negative float or an optax schedule.
+    b1: Decay rate of the first moment, in [0, 1).
+    b2: Decay rate of the second moment, in [0, 1).
+    eps: Added to ``sqrt(v)``; lower clip of the squares in the trust norms; positive.
+    weight_decay: Decoupled weight decay, added before the trust ratio.
+    trust_scale: Exponent of the trust ratio.
+    reference_lr: The learning rate at which the trust ratio is the plain norm ratio.
+    mask: Where weight decay applies, as in `lamb16`.
+    block_size: Elements per block of the moments' scales; a positive int.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByLamb16State` with one scale per block.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax, optax_lamb16
+    >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    >>> tx = optax_lamb16.lamb16_blockwise(learning_rate=0.01, weight_decay=0.01)
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> [round(p, 4) for p in optax.apply_updates(params, updates)["w"].tolist()]
+    [0.9868, -1.9868, 2.9868]
+
+  References:
+    Dettmers et al., `8-bit Optimizers via Block-wise Quantization <https://arxiv.org/abs/2110.02861>`_, 2022 (the
+    block-wise absmax idea). The LAMB16 proof of concept, vxst/LAMB16, 2024.
+  """
+  return _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels=None,
+                 block_size=block_size)
+
+
+def float8_health(state: optax.OptState, per_leaf: bool = False) -> dict[str, Any]:
+  """How well the float8 moments of every `ScaleByLamb16State` inside `state` hold up (either storage).
+
+  Fractions of elements: ``mu_saturated``, m at the faithful encoder's ±15 clip (always 0 for the block-wise
+  storage, which does not clip); ``mu_zero``, m stored as 0; ``nu_inf``, v overflowed to +inf (the faithful
+  storage's overflow, see `optax_lamb16.float8`); ``nu_zero``, v stored as 0 (underflow, or never a gradient).
+  The states may sit anywhere in an optax state (a chain, `inject_hyperparams`, `MultiSteps`, ...). Jittable.
+
+  Args:
+    state: An optimizer state containing one or more `ScaleByLamb16State`.
+    per_leaf: If True, each fraction is a list with one float32 per leaf (states in tree order, leaves in
+      tree-flatten order); otherwise one float32 over all elements.
+
+  Returns:
+    A dict of the four fractions.
+
+  Example:
+    >>> import jax.numpy as jnp, optax_lamb16
+    >>> tx = optax_lamb16.lamb16(1e-3)
+    >>> params = {"w": jnp.ones(1000)}
+    >>> _, state = tx.update({"w": jnp.linspace(-1.0, 1.0, 1000)}, tx.init(params), params)
+    >>> {k: round(float(v), 3) for k, v in optax_lamb16.float8_health(state).items()}
+    {'mu_saturated': 0.736, 'mu_zero': 0.0, 'nu_inf': 0.0, 'nu_zero': 0.0}
+  """
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, ScaleByLamb16State))
+           if isinstance(s, ScaleByLamb16State)]
+  if not found:
+    raise ValueError("`state` holds no ScaleByLamb16State: pass the state of lamb16, lamb16_blockwise or a chain "
+                     "containing scale_by_lamb16 / scale_by_lamb16_blockwise.")
+  leaves = [float8.health(mu, nu, blockwise=jnp.ndim(scale) == 1)
+            for s in found for mu, nu, scale in zip(*(jax.tree.leaves(t) for t in (s.mu, s.nu, s.mu_scale)))]
+  names = ("mu_saturated", "mu_zero", "nu_inf", "nu_zero")
+  if per_leaf:
+    return {name: [leaf[name] for leaf in leaves] for name in names}
+  sizes = [jnp.float32(mu.size) for s in found for mu in jax.tree.leaves(s.mu)]
+  total = sum(sizes) if sizes else jnp.float32(1)
+  return {name: sum(leaf[name] * size for leaf, size in zip(leaves, sizes)) / jnp.maximum(total, 1.0)
+          for name in names}
