@@ -22,8 +22,9 @@ and batch size; the others are kept), so a subset can be run now and others adde
 
   python examples/mnist_large_batch.py --optimizers lamb16_blockwise --out docs/results
 
-and `--plot-only` redraws OUT/mnist_large_batch.png (final test accuracy and loss against batch size, log2 axis,
-one line per optimizer) from the JSON without training.
+`--merge-from A.json,B.json` merges other sweeps' results (e.g. parts run in parallel into other OUTs) into OUT's
+JSON without training, and `--plot-only` redraws OUT/mnist_large_batch.png (final test accuracy and loss against
+batch size, log2 axis, one line per optimizer) from the JSON without training.
 """
 
 from __future__ import annotations
@@ -70,27 +71,24 @@ def _order(run: dict) -> tuple[int, str, int]:
   return (OPTIMIZERS.index(name) if name in OPTIMIZERS else len(OPTIMIZERS), name, run["batch_size"])
 
 
-def merge(results: dict, runs: list[dict], command: str, machine: str) -> dict:
-  """Merges new runs into existing results: a new row replaces the old one with the same optimizer and batch size.
+def merge(results: dict, other: dict) -> dict:
+  """Merges one set of results into another: a row of `other` replaces the one with the same optimizer and batch size.
 
   Args:
     results: the existing results ({"runs", "commands", "machine"}), or {} for none.
-    runs: the new run records.
-    command: the command that produced them; appended to "commands" unless already there.
-    machine: a description of the machine; appended to "machine" (a "; "-joined string) unless already there.
+    other: the results to merge in, same form; its commands and machines are appended unless already there.
 
   Returns:
     The merged results, runs sorted by optimizer (in OPTIMIZERS order) then batch size.
   """
-  new_keys = {_key(run) for run in runs}
-  merged = [run for run in results.get("runs", []) if _key(run) not in new_keys] + list(runs)
+  new_runs = list(other.get("runs", []))
+  new_keys = {_key(run) for run in new_runs}
+  runs = [run for run in results.get("runs", []) if _key(run) not in new_keys] + new_runs
   commands = list(results.get("commands", []))
-  if command not in commands:
-    commands.append(command)
+  commands += [command for command in other.get("commands", []) if command not in commands]
   machines = [m for m in results.get("machine", "").split("; ") if m]
-  if machine not in machines:
-    machines.append(machine)
-  return {"runs": sorted(merged, key=_order), "commands": commands, "machine": "; ".join(machines)}
+  machines += [m for m in other.get("machine", "").split("; ") if m and m not in machines]
+  return {"runs": sorted(runs, key=_order), "commands": commands, "machine": "; ".join(machines)}
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
@@ -160,15 +158,21 @@ def main(argv=None) -> dict:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--data", default=str(mnist_common.DEFAULT_DATA), help=".npz file or directory of IDX files")
   parser.add_argument("--out", default="out/mnist_large_batch")
+  parser.add_argument("--merge-from", default=None, help="comma-separated JSON files to merge into OUT's; no training")
   parser.add_argument("--plot-only", action="store_true", help="redraw the plot from OUT's JSON; train nothing")
   args = parser.parse_args(argv)
 
   out = pathlib.Path(args.out)
   results_path, plot_path = out / RESULTS_NAME, out / PLOT_NAME
   results = json.loads(results_path.read_text()) if results_path.exists() else {}
-  if args.plot_only:
+  if args.merge_from:
+    for other in args.merge_from.split(","):
+      results = merge(results, json.loads(pathlib.Path(other).read_text()))
+    out.mkdir(parents=True, exist_ok=True)
+    results_path.write_text(json.dumps(results, indent=1))
+  if args.plot_only or args.merge_from:
     if not results.get("runs"):
-      parser.error(f"--plot-only: {results_path} has no runs")
+      parser.error(f"{results_path} has no runs to plot")
     plot(results, plot_path)
     _print_table(results["runs"])
     print(f"\nwrote {plot_path}")
@@ -191,7 +195,8 @@ def main(argv=None) -> dict:
       run = mnist.train_one(name, data, batch_size, lr, args.weight_decay, args.epochs, args.seed, args.max_steps)
       print(f"{name} batch {batch_size} lr {lr:g}: test accuracy {run['final_test_accuracy']:.4f} "
             f"in {run['seconds']:.0f} s", flush=True)
-      results = merge(results, [run], command, machine)  # written after every run: a cut-short sweep keeps its rows
+      # Written after every run, so a sweep cut short keeps the rows it finished.
+      results = merge(results, {"runs": [run], "commands": [command], "machine": machine})
       results_path.write_text(json.dumps(results, indent=1))
       plot(results, plot_path)
   _print_table(results["runs"])

@@ -71,3 +71,13 @@ def test_sweep_merges_into_existing_results_and_replots(tmp_path):
   mnist_large_batch.main(["--plot-only", "--out", str(tmp_path)])
   assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 20_000
   assert json.loads(results_path.read_text()) == results
+
+  # Merge another sweep's JSON (e.g. a part run in parallel) without training: its rows win, the rest are kept.
+  other_row = dict(_stale_row("lamb", 8192), final_test_accuracy=0.25)
+  other = tmp_path / "other.json"
+  other.write_text(json.dumps({"runs": [other_row], "commands": ["python other"], "machine": "other machine"}))
+  merged = mnist_large_batch.main(["--merge-from", str(other), "--out", str(tmp_path)])
+  assert json.loads(results_path.read_text()) == merged
+  assert merged["runs"] == runs[:2] + [other_row] + runs[3:]
+  assert merged["commands"] == results["commands"] + ["python other"]
+  assert merged["machine"] == results["machine"] + "; other machine"
