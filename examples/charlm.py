@@ -13,11 +13,11 @@ One set of runs (every optimizer at every --lr):
   python examples/charlm.py --optimizers adamw,lamb,lamb16,lamb16_blockwise --steps 300 --lr 1e-3,3e-3 --out out/charlm
 
 The committed learning-rate sweep (docs/results/charlm.json and charlm.png; examples/charlm_sweep.sh runs it pinned
-to one core, about 45 minutes): 3 learning rates per optimizer for --sweep-steps, then one run per optimizer at its
-best sweep learning rate for --steps:
+to one core, about 25 minutes with the core to itself): 4 learning rates per optimizer for --sweep-steps, then one
+run per optimizer at its best sweep learning rate for --steps:
 
-  python examples/charlm.py --sweep "adamw=1e-3,3e-3,1e-2;lamb=3e-3,1e-2,3e-2;lamb16=1e-2,3e-2,1e-1;\
-lamb16_blockwise=1e-2,3e-2,1e-1" --sweep-steps 150 --steps 450 --eval-every 30 --seed 0 \
+  python examples/charlm.py --sweep "adamw=3e-4,1e-3,3e-3,1e-2;lamb=1e-3,3e-3,1e-2,3e-2;lamb16=3e-3,1e-2,3e-2,1e-1;\
+lamb16_blockwise=3e-3,1e-2,3e-2,1e-1" --sweep-steps 150 --steps 450 --batch-size 16 --eval-every 30 --seed 0 \
       --out docs/results --json-name charlm.json --plot-name charlm.png
 
 `--merge a.json,b.json` combines the results of separate invocations (same corpus and model) into one file and plot.
@@ -227,14 +227,15 @@ def train_one(name: str, lr: float, args, train: np.ndarray, val_windows, steps:
     return optax.apply_updates(params, updates), opt_state, loss
   train_step = jax.jit(train_step, donate_argnums=(0, 1))
 
+  float8_health = jax.jit(optax_lamb16.float8_health)
   val_curve, health, train_losses = [], [], []
   diverged = False
 
   def log_eval(step: int) -> float:
     bits = evaluate(params)
     val_curve.append([step, _finite_or_none(bits)])
-    if name in FLOAT8_OPTIMIZERS and hasattr(optax_lamb16, "float8_health"):  # TEMPORARY guard
-      health.append([step, {key: float(value) for key, value in optax_lamb16.float8_health(opt_state).items()}])
+    if name in FLOAT8_OPTIMIZERS:
+      health.append([step, {key: float(value) for key, value in float8_health(opt_state).items()}])
     return bits
 
   started = time.perf_counter()
@@ -366,25 +367,48 @@ def print_table(results: dict) -> None:
 
 
 def merge(paths: list[str]) -> dict:
-  """Combines results files of one corpus and model; for an optimizer in several files, the last file's rows win."""
+  """Combines results files of one corpus and model (later files win for the same optimizer and learning rate).
+
+  Sweep rows are keyed by (optimizer, learning rate). An optimizer's final run is the one at the learning rate with
+  the lowest merged sweep loss; its other final runs (from a file whose sweep lacked that rate) go to "other_runs".
+  """
   files = [json.loads(pathlib.Path(p).read_text()) for p in paths]
   base = files[0]
   for other, path in zip(files[1:], paths[1:]):
     for key in ("corpus", "model"):
       if other.get(key) != base.get(key):
         raise ValueError(f"{path}: {key} differs from {paths[0]}'s")
-  merged = {"runs": [], "sweep": [], "corpus": base["corpus"], "model": base.get("model"), "commands": [],
-            "machine": [], "merged_from": paths}
+  sweep, finals, commands, machines, settings = {}, {}, [], [], {}
   for data in files:
-    names = {r["optimizer"] for r in data["runs"]} | {r["optimizer"] for r in data.get("sweep", [])}
-    for key in ("runs", "sweep"):
-      merged[key] = [r for r in merged[key] if r["optimizer"] not in names] + data.get(key, [])
-    merged["commands"] += data.get("commands", [])
+    for row in data.get("sweep", []):
+      sweep.pop((row["optimizer"], row["learning_rate"]), None)
+      sweep[row["optimizer"], row["learning_rate"]] = row
+    for run in data["runs"]:
+      finals.pop((run["optimizer"], run["learning_rate"]), None)
+      finals[run["optimizer"], run["learning_rate"]] = run
+    commands += data.get("commands", [])
     machine = data.get("machine")
-    merged["machine"] += machine if isinstance(machine, list) else [machine]
-    for key in ("sweep_settings", "settings"):
-      if key in data:
-        merged.setdefault(key, {}).update(data[key])
+    machines += machine if isinstance(machine, list) else [machine]
+    for name, setting in data.get("sweep_settings", {}).items():
+      merged_setting = settings.setdefault(name, dict(setting))
+      merged_setting["learning_rates"] = sorted(set(merged_setting["learning_rates"]) | set(setting["learning_rates"]))
+  runs, other_runs = [], []
+  for name in dict.fromkeys(name for name, _ in finals):
+    rows = [r for (n, _), r in sweep.items() if n == name and r["final_val_bits_per_byte"] is not None]
+    best = min(rows, key=lambda r: r["final_val_bits_per_byte"])["learning_rate"] if rows else None
+    for (n, lr), run in finals.items():
+      if n == name:
+        (runs if lr == best or best is None else other_runs).append(run)
+    if best is not None and (name, best) not in finals:
+      print(f"warning: no final run of {name} at its best sweep learning rate {best:g}")
+  order = {name: i for i, name in enumerate(dict.fromkeys(name for name, _ in sweep))}
+  rows = sorted(sweep.values(), key=lambda r: (order[r["optimizer"]], r["learning_rate"]))
+  merged = {"runs": runs, "sweep": rows, "corpus": base["corpus"], "model": base.get("model"),
+            "commands": commands, "machine": machines, "merged_from": paths}
+  if settings:
+    merged["sweep_settings"] = settings
+  if other_runs:
+    merged["other_runs"] = other_runs
   if not merged["sweep"]:
     del merged["sweep"]
   return merged
@@ -412,6 +436,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--sweep", default=None, help='"name=lr,lr,...;name=...": run each optimizer at its learning '
                       "rates for --sweep-steps, then once at the best for --steps (--optimizers and --lr ignored)")
   parser.add_argument("--sweep-steps", type=int, default=100)
+  parser.add_argument("--no-finals", action="store_true", help="with --sweep: only the sweep runs (to --merge later)")
   parser.add_argument("--weight-decay", type=float, default=0.01)
   parser.add_argument("--seed", type=int, default=0, help="model initialisation and train batches")
   parser.add_argument("--d-model", type=int, default=128)
@@ -459,6 +484,8 @@ def main(argv=None) -> dict:
       for name, lrs in sweep.items():
         rows = [train_one(name, lr, args, train, val_windows, args.sweep_steps) for lr in lrs]
         results["sweep"] += rows
+        if args.no_finals:
+          continue
         finished = [r for r in rows if r["final_val_bits_per_byte"] is not None]
         if not finished:
           tqdm.write(f"{name}: every sweep run diverged; no final run")

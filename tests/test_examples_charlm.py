@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import charlm  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-OPTIMIZERS = ("adamw", "lamb16")
+OPTIMIZERS = ("adamw", "lamb16", "lamb16_blockwise")
 
 
 @pytest.mark.slow
@@ -44,12 +44,15 @@ def test_charlm_example_end_to_end(tmp_path):
   state = {r["optimizer"]: r["state_bytes_per_param"] for r in runs}
   assert state["adamw"] == pytest.approx(8.0, abs=0.01)
   assert state["lamb16"] <= 2.1
-  health = runs[OPTIMIZERS.index("lamb16")].get("float8_health")
-  if health:  # TEMPORARY: empty until optax_lamb16.float8_health lands
-    assert [step for step, _ in health] == [0, 3, 6]
-    for _, fractions in health:
-      assert set(fractions) == {"mu_saturated", "nu_inf", "nu_zero"}
-      assert all(0.0 <= value <= 1.0 for value in fractions.values())
+  assert state["lamb16_blockwise"] <= 2.1
+  for run in runs:
+    if run["optimizer"] == "adamw":
+      assert "float8_health" not in run
+      continue
+    assert [step for step, _ in run["float8_health"]] == [0, 3, 6]
+    for _, fractions in run["float8_health"]:
+      assert {"mu_saturated", "nu_inf", "nu_zero"} <= set(fractions)
+      assert all(0.0 <= value <= 1.0 for value in fractions.values()), fractions
 
   corpus = results["corpus"]
   for key in ("num_files", "train_bytes", "val_bytes", "python_version", "stdlib_path"):
