@@ -81,3 +81,75 @@ def fused_sums(terms_fn: Callable[..., tuple[jax.Array, ...]], arrays: Sequence[
   if n % chunk:
     totals = tuple(total + jnp.sum(t) for total, t in zip(totals, terms_fn(*(a[full * chunk:] for a in arrays))))
   return totals
+
+
+# Elements per chunk of `fused_block_reductions`: each chunk's block maxima are a reduction, which XLA:CPU runs as a
+# library call, so chunks are larger than `fused_sums`' to make fewer calls.
+BLOCK_CHUNK = CHUNK
+
+
+def expand_blocks(block_values: jax.Array, block_size: int, n: int) -> jax.Array:
+  """Per-block values as a flat per-element array of `n` elements (element i gets block i // block_size's value),
+  written as broadcast-reshape-slice, which XLA fuses into the element-wise consumer instead of materialising."""
+  rows = block_values.shape[0]
+  return jnp.broadcast_to(block_values[:, None], (rows, block_size)).reshape(-1)[:n]
+
+
+def block_maxima(x: jax.Array, block_size: int) -> jax.Array:
+  """Maximum of each block of `block_size` elements of flat `x` (the last block may be shorter; `x` >= 0, as the
+  zero padding assumes)."""
+  blocks = -(-x.shape[0] // block_size)
+  return jnp.max(jnp.pad(x, (0, blocks * block_size - x.shape[0])).reshape(blocks, block_size), axis=1)
+
+
+def whole_block_reductions(terms_fn: Callable[..., tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]],
+                           arrays: Sequence[jax.Array], block_arrays: Sequence[jax.Array],
+                           block_size: int) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """``(sums, maxima)`` of ``terms_fn(*arrays, *expanded block_arrays) = (sum terms, max terms)``: the sums of the
+  first terms over all elements, and the per-block maxima of the second (non-negative) terms, as whole-array
+  reductions (what XLA:GPU fuses into one pass)."""
+  n = arrays[0].shape[0]
+  sum_terms, max_terms = terms_fn(*arrays, *(expand_blocks(b, block_size, n) for b in block_arrays))
+  return tuple(jnp.sum(t) for t in sum_terms), tuple(block_maxima(t, block_size) for t in max_terms)
+
+
+def fused_block_reductions(terms_fn: Callable[..., tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]],
+                           arrays: Sequence[jax.Array], block_arrays: Sequence[jax.Array], block_size: int,
+                           chunk: int | None = None) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
+  """`whole_block_reductions` chunk by chunk (tuned for XLA:CPU, as `fused_sums`): each chunk's blocks' maxima are
+  written into the per-block results, its sum terms added into chunk-sized accumulators. A chunk holds a whole
+  number of blocks (rounded up from `CHUNK`); the elements after the last full chunk are reduced whole."""
+  block_chunk = -(-(chunk or BLOCK_CHUNK) // block_size) * block_size
+  n = arrays[0].shape[0]
+  full = n // block_chunk
+  if full <= 1 or n > MAX_CHUNKED_SIZE:
+    return whole_block_reductions(terms_fn, arrays, block_arrays, block_size)
+  blocks_per_chunk = block_chunk // block_size
+  raw = [_as_bytes(a) for a in arrays]
+
+  def body(i, carry):
+    accumulators, maxima = carry
+    chunks = [_from_bytes(jax.lax.dynamic_slice_in_dim(r, i * block_chunk, block_chunk), a.dtype)
+              for r, a in zip(raw, arrays)]
+    values = [expand_blocks(jax.lax.dynamic_slice_in_dim(b, i * blocks_per_chunk, blocks_per_chunk), block_size,
+                            block_chunk) for b in block_arrays]
+    sum_terms, max_terms = terms_fn(*chunks, *values)
+    maxima = tuple(jax.lax.dynamic_update_slice_in_dim(out, jnp.max(t.reshape(-1, block_size), axis=1),
+                                                       i * blocks_per_chunk, 0) for out, t in zip(maxima, max_terms))
+    return tuple(acc + t for acc, t in zip(accumulators, _paired(sum_terms))), maxima
+
+  shapes = [jax.ShapeDtypeStruct((block_chunk,), a.dtype) for a in arrays]
+  shapes += [jax.ShapeDtypeStruct((block_chunk,), b.dtype) for b in block_arrays]
+  sum_shapes, max_shapes = jax.eval_shape(lambda *c: (_paired(terms_fn(*c)[0]), terms_fn(*c)[1]), *shapes)
+  zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in sum_shapes)
+  maxima = tuple(jnp.zeros((-(-n // block_size),), s.dtype) for s in max_shapes)
+  accumulators, maxima = jax.lax.fori_loop(0, full, body, (zeros, maxima), unroll=UNROLL)
+  sums = _unpaired([jnp.sum(acc) for acc in accumulators])
+  done = full * block_chunk
+  if n > done:
+    rest_sums, rest_maxima = whole_block_reductions(terms_fn, [a[done:] for a in arrays],
+                                                    [b[full * blocks_per_chunk:] for b in block_arrays], block_size)
+    sums = tuple(s + r for s, r in zip(sums, rest_sums))
+    maxima = tuple(jax.lax.dynamic_update_slice_in_dim(m, r, full * blocks_per_chunk, 0)
+                   for m, r in zip(maxima, rest_maxima))
+  return sums, maxima

@@ -62,10 +62,10 @@ def decode(stored: jax.Array, scale: jax.Array) -> jax.Array:
 
 # float8 casts rounded in float32's bits: XLA:CPU's own float8 casts (and one through float16, which would need a fix
 # for double rounding) are two to three times slower. Bitwise equal to XLA's and ml_dtypes' casts (tests/test_float8.py).
-def _rounded_byte(x: jax.Array, mantissa_bits: int, exponent_bias: int) -> jax.Array:
-  """The float8 byte (as uint32, sign not set) of |x| for float32 `x`, round to nearest even; above the float8's
-  range, and for inf and NaN, some value above its largest finite byte (the callers map those)."""
-  magnitude = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+def _rounded_byte(bits: jax.Array, mantissa_bits: int, exponent_bias: int) -> jax.Array:
+  """The float8 byte (as uint32, sign not set) of |x| for the float32 bits `bits` of x, round to nearest even; above
+  the float8's range, and for inf and NaN, some value above its largest finite byte (the callers map those)."""
+  magnitude = bits & jnp.uint32(0x7FFFFFFF)
   dropped = 23 - mantissa_bits
   # Normal float8 values: round float32's mantissa to `mantissa_bits` (ties to even), then rebias the exponent.
   normal = (magnitude + jnp.uint32((1 << (dropped - 1)) - 1) + ((magnitude >> dropped) & 1)) >> dropped
@@ -74,28 +74,33 @@ def _rounded_byte(x: jax.Array, mantissa_bits: int, exponent_bias: int) -> jax.A
   # step rounds to nearest even in hardware, and the bits above that float32's count the steps.
   step_exponent = 1 - exponent_bias - mantissa_bits
   anchor = jnp.float32(2.0 ** (step_exponent + 23))
-  subnormal = (jax.lax.bitcast_convert_type(jnp.abs(x) + anchor, jnp.uint32)
+  subnormal = (jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(magnitude, jnp.float32) + anchor, jnp.uint32)
                - jax.lax.bitcast_convert_type(anchor, jnp.uint32))
   smallest_normal_bits = (127 + 1 - exponent_bias) << 23
   return jnp.where(magnitude < jnp.uint32(smallest_normal_bits), subnormal, normal)
 
 
-def _signed(x: jax.Array, byte: jax.Array, dtype) -> jax.Array:
-  sign = (jax.lax.bitcast_convert_type(x, jnp.uint32) >> 24) & jnp.uint32(0x80)
+def _signed(bits: jax.Array, byte: jax.Array, dtype) -> jax.Array:
+  sign = (bits >> 24) & jnp.uint32(0x80)
   return jax.lax.bitcast_convert_type((byte | sign).astype(jnp.uint8), dtype)
 
 
+# Both casts read x once, as its bits: XLA then fuses an expensive producer of x (a division) into the cast instead
+# of materialising it for the cast's several reads.
 def to_e4m3fn(x: jax.Array) -> jax.Array:
   """``x.astype(float8_e4m3fn)`` for float32 `x`: round to nearest even; from 464 up, inf and NaN give NaN."""
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   # Everything that rounds above 448 (0x7E), and inf and NaN, lands above 0x7F: the minimum makes it 0x7F, the NaN.
-  byte = jnp.minimum(_rounded_byte(x, mantissa_bits=3, exponent_bias=7), jnp.uint32(0x7F))
-  return _signed(x, byte, MOMENTUM_DTYPE)
+  byte = jnp.minimum(_rounded_byte(bits, mantissa_bits=3, exponent_bias=7), jnp.uint32(0x7F))
+  return _signed(bits, byte, MOMENTUM_DTYPE)
 
 
 def to_e5m2(x: jax.Array) -> jax.Array:
   """``x.astype(float8_e5m2)`` for float32 `x`: round to nearest even, overflow to ±inf (from 61440), NaN kept."""
-  byte = jnp.minimum(_rounded_byte(x, mantissa_bits=2, exponent_bias=15), jnp.uint32(0x7C))  # 0x7C is inf
-  return _signed(x, jnp.where(jnp.isnan(x), jnp.uint32(0x7E), byte), VARIANCE_DTYPE)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  byte = jnp.minimum(_rounded_byte(bits, mantissa_bits=2, exponent_bias=15), jnp.uint32(0x7C))  # 0x7C is inf
+  is_nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
+  return _signed(bits, jnp.where(is_nan, jnp.uint32(0x7E), byte), VARIANCE_DTYPE)
 
 
 def native_e4m3fn(x: jax.Array) -> jax.Array:
@@ -147,7 +152,8 @@ def block_scale(absmax: jax.Array, top: float) -> jax.Array:
 
 
 def encode_block(x: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """``cast(x / scale)`` for the block-wise storage (`cast` is one of this module's float8 casts)."""
+  """``cast(x / scale)`` for the block-wise storage, `scale` per element (`cast`: one of this module's float8
+  casts). The block's largest element lands within an ulp of the format's top, which still rounds to it."""
   return cast(x / scale)
 
 

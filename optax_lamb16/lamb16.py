@@ -78,10 +78,13 @@ class _Kernels(NamedTuple):
   to_e4m3fn: Callable[[jax.Array], jax.Array]
   to_e5m2: Callable[[jax.Array], jax.Array]
   sums: Callable[..., tuple[jax.Array, ...]]  # (element-wise terms_fn, equal-length flat arrays) -> sums of terms
+  block_reductions: Callable[..., tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]  # sums and block maxima
 
 
-CPU_KERNELS = _Kernels(float8.decode, float8.to_e4m3fn, float8.to_e5m2, _chunked.fused_sums)
-XLA_KERNELS = _Kernels(float8.decode_native, float8.native_e4m3fn, float8.native_e5m2, _chunked.whole_sums)
+CPU_KERNELS = _Kernels(float8.decode, float8.to_e4m3fn, float8.to_e5m2, _chunked.fused_sums,
+                       _chunked.fused_block_reductions)
+XLA_KERNELS = _Kernels(float8.decode_native, float8.native_e4m3fn, float8.native_e5m2, _chunked.whole_sums,
+                       _chunked.whole_block_reductions)
 
 
 def _per_platform(step: Callable[..., Any], kernels: _Kernels | None) -> Callable[..., Any]:
@@ -170,62 +173,39 @@ def _check_block_size(block_size: Any) -> None:
                      f"per parameter: 256 (the default) gives 2.03.")
 
 
-def _blocks(x: jax.Array, block_size: int) -> list[jax.Array]:
-  """A flat array as its full blocks, shape (N // B, B), and its last partial block, shape (1, N % B)."""
-  full = x.shape[0] // block_size * block_size
-  pieces = [x[:full].reshape(-1, block_size)] if full else []
-  return pieces + ([x[full:].reshape(1, -1)] if x.shape[0] > full else [])
-
-
-def _block_columns(scales: jax.Array, block_size: int, n: int) -> list[jax.Array]:
-  """The scales of `_blocks`' pieces of an n-element array, as columns that broadcast over each piece's rows."""
-  full = n // block_size
-  pieces = [scales[:full, None]] if full else []
-  return pieces + ([scales[full:, None]] if n > full * block_size else [])
-
-
 def _blockwise_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, block_size, lr, decay, beta1, beta2,
                     epsilon, exponent, reference):
   """One leaf of `lamb16_blockwise` (or, with ``p=None``, of `scale_by_lamb16_blockwise`: the direction alone).
 
-  Pass 1 reduces each block's largest |m| and v and the two trust norms; pass 2 recomputes m, v and u element-wise
-  and writes the update and the moments stored with the new scales. Full blocks are processed as rows of a 2-D view
-  and the last partial block apart, so that no input is padded or copied.
+  Pass 1 reduces each block's largest |m| and v and the two trust norms (on CPU chunk by chunk); pass 2 recomputes m,
+  v and u element-wise and writes the update and the moments stored with the new scales. Per-block scales reach the
+  elements through `_chunked.expand_blocks`, which XLA fuses: nothing of a leaf's size is materialised but outputs.
   """
   shape, n = g.shape, g.size
   if n == 0:
     return jnp.zeros_like(g), mu, nu, mu_scale, nu_scale
-  flat = {"g": g, "mu": mu, "nu": nu} | ({} if p is None else {"p": p})
-  split = {name: _blocks(x.reshape(-1), block_size) for name, x in flat.items()}
-  pieces = [dict(zip(split, views)) for views in zip(*split.values())]
+  flat = [x.reshape(-1) for x in (g, mu, nu)] + ([] if p is None else [p.reshape(-1)])
 
-  def moments_and_direction(piece, mu_column, nu_column):
-    m, v = _moments(kernels, piece["g"], piece["mu"], piece["nu"], mu_column, nu_column, beta1, beta2)
+  def moments_and_direction(gc, mc, vc, *rest):  # rest: (pc,) if p is given, then m's and v's per-element scales
+    *pc, mu_scales, nu_scales = rest
+    m, v = _moments(kernels, gc, mc, vc, mu_scales, nu_scales, beta1, beta2)
     u = _adam_direction(m, v, epsilon)
-    return m, v, (u if p is None else u + decay * piece["p"].astype(jnp.float32))
+    return m, v, (u + decay * pc[0].astype(jnp.float32) if pc else u)
 
-  old_columns = [_block_columns(scale, block_size, n) for scale in (mu_scale, nu_scale)]
-  m_max, v_max, p_sum, u_sum = [], [], 0.0, 0.0
-  for piece, mu_column, nu_column in zip(pieces, *old_columns):
-    m, v, u = moments_and_direction(piece, mu_column, nu_column)
-    m_max.append(jnp.max(jnp.abs(m), axis=1))
-    v_max.append(jnp.max(v, axis=1))
-    if p is not None:
-      p_sum = p_sum + jnp.sum(_trust_square(piece["p"].astype(jnp.float32), epsilon))
-      u_sum = u_sum + jnp.sum(_trust_square(u, epsilon))
-  new_mu_scale = float8.block_scale(jnp.concatenate(m_max), float8.MOMENTUM_TOP)
-  new_nu_scale = float8.block_scale(jnp.concatenate(v_max), float8.VARIANCE_TOP)
-  trust = None if p is None else _trust(p_sum, u_sum, n, lr, reference, exponent)
+  def terms(*args):
+    m, v, u = moments_and_direction(*args)
+    sums = () if p is None else (_trust_square(args[3].astype(jnp.float32), epsilon), _trust_square(u, epsilon))
+    return sums, (jnp.abs(m), v)
 
-  outputs = []
-  new_columns = [_block_columns(scale, block_size, n) for scale in (new_mu_scale, new_nu_scale)]
-  for piece, mu_column, nu_column, new_mu_column, new_nu_column in zip(pieces, *old_columns, *new_columns):
-    m, v, u = moments_and_direction(piece, mu_column, nu_column)
-    step = u if trust is None else (-lr) * (trust * u)
-    outputs.append((step.astype(g.dtype), float8.encode_block(m, new_mu_column, kernels.to_e4m3fn),
-                    float8.encode_block(v, new_nu_column, kernels.to_e5m2)))
-  joined = [jnp.concatenate([out[k].reshape(-1) for out in outputs]).reshape(shape) for k in range(3)]
-  return (*joined, new_mu_scale, new_nu_scale)
+  sums, (m_max, v_max) = kernels.block_reductions(terms, flat, [mu_scale, nu_scale], block_size)
+  new_mu_scale = float8.block_scale(m_max, float8.MOMENTUM_TOP)
+  new_nu_scale = float8.block_scale(v_max, float8.VARIANCE_TOP)
+  expand = lambda scales: _chunked.expand_blocks(scales, block_size, n)
+  m, v, u = moments_and_direction(*flat, expand(mu_scale), expand(nu_scale))
+  step = u if p is None else (-lr) * (_trust(*sums, n, lr, reference, exponent) * u)
+  new_mu = float8.encode_block(m, expand(new_mu_scale), kernels.to_e4m3fn)
+  new_nu = float8.encode_block(v, expand(new_nu_scale), kernels.to_e5m2)
+  return step.astype(g.dtype).reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -58,18 +58,12 @@ class Lamb16Reference:
       p, g, s = np.asarray(p, F32), np.asarray(g, F32), self.states[index]
       n = F32(max(p.size, 1))
       # 1. dequantize
-      m = s.mq.astype(F32) * s.sm
-      v = s.vq.astype(F32) * s.sv
+      m, v = self.dequantize(s)
       # 2. moments, no bias correction
       m = self.b1 * m + self.c1 * g
       v = self.b2 * v + self.c2 * g * g
-      # 3. scales: L2 norm of squares clipped at 10, divided by N
-      sm_new = np.sqrt(np.sum(np.minimum(m * m, F32(10)), dtype=F32)) / n + self.eps
-      sv_new = np.sqrt(np.sum(np.minimum(v * v, F32(10)), dtype=F32)) / n + self.eps
-      # 4. requantize (m clipped to ±15; v only clipped at 10 before dividing)
-      s.mq = to_float8_e4m3fn(np.clip(m / sm_new, F32(-15), F32(15)))
-      s.vq = to_float8_e5m2(np.minimum(v, F32(10)) / sv_new)
-      s.sm, s.sv = F32(sm_new), F32(sv_new)
+      # 3.-4. new scales, requantize
+      self.requantize(s, m, v)
       # 5. Adam direction from the float32 moments of this step, decoupled decay inside
       u = m / (np.sqrt(v) + self.eps)
       if self.weight_decay != 0 and self.decay_mask[index]:
@@ -83,6 +77,54 @@ class Lamb16Reference:
       # 8. update, associated as the optax chain applies it: p + (-lr) * (r * u)
       new_params.append((p - lr * (r * u)).astype(F32))
     return new_params
+
+  def dequantize(self, s: Lamb16LeafState) -> tuple[np.ndarray, np.ndarray]:
+    return s.mq.astype(F32) * s.sm, s.vq.astype(F32) * s.sv
+
+  def requantize(self, s: Lamb16LeafState, m: np.ndarray, v: np.ndarray) -> None:
+    n = F32(max(m.size, 1))
+    # 3. scales: L2 norm of squares clipped at 10, divided by N
+    sm_new = np.sqrt(np.sum(np.minimum(m * m, F32(10)), dtype=F32)) / n + self.eps
+    sv_new = np.sqrt(np.sum(np.minimum(v * v, F32(10)), dtype=F32)) / n + self.eps
+    # 4. requantize (m clipped to ±15; v only clipped at 10 before dividing)
+    s.mq = to_float8_e4m3fn(np.clip(m / sm_new, F32(-15), F32(15)))
+    s.vq = to_float8_e5m2(np.minimum(v, F32(10)) / sv_new)
+    s.sm, s.sv = F32(sm_new), F32(sv_new)
+
+
+class Lamb16BlockwiseReference(Lamb16Reference):
+  """SPEC.md section 1b: section 1 with one scale per block of `block_size` elements of the flattened leaf."""
+
+  M_TOP, V_TOP, FLOOR = F32(448), F32(57344), F32(2.0 ** -126)
+
+  def __init__(self, params, block_size=256, **kwargs):
+    super().__init__(params, **kwargs)
+    self.block_size = block_size
+    for p, s in zip(params, self.states):
+      blocks = -(-p.size // block_size)
+      s.sm, s.sv = np.ones(blocks, F32), np.ones(blocks, F32)
+
+  def _per_element(self, scales: np.ndarray, shape) -> np.ndarray:
+    size = math.prod(shape)
+    return np.repeat(scales, self.block_size)[:size].reshape(shape)
+
+  def dequantize(self, s):
+    shape = s.mq.shape
+    return (s.mq.astype(F32) * self._per_element(s.sm, shape), s.vq.astype(F32) * self._per_element(s.sv, shape))
+
+  def _block_maxima(self, x: np.ndarray) -> np.ndarray:
+    blocks = -(-x.size // self.block_size)
+    padded = np.zeros(blocks * self.block_size, F32)
+    padded[:x.size] = x.reshape(-1)
+    return padded.reshape(blocks, self.block_size).max(axis=1)
+
+  def requantize(self, s, m, v):
+    # 3. scales: each block's largest |m| and v at the formats' largest finite values, floored at 2^-126
+    s.sm = np.maximum(self._block_maxima(np.abs(m)) / self.M_TOP, self.FLOOR).astype(F32)
+    s.sv = np.maximum(self._block_maxima(v) / self.V_TOP, self.FLOOR).astype(F32)
+    # 4. requantize, no clip
+    s.mq = to_float8_e4m3fn(m / self._per_element(s.sm, m.shape))
+    s.vq = to_float8_e5m2(v / self._per_element(s.sv, v.shape))
 
 
 def sgn(x: np.ndarray) -> np.ndarray:

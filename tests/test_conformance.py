@@ -46,7 +46,7 @@ KNOWN_VALUES = {"learning_rate": 1e-2, "weight_decay": 1e-2, "freeze_step": 2, "
 # communicators, masks, inner transformations), as optax's own list of uninjectable ones.
 STATIC = ("comm", "freeze_step", "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper",
           "max_consecutive_errors", "mask", "momentum_mask", "mask_zero_variance", "inner")
-ALIASES = ("lamb16", "onebit_adam", "zero_one_adam", "onebit_lamb")
+ALIASES = ("lamb16", "lamb16_blockwise", "onebit_adam", "zero_one_adam", "onebit_lamb")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -115,6 +115,7 @@ def finite_guard(inner: str) -> Case:
 
 KNOWN = [
     public("lamb16"),
+    public("lamb16_blockwise"),
     public("scale_by_lamb16"),
     public("scale_by_lamb16_trust_ratio"),
     public("onebit_adam"),
