@@ -87,13 +87,15 @@ def test_mask_zero_variance_keeps_never_updated_params_still(name):
 def test_schedules_and_inject_hyperparams(name):
   make, _ = OPTIMIZERS[name]
   params, x, y, noise = h.make_problem(1, STEPS, seed=31)
-  plain = run_single(make(0.01, None, weight_decay=0.01), params, x, y, noise)
   # Constant schedules are the constants, for every schedulable hyperparameter.
   constant = optax.constant_schedule
   scheduled = run_single(make(constant(0.01), None, b1=constant(0.9), b2=constant(0.999), eps=constant(1e-8),
                               weight_decay=constant(0.01)), params, x, y, noise)
+  # A scheduled (or injected) decay rate is float32, so 1 - b is formed in float32, as for a float32 array.
+  f32 = jnp.float32
+  plain_f32 = run_single(make(0.01, None, b1=f32(0.9), b2=f32(0.999), weight_decay=0.01), params, x, y, noise)
   for n in h.NAMES:
-    np.testing.assert_array_equal(scheduled[n], plain[n])
+    np.testing.assert_array_equal(scheduled[n], plain_f32[n])
   # The schedule is evaluated at the number of updates so far: zero for the first 3 updates = no movement.
   delayed = run_single(make(lambda count: jnp.where(count < 3, 0.0, 0.01).astype(jnp.float32), None),
                        params, x, y, noise)
@@ -104,8 +106,9 @@ def test_schedules_and_inject_hyperparams(name):
       lambda learning_rate, b1, weight_decay, comm: make(learning_rate, comm, b1=b1, weight_decay=weight_decay),
       static_args=("comm",))(learning_rate=0.01, b1=0.9, weight_decay=0.01, comm=None)
   from_injected = run_single(injected, params, x, y, noise)
+  plain_b1_f32 = run_single(make(0.01, None, b1=f32(0.9), weight_decay=0.01), params, x, y, noise)
   for n in h.NAMES:
-    np.testing.assert_allclose(from_injected[n], plain[n], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(from_injected[n], plain_b1_f32[n], rtol=1e-6, atol=1e-7)
 
 
 def _bfloat16_gaps(got, trajectory):
