@@ -1,4 +1,4 @@
-"""Optimizer state bytes per parameter: optax.adam, optax.lamb and optax_lamb16.lamb16.
+"""Optimizer state bytes per parameter: optax.adam, optax.lamb, optax_lamb16.lamb16 and lamb16_blockwise.
 
 Measures the state that `init` returns (via `jax.eval_shape`, so nothing is allocated) for the MNIST reference
 convnet and for synthetic pytrees of about 4M and 50M parameters (a few big leaves plus many small ones).
@@ -27,6 +27,7 @@ OPTIMIZERS = {
     "optax.adam": lambda: optax.adam(1e-3),
     "optax.lamb": lambda: optax.lamb(1e-3),
     "optax_lamb16.lamb16": lambda: optax_lamb16.lamb16(1e-3),
+    "optax_lamb16.lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-3),
 }
 
 
