@@ -83,9 +83,10 @@ def fused_sums(terms_fn: Callable[..., tuple[jax.Array, ...]], arrays: Sequence[
   return totals
 
 
-# Elements per chunk of `fused_block_reductions`: each chunk's block maxima are a reduction, which XLA:CPU runs as a
-# library call, so chunks are larger than `fused_sums`' to make fewer calls.
-BLOCK_CHUNK = CHUNK
+# Elements per chunk of `fused_block_reductions` (times UNROLL per iteration). On the 4M tree of
+# benchmarks/update_bench.py, lamb16_blockwise's update took 1.11x, 1.04x and 1.01x lamb16's time with chunks of
+# 2^13, 2^14 and 2^15 elements (one interleaved run).
+BLOCK_CHUNK = 4 * CHUNK
 
 
 def expand_blocks(block_values: jax.Array, block_size: int, n: int) -> jax.Array:
@@ -100,6 +101,18 @@ def block_maxima(x: jax.Array, block_size: int) -> jax.Array:
   zero padding assumes)."""
   blocks = -(-x.shape[0] // block_size)
   return jnp.max(jnp.pad(x, (0, blocks * block_size - x.shape[0])).reshape(blocks, block_size), axis=1)
+
+
+def _row_maxima(x: jax.Array) -> jax.Array:
+  """``max(x, axis=1)`` as a tree of element-wise maxima of halves when the width is a power of two: one loop fusion
+  with the terms that produce `x`, where a reduction would be a library call per chunk on XLA:CPU."""
+  width = x.shape[1]
+  if width & (width - 1):
+    return jnp.max(x, axis=1)
+  while width > 1:
+    width //= 2
+    x = jnp.maximum(x[:, :width], x[:, width:])
+  return x[:, 0]
 
 
 def whole_block_reductions(terms_fn: Callable[..., tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]],
@@ -134,7 +147,7 @@ def fused_block_reductions(terms_fn: Callable[..., tuple[tuple[jax.Array, ...], 
     values = [expand_blocks(jax.lax.dynamic_slice_in_dim(b, i * blocks_per_chunk, blocks_per_chunk), block_size,
                             block_chunk) for b in block_arrays]
     sum_terms, max_terms = terms_fn(*chunks, *values)
-    maxima = tuple(jax.lax.dynamic_update_slice_in_dim(out, jnp.max(t.reshape(-1, block_size), axis=1),
+    maxima = tuple(jax.lax.dynamic_update_slice_in_dim(out, _row_maxima(t.reshape(-1, block_size)),
                                                        i * blocks_per_chunk, 0) for out, t in zip(maxima, max_terms))
     return tuple(acc + t for acc, t in zip(accumulators, _paired(sum_terms))), maxima
 
