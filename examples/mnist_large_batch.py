@@ -10,12 +10,16 @@ Reproduce the committed results (docs/results/mnist_large_batch.json and .png), 
   taskset -c 0 python examples/mnist_large_batch.py --optimizers adam,lamb,lamb16,lamb16_blockwise \
       --batch-sizes 128,1024,4096,8192 --epochs 1 --out docs/results
 
-(The committed JSON was produced in two parts, adam,lamb and then lamb16,lamb16_blockwise, merged; its "commands"
-lists both.) 1 epoch because the 16 runs had to fit in about 55 minutes on one CPU core shared with other jobs:
-measured there, an epoch takes about 1 minute at batch 128 and 2-3 minutes at 1024-8192 (per sample, large batches
-are slower on a CPU), about 8 minutes per optimizer for the four batch sizes, so 2 epochs would not have fitted.
-1 epoch is far from the reference's 10 (batch 8192 gets only 8 steps), so the numbers compare the optimizers at a
-fixed, short budget of samples, not at convergence; the seconds of each run are in the JSON.
+1 epoch, because the 16 runs had to fit in about 55 minutes on one CPU core: measured first with `taskset -c 0`
+(the machine shared with other jobs), an epoch took about 70 s at batch 128 and 105, 160 and 145 s at batch 1024,
+4096 and 8192 (per sample, large batches are slower on a CPU), about 8 minutes per optimizer for the four batch
+sizes, so 32 minutes for the sweep at 1 epoch and 64 at 2. 1 epoch is far from the reference's 10 (batch 8192 gets 8
+steps, 4096 gets 15), so the numbers compare the optimizers at a fixed, short budget of samples, not at convergence.
+
+The committed JSON was produced by that command's parts running side by side on core 0 (one process per optimizer,
+adam's and lamb's rows split over three processes) into separate OUTs, then merged with `--merge-from`; its
+"commands" lists each part. The other jobs then sharing the machine made every run 2-4 times slower than measured
+above, so the per-run "seconds" are wall time under that load, not a speed measurement.
 
 Every run is merged into OUT/mnist_large_batch.json as it finishes (a row replaces the row with the same optimizer
 and batch size; the others are kept), so a subset can be run now and others added later, e.g.
@@ -110,7 +114,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
   for ax, ylabel in zip(axes, ("final test accuracy", "final test loss")):
     ax.set_xscale("log", base=2)
     ax.set_xticks(batch_sizes, [f"{b}\nlr {lrs[b]:g}" for b in batch_sizes])
-    ax.set(xlabel="batch size", ylabel=ylabel)
+    ax.set(xlabel="batch size", ylabel=ylabel, yscale="log" if "loss" in ylabel else "linear")
     ax.grid(alpha=0.3)
     ax.legend()
   epochs = sorted({run["epochs"] for run in runs})
