@@ -168,6 +168,9 @@ def _init_state(params: Any, block_size: int | None = None) -> ScaleByLamb16Stat
 def _check_block_size(block_size: Any) -> None:
   if block_size is None:
     return
+  if isinstance(block_size, jax.Array):  # a traced or injected value (optax.inject_hyperparams makes arrays)
+    raise ValueError("`block_size` shapes the state and must be a Python int, not an array: under "
+                     "`optax.inject_hyperparams` pass `static_args=('block_size',)`.")
   if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
     raise ValueError(f"`block_size` must be a positive int, got {block_size!r}. State costs 2 + 8 / block_size bytes "
                      f"per parameter: 256 (the default) gives 2.03.")

@@ -41,11 +41,11 @@ STEPS = 5  # 1-bit Adam/LAMB: warm-up t = 2, compression from t = 3; 0/1 Adam: v
 # dropped or mis-scheduled weight decay shows.
 KNOWN_VALUES = {"learning_rate": 1e-2, "weight_decay": 1e-2, "freeze_step": 2, "var_freeze_step": 2,
                 "var_update_scaler": 1, "local_step_scaler": 1, "local_step_clipper": 2,
-                "max_consecutive_errors": 2}
+                "max_consecutive_errors": 2, "block_size": 16}
 # Hyperparameters that `optax.inject_hyperparams` cannot turn into arrays (they shape the program: step counts,
 # communicators, masks, inner transformations), as optax's own list of uninjectable ones.
 STATIC = ("comm", "freeze_step", "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper",
-          "max_consecutive_errors", "mask", "momentum_mask", "mask_zero_variance", "inner")
+          "max_consecutive_errors", "mask", "momentum_mask", "mask_zero_variance", "inner", "block_size")
 ALIASES = ("lamb16", "lamb16_blockwise", "onebit_adam", "zero_one_adam", "onebit_lamb")
 
 

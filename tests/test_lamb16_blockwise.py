@@ -181,3 +181,11 @@ def test_bad_block_size_is_rejected(block_size):
     optax_lamb16.lamb16_blockwise(1e-3, block_size=block_size)
   with pytest.raises(ValueError, match="block_size"):
     optax_lamb16.scale_by_lamb16_blockwise(block_size=block_size)
+
+
+def test_block_size_must_be_static_under_inject_hyperparams():
+  params = {"w": jnp.zeros(40)}
+  with pytest.raises(ValueError, match="static_args=\\('block_size',\\)"):
+    optax.inject_hyperparams(optax_lamb16.lamb16_blockwise)(learning_rate=1e-3).init(params)
+  tx = optax.inject_hyperparams(optax_lamb16.lamb16_blockwise, static_args=("block_size",))(1e-3, block_size=16)
+  assert tx.init(params).inner_state.mu_scale["w"].shape == (3,)
