@@ -13,11 +13,12 @@ One set of runs (every optimizer at every --lr):
   python examples/charlm.py --optimizers adamw,lamb,lamb16,lamb16_blockwise --steps 300 --lr 1e-3,3e-3 --out out/charlm
 
 The committed learning-rate sweep (docs/results/charlm.json and charlm.png; examples/charlm_sweep.sh runs it pinned
-to one core, about 25 minutes with the core to itself): 4 learning rates per optimizer for --sweep-steps, then one
+to one core, about 25 minutes with the core to itself): 4 to 6 learning rates per optimizer for --sweep-steps, then one
 run per optimizer at its best sweep learning rate for --steps:
 
-  python examples/charlm.py --sweep "adamw=3e-4,1e-3,3e-3,1e-2;lamb=1e-3,3e-3,1e-2,3e-2;lamb16=3e-3,1e-2,3e-2,1e-1;\
-lamb16_blockwise=3e-3,1e-2,3e-2,1e-1" --sweep-steps 150 --steps 450 --batch-size 16 --eval-every 30 --seed 0 \
+  python examples/charlm.py --sweep "adamw=3e-4,1e-3,3e-3,1e-2;lamb=1e-3,3e-3,1e-2,3e-2;\
+lamb16=1e-3,3e-3,1e-2,3e-2,1e-1;lamb16_blockwise=3e-4,1e-3,3e-3,1e-2,3e-2,1e-1" \
+      --sweep-steps 150 --steps 450 --batch-size 16 --eval-every 30 --seed 0 \
       --out docs/results --json-name charlm.json --plot-name charlm.png
 
 `--merge a.json,b.json` combines the results of separate invocations (same corpus and model) into one file and plot.
@@ -449,6 +450,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--eval-batch-size", type=int, default=64)
   parser.add_argument("--max-files", type=int, default=None, help="read only the first N stdlib files (tests)")
   parser.add_argument("--merge", default=None, help="comma-separated results files to combine (no training)")
+  parser.add_argument("--note", default=None, help="free text stored in the results under \"note\"")
   parser.add_argument("--out", default="out/charlm")
   parser.add_argument("--json-name", default="results.json")
   parser.add_argument("--plot-name", default="charlm.png")
@@ -497,6 +499,8 @@ def main(argv=None) -> dict:
     else:
       for lr in _split(args.lr, float):
         results["runs"] += [train_one(name, lr, args, train, val_windows, args.steps) for name in optimizers]
+  if args.note:
+    results["note"] = args.note
   (out / args.json_name).write_text(json.dumps(results, indent=1))
   plot(results, out / args.plot_name)
   print_table(results)
