@@ -83,10 +83,11 @@ def fused_sums(terms_fn: Callable[..., tuple[jax.Array, ...]], arrays: Sequence[
   return totals
 
 
-# Elements per chunk of `fused_block_reductions` (times UNROLL per iteration). On the 4M tree of
-# benchmarks/update_bench.py, lamb16_blockwise's update took 1.11x, 1.04x and 1.01x lamb16's time with chunks of
-# 2^13, 2^14 and 2^15 elements (one interleaved run).
+# Elements per chunk of `fused_block_reductions`, and chunks per loop iteration. On the 4M tree of
+# benchmarks/update_bench.py: 2^13 x 8 and 2^15 x 2 took the same time (within this shared machine's noise, about
+# lamb16's), with 7.8 and 7.6 MB of XLA temporaries; 2^15 x 8 was no faster and needed 14.7 MB.
 BLOCK_CHUNK = 4 * CHUNK
+BLOCK_UNROLL = 2
 
 
 def expand_blocks(block_values: jax.Array, block_size: int, n: int) -> jax.Array:
@@ -156,7 +157,7 @@ def fused_block_reductions(terms_fn: Callable[..., tuple[tuple[jax.Array, ...], 
   sum_shapes, max_shapes = jax.eval_shape(lambda *c: (_paired(terms_fn(*c)[0]), terms_fn(*c)[1]), *shapes)
   zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in sum_shapes)
   maxima = tuple(jnp.zeros((-(-n // block_size),), s.dtype) for s in max_shapes)
-  accumulators, maxima = jax.lax.fori_loop(0, full, body, (zeros, maxima), unroll=UNROLL)
+  accumulators, maxima = jax.lax.fori_loop(0, full, body, (zeros, maxima), unroll=BLOCK_UNROLL)
   sums = _unpaired([jnp.sum(acc) for acc in accumulators])
   done = full * block_chunk
   if n > done:
