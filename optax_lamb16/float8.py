@@ -1,4 +1,5 @@
-"""Storage of normalised moments in float8 with one float32 scale per tensor (SPEC.md section 1).
+"""Storage of normalised moments in float8: one float32 scale per tensor, faithful to the reference (SPEC.md section
+1), or one per block of elements (section 1b, at the end of this module).
 
 The first moment is stored as float8_e4m3fn (3 mantissa bits, finite range ±448) after dividing by its scale and
 clipping to ±15; the second moment as float8_e5m2 (2 mantissa bits, range up to 57344) after clipping to 10 and
