@@ -90,6 +90,11 @@ BLOCK_CHUNK = 4 * CHUNK
 BLOCK_UNROLL = 2
 
 
+def num_blocks(size: int, block_size: int) -> int:
+  """Blocks of `block_size` elements that cover `size` elements (the last may be shorter)."""
+  return -(-size // block_size)
+
+
 def expand_blocks(block_values: jax.Array, block_size: int, n: int) -> jax.Array:
   """Per-block values as a flat per-element array of `n` elements (element i gets block i // block_size's value),
   written as broadcast-reshape-slice, which XLA fuses into the element-wise consumer instead of materialising."""
@@ -100,7 +105,7 @@ def expand_blocks(block_values: jax.Array, block_size: int, n: int) -> jax.Array
 def block_maxima(x: jax.Array, block_size: int) -> jax.Array:
   """Maximum of each block of `block_size` elements of flat `x` (the last block may be shorter; `x` >= 0, as the
   zero padding assumes)."""
-  blocks = -(-x.shape[0] // block_size)
+  blocks = num_blocks(x.shape[0], block_size)
   return jnp.max(jnp.pad(x, (0, blocks * block_size - x.shape[0])).reshape(blocks, block_size), axis=1)
 
 
@@ -132,8 +137,8 @@ def fused_block_reductions(terms_fn: Callable[..., tuple[tuple[jax.Array, ...], 
                            chunk: int | None = None) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]:
   """`whole_block_reductions` chunk by chunk (tuned for XLA:CPU, as `fused_sums`): each chunk's blocks' maxima are
   written into the per-block results, its sum terms added into chunk-sized accumulators. A chunk holds a whole
-  number of blocks (rounded up from `CHUNK`); the elements after the last full chunk are reduced whole."""
-  block_chunk = -(-(chunk or BLOCK_CHUNK) // block_size) * block_size
+  number of blocks (rounded up from `BLOCK_CHUNK`); the elements after the last full chunk are reduced whole."""
+  block_chunk = num_blocks(chunk or BLOCK_CHUNK, block_size) * block_size
   n = arrays[0].shape[0]
   full = n // block_chunk
   if full <= 1 or n > MAX_CHUNKED_SIZE:
@@ -154,9 +159,10 @@ def fused_block_reductions(terms_fn: Callable[..., tuple[tuple[jax.Array, ...], 
 
   shapes = [jax.ShapeDtypeStruct((block_chunk,), a.dtype) for a in arrays]
   shapes += [jax.ShapeDtypeStruct((block_chunk,), b.dtype) for b in block_arrays]
-  sum_shapes, max_shapes = jax.eval_shape(lambda *c: (_paired(terms_fn(*c)[0]), terms_fn(*c)[1]), *shapes)
+  sum_shapes, max_shapes = jax.eval_shape(lambda *c: (lambda sums, maxima: (_paired(sums), maxima))(*terms_fn(*c)),
+                                          *shapes)
   zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in sum_shapes)
-  maxima = tuple(jnp.zeros((-(-n // block_size),), s.dtype) for s in max_shapes)
+  maxima = tuple(jnp.zeros((num_blocks(n, block_size),), s.dtype) for s in max_shapes)
   accumulators, maxima = jax.lax.fori_loop(0, full, body, (zeros, maxima), unroll=BLOCK_UNROLL)
   sums = _unpaired([jnp.sum(acc) for acc in accumulators])
   done = full * block_chunk

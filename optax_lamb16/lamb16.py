@@ -143,14 +143,10 @@ def _check_leaves(updates: Any, like: Any, like_name: str) -> None:
   _checks.check_same_structure("updates", updates, like_name, like)
 
 
-def _num_blocks(size: int, block_size: int) -> int:
-  return -(-size // block_size)
-
-
 def _init_state(params: Any, block_size: int | None = None) -> ScaleByLamb16State:
   """The state of both storages: per-leaf scalar scales, or (`block_size`) one scale per block of the flat leaf."""
   _checks.check_float_leaves("params", params)
-  scale_shape = (lambda p: ()) if block_size is None else (lambda p: (_num_blocks(p.size, block_size),))
+  scale_shape = (lambda p: ()) if block_size is None else (lambda p: (_chunked.num_blocks(p.size, block_size),))
   # zeros_like keeps each leaf's sharding (an explicitly sharded leaf gets its moments sharded the same way).
   return ScaleByLamb16State(
       count=jnp.zeros([], jnp.int32),
@@ -189,22 +185,27 @@ def _blockwise_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, bloc
     return jnp.zeros_like(g), mu, nu, mu_scale, nu_scale
   flat = [x.reshape(-1) for x in (g, mu, nu)] + ([] if p is None else [p.reshape(-1)])
 
-  def moments_and_direction(gc, mc, vc, *rest):  # rest: (pc,) if p is given, then m's and v's per-element scales
+  def moments_and_direction(gc, mc, vc, *rest):
+    """m, v, the direction u and the float32 params (None without `p`); `rest` is `flat`'s p if given, then the
+    per-element scales of m and v."""
     *pc, mu_scales, nu_scales = rest
     m, v = _moments(kernels, gc, mc, vc, mu_scales, nu_scales, beta1, beta2)
     u = _adam_direction(m, v, epsilon)
-    return m, v, (u + decay * pc[0].astype(jnp.float32) if pc else u)
+    if p is None:
+      return m, v, u, None
+    p32 = pc[0].astype(jnp.float32)
+    return m, v, u + decay * p32, p32
 
   def terms(*args):
-    m, v, u = moments_and_direction(*args)
-    sums = () if p is None else (_trust_square(args[3].astype(jnp.float32), epsilon), _trust_square(u, epsilon))
+    m, v, u, p32 = moments_and_direction(*args)
+    sums = () if p is None else (_trust_square(p32, epsilon), _trust_square(u, epsilon))
     return sums, (jnp.abs(m), v)
 
   sums, (m_max, v_max) = kernels.block_reductions(terms, flat, [mu_scale, nu_scale], block_size)
   new_mu_scale = float8.block_scale(m_max, float8.MOMENTUM_TOP)
   new_nu_scale = float8.block_scale(v_max, float8.VARIANCE_TOP)
   expand = lambda scales: _chunked.expand_blocks(scales, block_size, n)
-  m, v, u = moments_and_direction(*flat, expand(mu_scale), expand(nu_scale))
+  m, v, u, _ = moments_and_direction(*flat, expand(mu_scale), expand(nu_scale))
   step = u if p is None else (-lr) * (_trust(*sums, n, lr, reference, exponent) * u)
   new_mu = float8.encode_block(m, expand(new_mu_scale), kernels.to_e4m3fn)
   new_nu = float8.encode_block(v, expand(new_nu_scale), kernels.to_e5m2)
@@ -395,9 +396,9 @@ def _lamb16_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, lr, dec
 def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels, block_size=None):
   _check_moment_args(b1, b2, eps)
   _check_block_size(block_size)
-  leaf_step = _lamb16_leaf if block_size is None else functools.partial(_blockwise_leaf, block_size=block_size)
   _check_trust_args(learning_rate, trust_scale, reference_lr, eps)
   _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
+  leaf_step = _lamb16_leaf if block_size is None else functools.partial(_blockwise_leaf, block_size=block_size)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -550,14 +551,14 @@ def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSc
     An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByLamb16State` with one scale per block.
 
   Example:
-    >>> import jax, jax.numpy as jnp, optax, optax_lamb16
-    >>> params = {"w": jnp.array([1.0, -2.0, 3.0])}
-    >>> tx = optax_lamb16.lamb16_blockwise(learning_rate=0.01, weight_decay=0.01)
-    >>> state = tx.init(params)
-    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
-    >>> updates, state = tx.update(grads, state, params)
-    >>> [round(p, 4) for p in optax.apply_updates(params, updates)["w"].tolist()]
-    [0.9868, -1.9868, 2.9868]
+    >>> import jax.numpy as jnp, optax_lamb16
+    >>> params = {"w": jnp.ones(1000)}
+    >>> tx = optax_lamb16.lamb16_blockwise(learning_rate=1e-3)
+    >>> _, state = tx.update({"w": jnp.linspace(-1.0, 1.0, 1000)}, tx.init(params), params)
+    >>> state.mu_scale["w"].shape  # 4 blocks of 256 (the last one 232)
+    (4,)
+    >>> float(optax_lamb16.float8_health(state)["mu_saturated"])  # lamb16's faithful storage: 0.736
+    0.0
 
   References:
     Dettmers et al., `8-bit Optimizers via Block-wise Quantization <https://arxiv.org/abs/2110.02861>`_, 2022 (the
