@@ -9,7 +9,7 @@ NO_CUDA := $(abspath $(VENV))/no-cuda
 CUDA_PATH ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr/local/cuda,$(NO_CUDA))
 BUILD_ENV := PATH="$(abspath $(VENV))/bin:$$PATH" CUDA_PATH="$(CUDA_PATH)"
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-link clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ bench: $(STAMP)
 	$(PY) benchmarks/state_size.py
 	$(PY) benchmarks/comm_volume.py
 	$(PY) benchmarks/update_bench.py
+
+# As root: a network namespace with a throttled loopback, 2 jax.distributed processes (see the script's docstring).
+bench-link: $(STAMP)
+	$(PY) benchmarks/link_bench.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

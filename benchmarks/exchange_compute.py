@@ -8,7 +8,8 @@ no network. `optax.adam`'s update on the same tree is timed alongside, in interl
   python benchmarks/exchange_compute.py [--size 4M] [--ranks 8] [--repeats 20] [--out docs/results/exchange_compute.json]
 
 Prints a markdown table and writes JSON (with the device named). Each step is timed from the same input state
-(not donated), so every call runs the phase named in its row.
+(not donated), so every call runs the phase named in its row. `STEPS` (the configurations) and `measure` are
+shared with `link_bench.py`, which times the same steps over real (throttled) links.
 """
 
 from __future__ import annotations
@@ -20,64 +21,118 @@ import platform
 import statistics
 import time
 
+from typing import Any, Callable, NamedTuple
+
 import jax
 import optax
 
 import optax_lamb16
-from update_bench import SIZES, make_tree
+import update_bench
+from update_bench import make_tree
+
+SIZES = {**update_bench.SIZES, "tiny": (1, (8, 8), 2, 16)}  # tiny: for the tests of the benchmarks' drivers
 
 
 def _next_t(state):
   return int(state.count) + 1  # the step counter the next update runs with (SPEC.md section 2)
 
 
-def configurations(comm):
-  """name -> (transform, updates before timing, check): the updates bring the state into the phase the name says,
-  and `check(state)` confirms it (None: one phase only)."""
-  return {
-      "optax.adam": (optax.adam(1e-3), 0, None),
-      "compressed_mean": (optax_lamb16.compressed_mean(comm), 0, None),
-      "uncompressed_mean + optax.adam": (optax.chain(optax_lamb16.uncompressed_mean(comm), optax.adam(1e-3)), 0,
-                                         None),
-      "onebit_adam, warm-up": (optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=10), 0,
-                               lambda s: _next_t(s[0]) <= 10),
-      "onebit_adam, compression": (optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=2), 2,
-                                   lambda s: _next_t(s[0]) > 2),
-      # Not frozen, and t = 3 is not a variance step (interval 2 after one doubling with scaler 1).
-      "zero_one_adam, compressed step": (optax_lamb16.zero_one_adam(
-          1e-3, comm=comm, var_freeze_step=100, var_update_scaler=1), 1,
-          lambda s: not bool(s.frozen) and _next_t(s) % int(s.var_interval) != 0),
-      # After the freeze the sync interval doubles every local step (scaler 1) up to 16: t = 7 is a local step.
-      "zero_one_adam, local step": (optax_lamb16.zero_one_adam(
-          1e-3, comm=comm, var_freeze_step=2, local_step_scaler=1, local_step_clipper=16), 5,
-          lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) != 0),
-      "onebit_lamb, compression": (optax_lamb16.onebit_lamb(1e-3, comm=comm, freeze_step=2), 2,
-                                   lambda s: _next_t(s) > 2),
-      "compressed_mean + lamb16": (optax.chain(optax_lamb16.compressed_mean(comm), optax_lamb16.lamb16(1e-3)), 0,
-                                   None),
-  }
+def per_leaf_mean(comm):
+  """The exact mean as most data-parallel code writes it: one all-reduce per leaf (`lax.pmean` of the tree)."""
+  communicator = optax_lamb16.comm.as_communicator(comm)
+  return optax.stateless(lambda updates, params=None: jax.tree.map(communicator.mean, updates))
+
+
+class Step(NamedTuple):
+  """One timed configuration: `make(comm)` builds the transform; `in_phase(state)` says whether the next update
+  runs the phase the row names (None: one phase only; the runner steps until it holds); `per_rank_params`: the
+  params differ per rank (0/1 Adam), so a multi-rank run lays them out per rank."""
+  make: Callable[[Any], optax.GradientTransformation]
+  in_phase: Callable[[Any], bool] | None = None
+  per_rank_params: bool = False
+
+
+def _zero_one(comm, **kwargs):
+  return optax_lamb16.zero_one_adam(1e-3, comm=comm, **kwargs)
+
+
+# After the freeze (t = 3) the sync interval doubles every local step (scaler 1) up to the clipper.
+_ZERO_ONE_FROZEN = dict(var_freeze_step=2, local_step_scaler=1)
+
+STEPS = {
+    "optax.adam": Step(lambda comm: optax.adam(1e-3)),
+    "exact per-leaf mean + optax.adam": Step(lambda comm: optax.chain(per_leaf_mean(comm), optax.adam(1e-3))),
+    "exact flat mean + optax.adam": Step(lambda comm: optax.chain(optax_lamb16.uncompressed_mean(comm),
+                                                                  optax.adam(1e-3))),
+    "compressed_mean": Step(optax_lamb16.compressed_mean),
+    "onebit_adam, warm-up": Step(lambda comm: optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=10),
+                                 lambda s: _next_t(s[0]) <= 10),
+    "onebit_adam, compression": Step(lambda comm: optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=2),
+                                     lambda s: _next_t(s[0]) > 2),
+    # Not frozen, and not a variance step (the variance interval doubles after every variance step: scaler 1).
+    "zero_one_adam, compressed step": Step(
+        lambda comm: _zero_one(comm, var_freeze_step=100, var_update_scaler=1),
+        lambda s: not bool(s.frozen) and _next_t(s) % int(s.var_interval) != 0, per_rank_params=True),
+    "zero_one_adam, local step": Step(
+        lambda comm: _zero_one(comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
+        lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) != 0, per_rank_params=True),
+    "zero_one_adam, sync step": Step(
+        lambda comm: _zero_one(comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
+        lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) == 0 and int(
+            s.local_step_interval) > 1, per_rank_params=True),
+    "onebit_lamb, compression": Step(lambda comm: optax_lamb16.onebit_lamb(1e-3, comm=comm, freeze_step=2),
+                                     lambda s: _next_t(s) > 2),
+    "compressed_mean + lamb16": Step(lambda comm: optax.chain(optax_lamb16.compressed_mean(comm),
+                                                              optax_lamb16.lamb16(1e-3))),
+}
+MAX_PHASE_STEPS = 64
+
+
+def bring_into_phase(name, step, update, state, args):
+  """Updates `state` until `step.in_phase` holds (the phase the row `name` times); returns it."""
+  for _ in range(MAX_PHASE_STEPS):
+    if step.in_phase is None or step.in_phase(state):
+      return jax.block_until_ready(state)
+    _, state = update(state, *args)
+    state = jax.block_until_ready(state)
+  raise RuntimeError(f"{name}: not in its phase after {MAX_PHASE_STEPS} updates; fix `STEPS`.")
 
 
 class Runner:
-  def __init__(self, name, tx, warm_steps, check, params, grads):
+  """Times one configuration on one device, every call from the same state (not donated)."""
+
+  def __init__(self, name, step, comm, params, grads):
     self.name, self.params, self.grads = name, params, grads
-    update = jax.jit(tx.update)
-    state = tx.init(params)
-    for _ in range(warm_steps):
-      _, state = update(grads, state, params)
-    self.state = jax.block_until_ready(state)
-    if check is not None and not check(state):
-      raise RuntimeError(f"{name}: the state is not in the phase this row times; fix `configurations`.")
-    self.update = update
+    tx = step.make(comm)
+    self.update = jax.jit(lambda state, grads, params: tx.update(grads, state, params))
+    self.state = bring_into_phase(name, step, self.update, tx.init(params), (grads, params))
     self.times = []
     self.run(3, record=False)
 
   def run(self, calls, record=True):
     for _ in range(calls):
       start = time.perf_counter()
-      jax.block_until_ready(self.update(self.grads, self.state, self.params))
+      jax.block_until_ready(self.update(self.state, self.grads, self.params))
       if record:
         self.times.append(time.perf_counter() - start)
+
+
+def measure(size, ranks, repeats, rounds, names=None):
+  """Compute-only medians (seconds) of the configurations in `names` (default all) as one rank of `ranks`."""
+  params = make_tree(SIZES[size], jax.random.key(0))
+  grads = make_tree(SIZES[size], jax.random.key(1), scale=0.01)
+  comm = optax_lamb16.comm.SimulatedRanks(ranks)
+  runners = [Runner(name, STEPS[name], comm, params, grads) for name in (names or STEPS)]
+  for _ in range(rounds):
+    for runner in runners:
+      runner.run(max(1, repeats // rounds))
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  return num_params, {r.name: statistics.median(r.times) for r in runners}
+
+
+def machine_name():
+  device = jax.devices()[0]
+  return f"{device.platform.upper()} {device.device_kind}, {platform.processor() or platform.machine()}"
 
 
 def main():
@@ -88,26 +143,16 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--out", default="docs/results/exchange_compute.json")
   args = parser.parse_args()
-  params = make_tree(SIZES[args.size], jax.random.key(0))
-  grads = make_tree(SIZES[args.size], jax.random.key(1), scale=0.01)
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  runners = [Runner(name, tx, warm, check, params, grads)
-             for name, (tx, warm, check) in configurations(optax_lamb16.comm.SimulatedRanks(args.ranks)).items()]
-  for _ in range(args.rounds):
-    for runner in runners:
-      runner.run(max(1, args.repeats // args.rounds))
-  adam = statistics.median(runners[0].times)
-  rows = [{"step": r.name, "median_seconds": statistics.median(r.times), "min_seconds": min(r.times),
-           "vs_adam": statistics.median(r.times) / adam} for r in runners]
-  device = jax.devices()[0]
-  machine = f"{device.platform.upper()} {device.device_kind}, {platform.processor() or platform.machine()}"
-  print(f"jax {jax.__version__}, {machine}; {num_params / 1e6:.1f}M params, {args.ranks} simulated ranks\n")
+  num_params, medians = measure(args.size, args.ranks, args.repeats, args.rounds)
+  adam = medians["optax.adam"]
+  rows = [{"step": name, "median_seconds": seconds, "vs_adam": seconds / adam} for name, seconds in medians.items()]
+  print(f"jax {jax.__version__}, {machine_name()}; {num_params / 1e6:.1f}M params, {args.ranks} simulated ranks\n")
   print("| step (one rank, compute only) | median ms | vs optax.adam |\n|---|---:|---:|")
   for r in rows:
     print(f"| {r['step']} | {r['median_seconds'] * 1e3:.2f} | {r['vs_adam']:.2f}x |")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"jax": jax.__version__, "device": machine, "num_params": num_params,
+  out.write_text(json.dumps({"jax": jax.__version__, "device": machine_name(), "num_params": num_params,
                              "ranks": args.ranks, "rows": rows}, indent=1))
   print(f"\nwrote {out}")
 

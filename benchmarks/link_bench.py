@@ -1,0 +1,287 @@
+"""Step time of exact and 1-bit data-parallel training over throttled links: P `jax.distributed` processes, one CPU
+device each, in a network namespace whose loopback is shaped with `tc ... tbf`.
+
+  sudo python benchmarks/link_bench.py [--size 4M] [--processes 2] [--links unthrottled,1gbit,100mbit]
+                                       [--steps 5] [--out docs/results/link_bench.json]
+
+(`make bench-link` runs it with the defaults.) Needs root, `ip` and `tc`. It creates a namespace, sets its `lo` to
+MTU 1500 (with loopback's 65536 a TCP segment exceeds the 64 KB tbf burst, every full segment is dropped and the
+connection stalls), starts the processes inside it on 127.0.0.1 only, and ALWAYS deletes the namespace. For each
+link, process 0 replaces the qdisc (`tbf rate R burst 64kb latency 50ms`; with `NAME+DELAY`, e.g. `1gbit+1ms`, a
+`netem delay` child too, where the kernel has netem), then every configuration of `exchange_compute.STEPS` is timed
+over warm steps, each from the same state, and the bytes the interface carried are counted
+(`/sys/class/net/lo/statistics/tx_bytes`: every byte between the processes crosses `lo` once). Finally the
+compute-only cost of each step (one process, collectives simulated with the same shapes, no network) is measured
+by `exchange_compute.measure`. Writes JSON and a markdown table (`--out` with `.md`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+TX_BYTES = "/sys/class/net/lo/statistics/tx_bytes"
+RATES = {"1gbit": 1e9, "100mbit": 1e8, "10mbit": 1e7}
+
+
+def parse_link(link: str) -> tuple[str | None, str | None]:
+  """'unthrottled' -> (None, None); '1gbit' -> ('1gbit', None); '1gbit+1ms' -> ('1gbit', '1ms')."""
+  rate, _, delay = link.partition("+")
+  rate = None if rate == "unthrottled" else rate
+  if rate is not None and rate not in RATES:
+    raise SystemExit(f"--links: unknown rate {rate!r} in {link!r}; use unthrottled or one of {sorted(RATES)}, "
+                     f"optionally with +DELAY (e.g. 1gbit+1ms).")
+  return rate, delay or None
+
+
+def shape_link(rate: str | None, delay: str | None) -> None:
+  """Replaces `lo`'s qdisc (inside the namespace this process runs in)."""
+  subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+  if rate is None and delay is None:
+    return
+  if rate is None:
+    subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", delay], check=True)
+    return
+  subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "tbf", "rate", rate, "burst", "64kb",
+                  "latency", "50ms"], check=True)
+  if delay is not None:
+    subprocess.run(["tc", "qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:", "netem", "delay", delay],
+                   check=True)
+
+
+def tx_bytes() -> int:
+  return int(pathlib.Path(TX_BYTES).read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------- worker
+
+def worker(args) -> None:
+  """One process of the job: times every configuration on every link; process 0 writes the results."""
+  import jax
+  jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.processes, process_id=args.process_id)
+  import numpy as np
+  from jax.experimental import multihost_utils
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+  sys.path.insert(0, str(HERE))
+  import exchange_compute
+  import optax
+  import optax_lamb16
+
+  world = jax.device_count()
+  mesh = jax.make_mesh((world,), ("data",), axis_types=(AxisType.Auto,))
+  params = jax.tree.map(np.asarray, exchange_compute.make_tree(exchange_compute.SIZES[args.size], jax.random.key(0)))
+  grads = [jax.tree.map(np.asarray, exchange_compute.make_tree(exchange_compute.SIZES[args.size],
+                                                               jax.random.key(1 + rank), scale=0.01))
+           for rank in range(world)]
+  stacked_grads = jax.tree.map(lambda *g: np.stack(g), *grads)
+
+  def put(tree, spec):
+    return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec),
+                                                               lambda index: a[index]), tree)
+
+  global_grads = put(stacked_grads, P("data"))
+
+  class LinkRunner:
+    def __init__(self, name, step):
+      self.name, self.times, self.bytes = name, {}, {}
+      tx = step.make("data")
+      per_rank = step.per_rank_params
+      param_spec = P("data") if per_rank else P()
+      self.params = put(jax.tree.map(lambda p: np.broadcast_to(p, (world, *p.shape)), params) if per_rank
+                        else params, param_spec)
+      mine = (lambda p: jax.tree.map(lambda a: a[0], p)) if per_rank else (lambda p: p)
+      ours = (lambda p: jax.tree.map(lambda a: a[None], p)) if per_rank else (lambda p: p)
+      local_init = optax.GradientTransformation(lambda p: tx.init(mine(p)), tx.update)
+      state = optax_lamb16.sharded_init(local_init, self.params, mesh, "data", param_specs=param_spec)
+      specs = optax_lamb16.state_partition_specs(state, "data")
+
+      def local_step(state, grads, params):
+        local = mine(params)
+        updates, state = tx.update(jax.tree.map(lambda g: g[0], grads), state, local)
+        return state, ours(optax.apply_updates(local, updates))
+
+      stepped = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P("data"), param_spec),
+                                      out_specs=(specs, param_spec)))
+      self.update = lambda state, grads, params: stepped(state, grads, params)[::-1]
+      self.state = exchange_compute.bring_into_phase(name, step, self.update, state, (global_grads, self.params))
+
+    def time(self, link, steps):
+      jax.block_until_ready(self.update(self.state, global_grads, self.params))  # one untimed step on this link
+      multihost_utils.sync_global_devices(f"{self.name} {link}")
+      before, times = tx_bytes(), []
+      for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(self.update(self.state, global_grads, self.params))
+        times.append(time.perf_counter() - start)
+      self.bytes[link] = (tx_bytes() - before) / steps
+      self.times[link] = statistics.median(times)
+
+  names = [name for name in exchange_compute.STEPS if name != "optax.adam"]  # optax.adam: compute-only yardstick
+  runners = [LinkRunner(name, exchange_compute.STEPS[name]) for name in names]
+  for link in args.links.split(","):
+    if args.process_id == 0:
+      shape_link(*parse_link(link))
+    multihost_utils.sync_global_devices(f"link {link}")
+    for runner in runners:
+      runner.time(link, args.steps)
+      if args.process_id == 0:
+        print(f"{link:>12} {runner.name:<36} {runner.times[link] * 1e3:10.1f} ms {runner.bytes[link] / 1e6:8.3f} MB",
+              flush=True)
+  if args.process_id == 0:
+    shape_link(None, None)
+    num_params = sum(a.size for a in jax.tree.leaves(params))
+    pathlib.Path(args.worker_out).write_text(json.dumps({
+        "num_params": int(num_params), "processes": args.processes, "devices": world,
+        "rows": [{"step": r.name, "seconds": r.times, "wire_bytes_per_step": r.bytes} for r in runners]}))
+  jax.distributed.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------- driver
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def namespaces_available() -> str | None:
+  """None if this machine can run the benchmark, else why not."""
+  if os.geteuid() != 0:
+    return "needs root (network namespaces and tc)"
+  for tool in ("ip", "tc"):
+    if shutil.which(tool) is None:
+      return f"needs `{tool}` (iproute2)"
+  probe = f"olb_probe{os.getpid()}"
+  made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+  if made.returncode != 0:
+    return f"`ip netns add` failed: {made.stderr.strip()}"
+  subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+  return None
+
+
+def netem_available(namespace: str) -> bool:
+  inside = ["ip", "netns", "exec", namespace]
+  ok = subprocess.run([*inside, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+                      capture_output=True).returncode == 0
+  subprocess.run([*inside, "tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
+  return ok
+
+
+def run_job(args, links: list[str], worker_out: pathlib.Path) -> dict:
+  namespace = f"olb{os.getpid()}"
+  subprocess.run(["ip", "netns", "add", namespace], check=True)
+  procs = []
+  try:
+    subprocess.run(["ip", "netns", "exec", namespace, "ip", "link", "set", "lo", "mtu", "1500", "up"], check=True)
+    if any("+" in link for link in links) and not netem_available(namespace):
+      print("netem is not available in this kernel: links with +DELAY are skipped", flush=True)
+      links = [link for link in links if "+" not in link]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    port = free_port()
+    for pid in range(args.processes):
+      procs.append(subprocess.Popen(
+          ["ip", "netns", "exec", namespace, sys.executable, __file__, "--worker", "--port", str(port),
+           "--process-id", str(pid), "--processes", str(args.processes), "--size", args.size, "--links",
+           ",".join(links), "--steps", str(args.steps), "--worker-out", str(worker_out)],
+          env=env, stdout=None if pid == 0 else subprocess.DEVNULL, stderr=None if pid == 0 else subprocess.PIPE))
+    deadline = time.monotonic() + args.timeout
+    for proc in procs:
+      proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    failed = [p for p in procs if p.returncode != 0]
+    if failed:
+      raise SystemExit(f"{len(failed)} benchmark process(es) failed (return codes "
+                       f"{[p.returncode for p in procs]}); see their output above.")
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+    subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+  result = json.loads(worker_out.read_text())
+  result["links"] = links
+  return result
+
+
+def compute_only(args) -> dict:
+  """Medians of the same steps on one device with simulated collectives (a fresh process: one device, no network)."""
+  script = (f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import exchange_compute as e; "
+            f"n, m = e.measure({args.size!r}, {args.processes}, {args.compute_repeats}, 5); "
+            f"print(json.dumps({{'machine': e.machine_name(), 'seconds': m}}))")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def markdown(result: dict) -> str:
+  links, compute = result["links"], result["compute_only"]["seconds"]
+  exact = "exact flat mean + optax.adam"
+  header = "| step | " + " | ".join(links) + " | compute only |"
+  lines = [f"{result['num_params']:,} float32 parameters, {result['processes']} processes; median ms per step "
+           f"(ratio to {exact} on the same link); wire MB per step over all processes.", "",
+           header, "|---|" + "---:|" * (len(links) + 1)]
+  rows = {row["step"]: row for row in result["rows"]}
+  for name, row in rows.items():
+    cells = [f"{row['seconds'][link] * 1e3:,.1f} ({row['seconds'][link] / rows[exact]['seconds'][link]:.2f}x), "
+             f"{row['wire_bytes_per_step'][link] / 1e6:.2f} MB" for link in links]
+    lines.append(f"| {name} | " + " | ".join(cells) + f" | {compute[name] * 1e3:.1f} |")
+  lines.append(f"| optax.adam alone | " + " | ".join("" for _ in links) + f" | {compute['optax.adam'] * 1e3:.1f} |")
+  for link, mean in result["zero_one_mean_step"].items():
+    lines.append("")
+    lines.append(f"0/1 Adam mean step at sync interval 16, {link}: {mean * 1e3:.1f} ms "
+                 f"({mean / rows[exact]['seconds'][link]:.3f}x exact flat).")
+  return "\n".join(lines)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--size", default="4M")
+  parser.add_argument("--processes", type=int, default=2)
+  parser.add_argument("--links", default="unthrottled,1gbit,100mbit,1gbit+1ms")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration and link")
+  parser.add_argument("--compute-repeats", type=int, default=20)
+  parser.add_argument("--timeout", type=float, default=3600.0)
+  parser.add_argument("--out", default="docs/results/link_bench.json")
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
+  parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    return worker(args)
+  links = args.links.split(",")
+  for link in links:
+    parse_link(link)
+  why_not = namespaces_available()
+  if why_not is not None:
+    raise SystemExit(f"link_bench.py {why_not}.")
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  result = run_job(args, links, out.with_suffix(".worker.json"))
+  out.with_suffix(".worker.json").unlink()
+  result["compute_only"] = compute_only(args)
+  result["machine"] = result["compute_only"]["machine"] + f", {os.cpu_count()} cores"
+  times = {row["step"]: row["seconds"] for row in result["rows"]}
+  result["zero_one_mean_step"] = {
+      link: (times["zero_one_adam, sync step"][link] + 15 * times["zero_one_adam, local step"][link]) / 16
+      for link in result["links"]}
+  result["command"] = "python benchmarks/link_bench.py " + " ".join(sys.argv[1:])
+  out.write_text(json.dumps(result, indent=1))
+  table = markdown(result)
+  out.with_suffix(".md").write_text(f"Machine: {result['machine']}. Command: `{result['command']}`.\n\n{table}\n")
+  print(table)
+  print(f"\nwrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,51 @@
+"""The slow-link benchmark's driver on a tiny model: namespace made and deleted, every configuration timed on each
+link, bytes counted from the interface, the JSON and markdown written. Timings are not checked (never in tests)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import link_bench  # noqa: E402
+
+WHY_NOT = link_bench.namespaces_available()
+
+
+def namespaces():
+  return set(subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(WHY_NOT is not None, reason=f"link_bench.py {WHY_NOT}")
+def test_driver_on_a_tiny_model(tmp_path):
+  before = namespaces()
+  out = tmp_path / "link.json"
+  subprocess.run([sys.executable, str(ROOT / "benchmarks" / "link_bench.py"), "--size", "tiny", "--links",
+                  "unthrottled,100mbit", "--steps", "2", "--compute-repeats", "2", "--out", str(out)],
+                 check=True, timeout=600, capture_output=True)
+  assert namespaces() == before  # always deleted
+  result = json.loads(out.read_text())
+  import exchange_compute
+  timed = [name for name in exchange_compute.STEPS if name != "optax.adam"]
+  assert [row["step"] for row in result["rows"]] == timed
+  assert set(result["compute_only"]["seconds"]) == set(exchange_compute.STEPS)
+  rows = {row["step"]: row for row in result["rows"]}
+  for link in ("unthrottled", "100mbit"):
+    for row in rows.values():
+      assert row["seconds"][link] > 0
+    # The interface saw the exchange: a compressed step moves bytes, a 0/1 Adam local step moves (almost) none.
+    assert rows["compressed_mean"]["wire_bytes_per_step"][link] > 0
+    assert (rows["zero_one_adam, local step"]["wire_bytes_per_step"][link]
+            < rows["zero_one_adam, sync step"]["wire_bytes_per_step"][link])
+  assert "| step | unthrottled | 100mbit | compute only |" in out.with_suffix(".md").read_text()
+
+
+def test_links_are_parsed_and_bad_ones_rejected():
+  assert link_bench.parse_link("unthrottled") == (None, None)
+  assert link_bench.parse_link("1gbit+1ms") == ("1gbit", "1ms")
+  with pytest.raises(SystemExit, match="unknown rate"):
+    link_bench.parse_link("3gbit")
