@@ -199,9 +199,8 @@ def test_custom_communicator_object_is_used_and_exchanges_packed_bytes():
   outs_custom, _ = run_calls(inputs, comm=custom)
   outs_axis, _ = run_calls(inputs)
   np.testing.assert_array_equal(outs_custom, outs_axis)
-  # One all-to-all of sign bytes and three all-gathers (worker scales, server bytes, server scales) per call.
-  assert custom.calls == [("all_to_all", jnp.uint8), ("all_gather", jnp.float32), ("all_gather", jnp.uint8),
-                          ("all_gather", jnp.float32)]
+  # Two rounds per call: an all-to-all of sign bytes, then an all-gather of server bytes, each carrying its scales.
+  assert custom.calls == [("all_to_all", jnp.uint8), ("all_gather", jnp.uint8)]
 
 
 def test_named_vmap_axis_is_the_same_exchange_as_shard_map():
