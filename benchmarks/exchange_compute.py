@@ -20,7 +20,6 @@ import pathlib
 import platform
 import statistics
 import time
-
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -117,12 +116,12 @@ class Runner:
         self.times.append(time.perf_counter() - start)
 
 
-def measure(size, ranks, repeats, rounds, names=None):
-  """Compute-only medians (seconds) of the configurations in `names` (default all) as one rank of `ranks`."""
+def measure(size, ranks, repeats, rounds):
+  """Compute-only medians (seconds) of every configuration in `STEPS`, as one rank of `ranks`."""
   params = make_tree(SIZES[size], jax.random.key(0))
   grads = make_tree(SIZES[size], jax.random.key(1), scale=0.01)
   comm = optax_lamb16.comm.SimulatedRanks(ranks)
-  runners = [Runner(name, STEPS[name], comm, params, grads) for name in (names or STEPS)]
+  runners = [Runner(name, step, comm, params, grads) for name, step in STEPS.items()]
   for _ in range(rounds):
     for runner in runners:
       runner.run(max(1, repeats // rounds))

@@ -32,6 +32,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 TX_BYTES = "/sys/class/net/lo/statistics/tx_bytes"
 RATES = {"1gbit": 1e9, "100mbit": 1e8, "10mbit": 1e7}
+SYNC_INTERVAL = 16  # 0/1 Adam's mean step: one sync and SYNC_INTERVAL - 1 local steps (its default clipper)
 
 
 def parse_link(link: str) -> tuple[str | None, str | None]:
@@ -106,14 +107,13 @@ def worker(args) -> None:
       state = optax_lamb16.sharded_init(local_init, self.params, mesh, "data", param_specs=param_spec)
       specs = optax_lamb16.state_partition_specs(state, "data")
 
-      def local_step(state, grads, params):
+      def local_step(state, grads, params):  # -> (new params, new state), as `bring_into_phase` expects
         local = mine(params)
         updates, state = tx.update(jax.tree.map(lambda g: g[0], grads), state, local)
-        return state, ours(optax.apply_updates(local, updates))
+        return ours(optax.apply_updates(local, updates)), state
 
-      stepped = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P("data"), param_spec),
-                                      out_specs=(specs, param_spec)))
-      self.update = lambda state, grads, params: stepped(state, grads, params)[::-1]
+      self.update = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P("data"), param_spec),
+                                          out_specs=(param_spec, specs)))
       self.state = exchange_compute.bring_into_phase(name, step, self.update, state, (global_grads, self.params))
 
     def time(self, link, steps):
@@ -238,7 +238,7 @@ def markdown(result: dict) -> str:
   lines.append(f"| optax.adam alone | " + " | ".join("" for _ in links) + f" | {compute['optax.adam'] * 1e3:.1f} |")
   for link, mean in result["zero_one_mean_step"].items():
     lines.append("")
-    lines.append(f"0/1 Adam mean step at sync interval 16, {link}: {mean * 1e3:.1f} ms "
+    lines.append(f"0/1 Adam mean step at sync interval {SYNC_INTERVAL}, {link}: {mean * 1e3:.1f} ms "
                  f"({mean / rows[exact]['seconds'][link]:.3f}x exact flat).")
   return "\n".join(lines)
 
@@ -267,13 +267,15 @@ def main():
     raise SystemExit(f"link_bench.py {why_not}.")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  result = run_job(args, links, out.with_suffix(".worker.json"))
-  out.with_suffix(".worker.json").unlink()
+  worker_out = out.with_suffix(".worker.json")
+  result = run_job(args, links, worker_out)
+  worker_out.unlink()
   result["compute_only"] = compute_only(args)
   result["machine"] = result["compute_only"]["machine"] + f", {os.cpu_count()} cores"
   times = {row["step"]: row["seconds"] for row in result["rows"]}
   result["zero_one_mean_step"] = {
-      link: (times["zero_one_adam, sync step"][link] + 15 * times["zero_one_adam, local step"][link]) / 16
+      link: (times["zero_one_adam, sync step"][link]
+             + (SYNC_INTERVAL - 1) * times["zero_one_adam, local step"][link]) / SYNC_INTERVAL
       for link in result["links"]}
   result["command"] = "python benchmarks/link_bench.py " + " ".join(sys.argv[1:])
   out.write_text(json.dumps(result, indent=1))
