@@ -98,7 +98,7 @@ def check_exchange(communicator: comm_lib.Communicator, exchange: compression.Co
   argument.
   """
   world = comm_lib.world_size(communicator)
-  compression.check_state(exchange, compression.tree_size(tree), world)
+  compression.check_state(exchange, compression.tree_size(tree), world, comm_lib.ranks_per_host(communicator))
   return world
 
 

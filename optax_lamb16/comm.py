@@ -6,6 +6,8 @@ Every communicating transform takes one argument, `comm`, turned into a `Communi
   the CPU collectives in one process, gloo across `jax.distributed` processes);
 - an mpi4py communicator (e.g. `MPI.COMM_WORLD`): mpi4jax collectives inside `jax.jit`, one device per process;
 - `None`: a single device, every exchange is the identity;
+- `TwoLevel(fast, slow)`: ranks on a grid of hosts (`slow`) by ranks per host (`fast`); the compressed exchange
+  then reduces exactly inside each host and compresses only between hosts (SPEC.md section 3b);
 - any object implementing `Communicator` (its four members below; optionally ``per_rank(x)``, which marks a fresh
   per-rank buffer for `shard_map`'s type checks, as `MeshAxis.per_rank` does).
 
@@ -131,6 +133,73 @@ class MeshAxis:
     return f"MeshAxis({self.axis_name!r})"
 
 
+class TwoLevel:
+  """Data-parallel ranks on a grid: `slow` links the hosts, `fast` links the ranks of one host (NVLink, or the
+  devices of one process). Rank ``(h, l)`` is rank ``h * L + l`` of the whole grid (hosts major, as the mesh spec
+  ``P((slow, fast))`` lays it out).
+
+  Exact collectives span all ranks. The compressed exchange (SPEC.md section 3b) reduces exactly over `fast`,
+  compresses only over `slow` and gathers over `fast` again: each rank compresses 1/L of the buffer, so the bytes
+  that cross between hosts drop by another factor of L = `fast.size`.
+
+  Args:
+    fast: The ranks of one host: a mesh-axis name, an mpi4py communicator or a `Communicator`.
+    slow: The hosts, one rank of each per `fast` index: the same kinds.
+
+  Example (inside ``jax.shard_map`` over a mesh with axes ``("hosts", "local")``)::
+
+      grid = optax_lamb16.comm.TwoLevel(fast="local", slow="hosts")
+      tx = optax_lamb16.onebit_adam(1e-3, comm=grid, freeze_step=1000)
+      specs = optax_lamb16.state_partition_specs(state, grid.axis_names)  # per-rank leaves: P(("hosts", "local"))
+  """
+
+  def __init__(self, fast: Any, slow: Any):
+    self.fast, self.slow = as_communicator(fast), as_communicator(slow)
+
+  @property
+  def ranks_per_host(self) -> int:
+    return world_size(self.fast)
+
+  @property
+  def size(self) -> int:
+    return world_size(self.slow) * self.ranks_per_host
+
+  @property
+  def axis_names(self) -> tuple[str, str]:
+    """``(slow, fast)`` mesh-axis names, for partition specs (both must be mesh axes)."""
+    if not (isinstance(self.slow, MeshAxis) and isinstance(self.fast, MeshAxis)):
+      raise ValueError(f"{self!r} is not made of two mesh axes, so it has no axis names for partition specs.")
+    return self.slow.axis_name, self.fast.axis_name
+
+  def mean(self, x):
+    if isinstance(self.slow, MeshAxis) and isinstance(self.fast, MeshAxis):
+      return jax.lax.pmean(x, self.axis_names)  # one collective over the whole grid
+    return self.slow.mean(self.fast.mean(x))
+
+  def all_to_all(self, x):
+    hosts, local = world_size(self.slow), self.ranks_per_host
+    grid = x.reshape(hosts, local, *x.shape[1:])
+    # Rows for host h go there; then each host's rows for local rank l go there; the row order is the senders'.
+    from_hosts = self.slow.all_to_all(grid)
+    from_all = self.fast.all_to_all(jnp.swapaxes(from_hosts, 0, 1))
+    return jnp.swapaxes(from_all, 0, 1).reshape(x.shape)
+
+  def all_gather(self, x):
+    return self.slow.all_gather(self.fast.all_gather(x)).reshape(self.size, *x.shape)
+
+  def per_rank(self, x):
+    return mark_per_rank(self.slow, mark_per_rank(self.fast, x))
+
+  def __repr__(self):
+    return f"TwoLevel(fast={self.fast!r}, slow={self.slow!r})"
+
+
+def ranks_per_host(comm: Communicator) -> int:
+  """L of the compressed exchange's grid: `TwoLevel`'s ranks per host, 1 for every other communicator (each rank
+  compresses the whole buffer)."""
+  return comm.ranks_per_host if isinstance(comm, TwoLevel) else 1
+
+
 # mpi4jax has no float16/bfloat16/float8 types: such payloads travel bitcast to unsigned integers of the same width.
 _MPI_CARRIER = {1: jnp.uint8, 2: jnp.uint16}
 
@@ -190,6 +259,8 @@ def as_communicator(comm: Any) -> Communicator:
     return MeshAxis(comm)
   if _is_mpi4py_comm(comm):
     return MPI(comm)
+  if isinstance(comm, TwoLevel):  # before the protocol check, which would read `size` where no axis is bound
+    return comm
   if isinstance(comm, Communicator):
     return comm
   # Passing the mesh itself is an easy mistake: `comm` names its data-parallel axis instead.

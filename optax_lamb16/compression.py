@@ -4,7 +4,9 @@ Each rank adds its worker error to its input, sends one sign bit per element (pl
 all-to-all, averages the chunk it owns ("server" step, with its own error feedback), and all-gathers the server
 signs and scales. Every rank decodes the same bytes, so the result is bitwise identical everywhere. A whole pytree
 travels as ONE flat buffer (leaves in tree-flatten order): one all-to-all and one all-gather per call, the
-scales riding with the sign bytes.
+scales riding with the sign bytes. Over a `comm.TwoLevel` grid of H hosts by L ranks (SPEC.md section 3b) the
+buffer is first averaged exactly inside each host, each rank compresses its 1/L shard among the hosts only, and the
+ranks of each host gather the shards again.
 
 Bytes sent per rank and call: about ``2 (P-1)/P * N_pad / 8`` plus O(P) scale bytes, 1/32 of a float32 ring
 all-reduce. The error buffers are per-rank state: never replicate or average them (see `sharding`).
@@ -42,11 +44,14 @@ class CompressedAllReduceState(NamedTuple):
   PER_RANK_FIELDS = ("worker_error", "server_error")
 
 
-def padded_length(n: int, world_size: int) -> int:
-  """N rounded up to a multiple of ``P * lcm(P, 8)``, so that each of the P chunks is a whole number of bytes."""
+def padded_length(n: int, world_size: int, ranks_per_host: int = 1) -> int:
+  """N rounded up to a multiple of ``L * H * lcm(H, 8)`` for H = world_size / L hosts of L = `ranks_per_host`
+  ranks (SPEC.md sections 3 and 3b), so that each of the L shards splits into H chunks of whole bytes. With L = 1
+  (every rank its own host) that is ``P * lcm(P, 8)``."""
   if world_size == 1:
     return n
-  quantum = world_size * math.lcm(world_size, 8)
+  hosts = world_size // ranks_per_host
+  quantum = ranks_per_host * hosts * math.lcm(hosts, 8)
   return -(-n // quantum) * quantum
 
 
@@ -67,10 +72,14 @@ def tree_size(tree: Any) -> int:
   return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
 
-def error_buffer_lengths(n: int, world: int) -> tuple[int, int]:
-  """Lengths of (worker_error, server_error) for exchanging `n` elements among `world` ranks (empty for one rank)."""
-  n_pad = padded_length(n, world) if world > 1 else 0
-  return n_pad, n_pad // world
+def error_buffer_lengths(n: int, world: int, ranks_per_host: int = 1) -> tuple[int, int]:
+  """Lengths of (worker_error, server_error) for exchanging `n` elements among `world` ranks, `ranks_per_host` to a
+  host: each rank compresses a shard of ``N_pad / L`` elements among the H hosts (both empty where H is 1)."""
+  hosts = world // ranks_per_host
+  if hosts == 1:
+    return 0, 0
+  shard = padded_length(n, world, ranks_per_host) // ranks_per_host
+  return shard, shard // hosts
 
 
 def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllReduceState:
@@ -79,7 +88,7 @@ def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllRe
   Call it where `comm` is usable (inside `shard_map` for a mesh-axis name).
   """
   communicator = comm_lib.as_communicator(comm)
-  world = comm_lib.world_size(communicator)
+  world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
   if isinstance(tree_or_length, (int, np.integer)):
     if tree_or_length < 0:
       raise ValueError(f"`tree_or_length` must be a pytree or a non-negative element count, got {tree_or_length}.")
@@ -88,24 +97,26 @@ def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllRe
     check_leaves("tree_or_length", tree_or_length)
     n = tree_size(tree_or_length)
   zeros = lambda length: comm_lib.mark_per_rank(communicator, jnp.zeros([length], jnp.float32))
-  return CompressedAllReduceState(*(zeros(length) for length in error_buffer_lengths(n, world)))
+  return CompressedAllReduceState(*(zeros(length) for length in error_buffer_lengths(n, world, local)))
 
 
-def check_state(state: CompressedAllReduceState, n: int, world: int) -> None:
-  """Raises ValueError unless `state` holds the error buffers of an `n`-element exchange at world size `world`.
+def check_state(state: CompressedAllReduceState, n: int, world: int, ranks_per_host: int = 1) -> None:
+  """Raises ValueError unless `state` holds the error buffers of an `n`-element exchange at world size `world`
+  (`ranks_per_host` to a host).
 
   A state made for another world size (e.g. restored from a run on a different number of ranks) or for another
   model would otherwise mix up error feedback silently, or fail later with an error that names no argument.
   """
-  n_pad, chunk = error_buffer_lengths(n, world)
+  n_pad, chunk = error_buffer_lengths(n, world, ranks_per_host)
   expected = ((n_pad,), (chunk,))
   got = (jnp.shape(state.worker_error), jnp.shape(state.server_error))
   if got == expected:
     return
   made_for = ""
+  grid = f" ({world // ranks_per_host} hosts of {ranks_per_host} ranks)" if ranks_per_host > 1 else ""
   if got == ((0,), (0,)):
     made_for = " (it looks made for 1 rank, e.g. comm=None)"
-  elif len(got[0]) == 1 and len(got[1]) == 1 and got[1][0] and got[0][0] % got[1][0] == 0:
+  elif ranks_per_host == 1 and len(got[0]) == 1 and len(got[1]) == 1 and got[1][0] and got[0][0] % got[1][0] == 0:
     ranks = got[0][0] // got[1][0]
     if ranks != world:
       made_for = f" (it looks made for {ranks} ranks)"
@@ -114,7 +125,7 @@ def check_state(state: CompressedAllReduceState, n: int, world: int) -> None:
                   "of `state_partition_specs`)")
   raise ValueError(
       f"The compressed all-reduce state does not fit: its error buffers (worker_error, server_error) have shapes "
-      f"{got[0]} and {got[1]}, but {n} elements at world size {world} need {expected[0]} and {expected[1]}"
+      f"{got[0]} and {got[1]}, but {n} elements at world size {world}{grid} need {expected[0]} and {expected[1]}"
       f"{made_for}. The state was made for another world size or another model: re-create it with `init` (the "
       f"optimizer's, or `init_compressed_allreduce`) where `comm` spans the current ranks. This restarts the error "
       f"feedback from zero, as DeepSpeed does on every checkpoint load.")
@@ -159,25 +170,33 @@ def _rms(x: jax.Array) -> jax.Array:
 
 def compressed_allreduce_flat(x: jax.Array, state: CompressedAllReduceState,
                               comm: Any) -> tuple[jax.Array, CompressedAllReduceState]:
-  """The exchange on an already padded flat float32 buffer of length N_pad (SPEC.md section 3, steps 1-5).
+  """The exchange on an already padded flat float32 buffer of length N_pad (SPEC.md section 3, steps 1-5; over a
+  `comm.TwoLevel` grid, section 3b).
 
   Use `compressed_allreduce` for pytrees; this entry point exists for callers that keep their own padded buffer.
   """
   communicator = comm_lib.as_communicator(comm)
-  world = comm_lib.world_size(communicator)
+  world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
   check_leaves("x", x)
-  if x.ndim != 1 or (world > 1 and x.shape[0] != padded_length(x.shape[0], world)):
-    raise ValueError(f"`x` must be a flat buffer padded to `padded_length(n, {world})`, got shape {x.shape}; "
-                     f"`compressed_allreduce` pads pytrees itself.")
-  check_state(state, x.shape[0], world)
+  if x.ndim != 1 or (world > 1 and x.shape[0] != padded_length(x.shape[0], world, local)):
+    raise ValueError(f"`x` must be a flat buffer padded to `padded_length(n, {world}, {local})`, got shape "
+                     f"{x.shape}; `compressed_allreduce` pads pytrees itself.")
+  check_state(state, x.shape[0], world, local)
   if x.size == 0:
     return _empty_result(x), state
   if world == 1:  # the identity, typed as replicated (see `compressed_allreduce`)
     return communicator.mean(x), state
-  chunk = x.shape[0] // world
+  if local == 1:
+    return _sign_exchange(x.astype(jnp.float32), state, communicator, world)
+  return _two_level_exchange(x.astype(jnp.float32), state, communicator)
 
+
+def _sign_exchange(x: jax.Array, state: CompressedAllReduceState, communicator: comm_lib.Communicator,
+                   world: int) -> tuple[jax.Array, CompressedAllReduceState]:
+  """SPEC.md section 3, steps 1-5, among the `world` ranks of `communicator` on a padded float32 buffer."""
+  chunk = x.shape[0] // world
   # 1-2. Worker: add the residual, compress to sign bits and one scale.
-  corrected = x.astype(jnp.float32) + state.worker_error
+  corrected = x + state.worker_error
   worker_scale = _rms(corrected)
   worker_error = corrected - worker_scale * signs(corrected)
   # 3. Rank r receives chunk r of every rank, each followed by its sender's scale (one round, not two).
@@ -195,6 +214,25 @@ def compressed_allreduce_flat(x: jax.Array, state: CompressedAllReduceState,
   all_bits, server_scales = _split_scale(communicator.all_gather(_with_scale(pack_signs(averaged), server_scale)))
   decoded = (server_scales[:, None] * unpack_signs(all_bits)).reshape(-1)
   return decoded, CompressedAllReduceState(worker_error, server_error)
+
+
+def _two_level_exchange(x: jax.Array, state: CompressedAllReduceState,
+                        grid: comm_lib.TwoLevel) -> tuple[jax.Array, CompressedAllReduceState]:
+  """SPEC.md section 3b: an exact mean inside the host, section 3 among the hosts on this rank's shard, a gather."""
+  local, hosts = grid.ranks_per_host, comm_lib.world_size(grid.slow)
+  # 1. Rank (h, l) receives shard l of every rank of host h and averages them, summing in rank order.
+  received = grid.fast.all_to_all(x.reshape(local, -1))
+  shard = received[0]
+  for rank in range(1, local):
+    shard = shard + received[rank]
+  shard = shard / local
+  # 2. Shard l is compressed among the ranks (h, l) of all hosts: the same bytes decode on every host.
+  if hosts == 1:
+    decoded = grid.slow.mean(shard)  # one host: exact, and typed replicated over the slow axis
+  else:
+    decoded, state = _sign_exchange(shard, state, grid.slow, hosts)
+  # 3. The ranks of a host gather their shards: the whole buffer, the same on every rank.
+  return grid.fast.all_gather(decoded).reshape(-1), state
 
 
 def flatten(tree: Any) -> jax.Array:
@@ -247,16 +285,16 @@ def compressed_allreduce(tree: Any, state: CompressedAllReduceState,
     <https://arxiv.org/abs/2102.02888>`_, 2021; DeepSpeed 0.19.6, ``deepspeed/runtime/comm/nccl.py``.
   """
   communicator = comm_lib.as_communicator(comm)
-  world = comm_lib.world_size(communicator)
+  world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
   check_leaves("tree", tree)
   n = tree_size(tree)
-  check_state(state, n, world)
+  check_state(state, n, world, local)
   if n == 0:
     return _empty_result(tree), state
   if world == 1:  # the identity; a mean over one rank also gives it the replicated type a mesh axis expects
     return exact_mean(tree, communicator), state
   flat = flatten(tree)
-  padded = jnp.pad(flat, (0, padded_length(n, world) - n))
+  padded = jnp.pad(flat, (0, padded_length(n, world, local) - n))
   decoded, state = compressed_allreduce_flat(padded, state, communicator)
   return unflatten_like(decoded[:n], tree), state
 

@@ -146,17 +146,16 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
     compression.check_leaves("params", params)
     scalars = lambda value: jax.tree.map(lambda _: jnp.full([], value, jnp.float32), params)
     n = compression.tree_size(params)
-    world = comm_lib.world_size(communicator)
     return OnebitLambState(
         count=_onebit.initial_count(), mu=_onebit.zeros_like(params), nu=_onebit.zeros_like(params),
         nu_fresh=_onebit.zeros_like(params), lamb_coeff_freeze=scalars(0.0), last_factor=scalars(1.0),
-        scaling_coeff=scalars(1.0), padding_tail=jnp.zeros([compression.padded_length(n, world) - n], jnp.float32),
+        scaling_coeff=scalars(1.0), padding_tail=jnp.zeros([_padding(n, communicator)], jnp.float32),
         exchange=compression.init_compressed_allreduce(n, communicator))
 
   def update_fn(updates, state, params=None):
     grads, params, world = _onebit.checked_inputs(updates, state, params, communicator)
     n = compression.tree_size(grads)
-    tail = compression.padded_length(n, world) - n
+    tail = _padding(n, communicator)
     if state.padding_tail.shape != (tail,):
       raise ValueError(f"`padding_tail` of the optimizer state has shape {state.padding_tail.shape}, but world size "
                        f"{world} needs ({tail},): the state was made for another world size. Re-create it with "
@@ -173,6 +172,12 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
     return jax.tree.map(lambda s, g: s.astype(g.dtype), steps, updates), new_state._replace(count=t)
 
   return _common.extra_args_transform(init_fn, update_fn)
+
+
+def _padding(n: int, communicator: comm_lib.Communicator) -> int:
+  """Length of the padding the compressed exchange appends to `n` elements (the `padding_tail`)."""
+  world = comm_lib.world_size(communicator)
+  return compression.padded_length(n, world, comm_lib.ranks_per_host(communicator)) - n
 
 
 def _adam_update(m: jax.Array, v: jax.Array, p: jax.Array, hyper: _Hyper) -> tuple[jax.Array, jax.Array, jax.Array]:

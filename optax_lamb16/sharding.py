@@ -56,12 +56,13 @@ def leaf_roles(state: Any, default: str = REPLICATED) -> Any:
   return jax.tree.map(node_roles, state, is_leaf=_has_role_fields)
 
 
-def state_partition_specs(state: Any, axis_name: str) -> Any:
+def state_partition_specs(state: Any, axis_name: str | tuple[str, ...]) -> Any:
   """`shard_map` specs for `state` (concrete or abstract): ``P(axis_name)`` for per-rank leaves, ``P()`` for others.
 
   Args:
     state: An optimizer state, or its `jax.eval_shape`.
-    axis_name: The data-parallel mesh axis.
+    axis_name: The data-parallel mesh axis, or a tuple of axes that together index the ranks (for a
+      `comm.TwoLevel` grid, its ``axis_names``: hosts major).
 
   Returns:
     A pytree of `PartitionSpec` with the structure of `state`, usable as `in_specs` / `out_specs`.
@@ -81,7 +82,7 @@ def state_partition_specs(state: Any, axis_name: str) -> Any:
   return jax.tree_util.tree_map_with_path(spec, leaf_roles(state), state)
 
 
-def local_view(params: Any, axis_name: str) -> Any:
+def local_view(params: Any, axis_name: str | tuple[str, ...]) -> Any:
   """Marks replicated params as per-rank values, so that `jax.grad` inside `shard_map` gives LOCAL gradients.
 
   Inside `shard_map`, the gradient with respect to a replicated (``P()``) input is summed over the axis by autodiff:
@@ -89,8 +90,17 @@ def local_view(params: Any, axis_name: str) -> Any:
   respect to ``local_view(params, axis)`` instead to get this rank's own gradients::
 
       grads = jax.grad(loss)(optax_lamb16.local_view(params, "data"), batch)
+
+  `axis_name` may be a tuple of mesh axes (a `comm.TwoLevel` grid's ``axis_names``).
   """
-  return jax.tree.map(lambda p: comm_lib.MeshAxis(axis_name).per_rank(p), params)
+  axes = [comm_lib.MeshAxis(name) for name in ((axis_name,) if isinstance(axis_name, str) else axis_name)]
+
+  def per_rank(p):
+    for axis in axes:  # a tuple of axes (a `comm.TwoLevel` grid's): varying over each
+      p = axis.per_rank(p)
+    return p
+
+  return jax.tree.map(per_rank, params)
 
 
 def sharded_init(tx: optax.GradientTransformation, params: Any, mesh: Mesh, axis_name: str,

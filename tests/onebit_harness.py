@@ -62,6 +62,22 @@ def host_mesh(world: int | None = None, axis: str = "data"):
   return jax.make_mesh((world,), (axis,), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:world])
 
 
+def grid_mesh(hosts: int, local: int):
+  """A 2-D mesh ("hosts", "local") over the first hosts * local devices, for `comm.TwoLevel`."""
+  return jax.make_mesh((hosts, local), GRID_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
+                       devices=jax.devices()[:hosts * local])
+
+
+GRID_AXES = ("hosts", "local")
+
+
+def data_axes(mesh):
+  """(comm, axes) of a test mesh: "data" on a 1-D mesh; on a `grid_mesh`, the two-level grid and its axis pair."""
+  if tuple(mesh.axis_names) == GRID_AXES:
+    return optax_lamb16.comm.TwoLevel(fast="local", slow="hosts"), GRID_AXES
+  return "data", "data"
+
+
 def _loss(params, x, y):
   return jnp.mean((x @ params["w"] + params["b"] + params["s"] - y) ** 2)
 
@@ -83,17 +99,18 @@ def trajectory_fn(make_tx, mesh, per_rank_params: bool = False, with_states: boo
   stacked per rank as (P, T, ...) (each rank's own view of it: its shard of a per-rank leaf, a replicated leaf as
   that rank holds it).
   """
-  tx = make_tx("data")
+  comm, data = data_axes(mesh)
+  tx = make_tx(comm)
 
   def per_rank(params, x, y, noise):
     if per_rank_params:
-      params = jax.lax.pcast(params, ("data",), to="varying")
+      params = jax.lax.pcast(params, data if isinstance(data, tuple) else (data,), to="varying")
     state = tx.init(params)
 
     def step(carry, noise_t):
       params, state = carry
       # local_view: this rank's own gradients (autodiff would otherwise psum them over the axis).
-      grads = jax.grad(_loss)(optax_lamb16.local_view(jax.tree.map(lambda p: p.astype(jnp.float32), params), "data"),
+      grads = jax.grad(_loss)(optax_lamb16.local_view(jax.tree.map(lambda p: p.astype(jnp.float32), params), data),
                               x[0], y[0])
       grads = jax.tree.map(lambda g, n, p: (g + n[0]).astype(p.dtype), grads, noise_t, params)
       updates, state = tx.update(grads, state, params)
@@ -103,9 +120,9 @@ def trajectory_fn(make_tx, mesh, per_rank_params: bool = False, with_states: boo
     _, trajectory = jax.lax.scan(step, (params, state), noise)
     return jax.tree.map(lambda a: a[None], trajectory)
 
-  noise_specs = {n: P(None, "data") for n in NAMES}
-  return jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(), P("data"), P("data"), noise_specs),
-                               out_specs=P("data")))
+  noise_specs = {n: P(None, data) for n in NAMES}
+  return jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(), P(data), P(data), noise_specs),
+                               out_specs=P(data)))
 
 
 def global_inputs(mesh, params, x, y, noise, param_dtype=jnp.float32):
@@ -113,14 +130,16 @@ def global_inputs(mesh, params, x, y, noise, param_dtype=jnp.float32):
   def put(array, spec):
     return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec), lambda index: array[index])
   params = {n: put(np.asarray(p).astype(param_dtype), P()) for n, p in params.items()}
-  return params, put(x, P("data")), put(y, P("data")), {n: put(a, P(None, "data")) for n, a in noise.items()}
+  _, data = data_axes(mesh)
+  return params, put(x, P(data)), put(y, P(data)), {n: put(a, P(None, data)) for n, a in noise.items()}
 
 
 def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32, per_rank_params=False,
-            with_states=False):
+            with_states=False, hosts=None):
   """`trajectory_fn` on the first `world` host devices of this process, as NumPy arrays: the params trajectory, or
-  (params, states) with `with_states` (every state leaf (P, T, ...): rank r's state after step t at [r, t])."""
-  mesh = host_mesh(world)
+  (params, states) with `with_states` (every state leaf (P, T, ...): rank r's state after step t at [r, t]).
+  With `hosts`, over a `grid_mesh` of `hosts` x `world // hosts` ranks and a `comm.TwoLevel` communicator."""
+  mesh = host_mesh(world) if hosts is None else grid_mesh(hosts, world // hosts)
   f = trajectory_fn(make_tx, mesh, per_rank_params, with_states)
   return jax.tree.map(np.asarray, f(*global_inputs(mesh, params, x, y, noise, param_dtype)))
 

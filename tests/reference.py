@@ -144,8 +144,12 @@ class CompressedAllReduceReference:
     self.n, self.world = n, world
     self.n_pad = -(-n // quantum) * quantum
     self.chunk = self.n_pad // world
-    self.worker_error = [np.zeros(self.n_pad, F32) for _ in range(world)]
-    self.server_error = [np.zeros(self.chunk, F32) for _ in range(world)]
+    self.reset()
+
+  def reset(self) -> None:
+    """Zero error buffers (at the start, and where 0/1 Adam freezes v)."""
+    self.worker_error = [np.zeros(self.n_pad, F32) for _ in range(self.world)]
+    self.server_error = [np.zeros(self.chunk, F32) for _ in range(self.world)]
 
   def __call__(self, inputs: list[np.ndarray]) -> np.ndarray:
     """inputs: one flat float32 vector of length n per rank. Returns the estimate every rank gets."""
@@ -168,6 +172,57 @@ class CompressedAllReduceReference:
       self.server_error[server] = (a - scale * sgn(a)).astype(F32)
       output[part] = scale * sgn(a)
     return output[:self.n]
+
+
+class TwoLevelCompressedAllReduceReference:
+  """SPEC.md section 3b for a grid of `hosts` x `local` ranks (rank h * local + l is rank l of host h)."""
+
+  def __init__(self, n: int, hosts: int, local: int):
+    quantum = local * hosts * math.lcm(hosts, 8)
+    self.n, self.hosts, self.local = n, hosts, local
+    self.n_pad = -(-n // quantum) * quantum
+    self.shard = self.n_pad // local
+    # Shard l travels among the ranks (h, l), h = 0..hosts-1: one section-3 exchange per local index.
+    self.exchanges = [CompressedAllReduceReference(self.shard, hosts) for _ in range(local)]
+
+  def reset(self) -> None:
+    for exchange in self.exchanges:
+      exchange.reset()
+
+  def __call__(self, inputs: list[np.ndarray]) -> np.ndarray:
+    """inputs: one flat float32 vector of length n per rank, hosts major. Returns what every rank gets."""
+    hosts, local, shard = self.hosts, self.local, self.shard
+    padded = [np.concatenate([np.asarray(x, F32), np.zeros(self.n_pad - self.n, F32)]) for x in inputs]
+    output = np.zeros(self.n_pad, F32)
+    for l in range(local):
+      part = slice(l * shard, (l + 1) * shard)
+      host_means = []
+      for h in range(hosts):
+        total = np.zeros(shard, F32)
+        for other in range(local):  # summed in rank order, then divided
+          total = total + padded[h * local + other][part]
+        host_means.append((total / F32(local)).astype(F32))
+      output[part] = self.exchanges[l](host_means) if hosts > 1 else host_means[0]
+    return output[:self.n]
+
+  def errors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(worker_error, server_error) of grid rank `rank`."""
+    h, l = divmod(rank, self.local)
+    return self.exchanges[l].worker_error[h], self.exchanges[l].server_error[h]
+
+  def set_errors(self, rank: int, worker_error: np.ndarray, server_error: np.ndarray) -> None:
+    h, l = divmod(rank, self.local)
+    self.exchanges[l].worker_error[h], self.exchanges[l].server_error[h] = list(map(np.asarray, (worker_error,
+                                                                                                server_error)))
+
+
+def on_grid(oracle, hosts: int):
+  """`oracle` (a 1-bit optimizer's, made for P ranks) with its exchange over `hosts` hosts of P / hosts ranks
+  (SPEC.md section 3b) instead of section 3's among all P ranks."""
+  oracle.car = TwoLevelCompressedAllReduceReference(oracle.car.n, hosts, oracle.world // hosts)
+  if hasattr(oracle, "tail"):  # 1-bit LAMB carries the exchange's padding
+    oracle.tail = np.zeros(oracle.car.n_pad - oracle.car.n, F32)
+  return oracle
 
 
 def _flat(leaves: list[np.ndarray]) -> np.ndarray:
@@ -324,8 +379,7 @@ class ZeroOneAdamReference:
         self.local_step_interval = min(self.local_step_clipper, 2 * self.local_step_interval)
     if not self.frozen and t > self.var_freeze_step:
       self.frozen = True
-      self.car.worker_error = [np.zeros_like(e) for e in self.car.worker_error]
-      self.car.server_error = [np.zeros_like(e) for e in self.car.server_error]
+      self.car.reset()
     if self.param_dtype is None:
       return [[x.astype(F32) for x in leaves] for leaves in new_params]
     r = self.round  # the optimizer returns the step new - p, in the params' dtype, which optax then adds to p
