@@ -70,6 +70,45 @@ def collectives_of(hlo_text: str, world: int) -> list[dict]:
   return found
 
 
+def inter_host_bytes(hlo_text: str, mesh) -> tuple[float, float]:
+  """(bytes one rank sends to other hosts, bytes it sends inside its host) per call, from the collectives of
+  optimized HLO over a ("hosts", "local") `mesh`: a collective whose replica groups stay inside a host is host-local;
+  one whose groups span hosts (one rank of each host, as the two-level exchange's) sends all of it across hosts."""
+  host_of = {int(device.id): host for host, row in enumerate(mesh.devices) for device in row}
+  inter = intra = 0.0
+  for line in hlo_text.splitlines():
+    groups = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
+    if not groups:
+      continue
+    group = [int(i) for i in groups.group(1).split(",")]
+    for op in collectives_of(line, len(group)):
+      if len({host_of[i] for i in group}) == 1:
+        intra += op["sent_per_rank"]
+      else:
+        inter += op["sent_per_rank"]
+  return inter, intra
+
+
+def measure_two_level(params, hosts: int, local: int) -> dict:
+  """Bytes per rank of one two-level compressed exchange (SPEC.md section 3b) over `hosts` x `local` devices."""
+  mesh = jax.make_mesh((hosts, local), ("hosts", "local"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  grid = optax_lamb16.comm.TwoLevel(fast="local", slow="hosts")
+  axes = grid.axis_names
+  state = optax_lamb16.sharded_init(optax_lamb16.compressed_mean(grid), params, mesh, axes)
+  specs = optax_lamb16.state_partition_specs(state, axes)
+  grads = jax.tree.map(lambda p: jnp.zeros((hosts * local, *p.shape), p.dtype), params)
+
+  def step(g, s):
+    return optax_lamb16.compressed_allreduce(jax.tree.map(lambda x: x[0], g), s, grid)
+
+  f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(axes), specs), out_specs=(P(), specs)))
+  inter, intra = inter_host_bytes(f.lower(grads, state).compile().as_text(), mesh)
+  world, num_params = hosts * local, sum(x.size for x in jax.tree.leaves(params))
+  float32_all_reduce = 2 * (world - 1) / world * 4 * num_params
+  return {"hosts": hosts, "local": local, "num_params": num_params, "inter_host_bytes_per_rank": inter,
+          "intra_host_bytes_per_rank": intra, "inter_host_fraction_of_float32": inter / float32_all_reduce}
+
+
 def synthetic_params(big_leaves=4, big_shape=(1000, 1000), small_leaves=64, small_size=1024):
   params = {f"big_{i}": jnp.zeros(big_shape, jnp.float32) for i in range(big_leaves)}
   params.update({f"small_{i}": jnp.zeros((small_size,), jnp.float32) for i in range(small_leaves)})
@@ -141,12 +180,20 @@ def main():
   rows = []
   for model, params in (("MNIST convnet", mnist_params()), ("4M synthetic", synthetic_params())):
     rows += [dict(row, model=model) for row in measure(params, world)]
+  grids = [measure_two_level(synthetic_params(), world // local, local) for local in (2, 4) if world % local == 0
+           and world // local > 1]
   print(f"jax {jax.__version__}, {world} {jax.devices()[0].platform.upper()} devices\n")
   print(markdown(rows))
+  print("\n| two-level grid (4M synthetic) | bytes / rank to other hosts | vs float32 all-reduce over all ranks "
+        "| 1 / (32 L) | bytes / rank inside the host |\n|---|---:|---:|---:|---:|")
+  for g in grids:
+    print(f"| {g['hosts']} hosts x {g['local']} | {g['inter_host_bytes_per_rank']:,.0f} | "
+          f"1/{1 / g['inter_host_fraction_of_float32']:.0f} | 1/{32 * g['local']} | "
+          f"{g['intra_host_bytes_per_rank']:,.0f} |")
   out = pathlib.Path(ARGS.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"jax": jax.__version__, "devices": world, "platform": jax.devices()[0].platform,
-                             "rows": rows}, indent=1))
+                             "rows": rows, "two_level": grids}, indent=1))
   print(f"\nwrote {out}")
 
 

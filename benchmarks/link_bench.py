@@ -4,6 +4,11 @@ device each, in a network namespace whose loopback is shaped with `tc ... tbf`.
   sudo python benchmarks/link_bench.py [--size 4M] [--processes 2] [--links unthrottled,1gbit,100mbit]
                                        [--steps 5] [--out docs/results/link_bench.json]
 
+With `--devices-per-process L` each process is a host of L CPU devices and the 1-bit steps run over
+`comm.TwoLevel` (SPEC.md section 3b). On XLA:CPU every device is a gloo rank of its own, so the traffic among one
+process's devices crosses `lo` too and is throttled like the rest: this mode checks the driver and the grid, but a
+CPU run cannot show the two-level gain (a GPU host's NVLink, or a real network between hosts, can).
+
 (`make bench-link` runs it with the defaults.) Needs root, `ip` and `tc`. It creates a namespace, sets its `lo` to
 MTU 1500 (with loopback's 65536 a TCP segment exceeds the 64 KB tbf burst, every full segment is dropped and the
 connection stalls), starts the processes inside it on 127.0.0.1 only, and ALWAYS deletes the namespace. For each
@@ -22,6 +27,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -80,7 +86,12 @@ def worker(args) -> None:
   import optax_lamb16
 
   world = jax.device_count()
-  mesh = jax.make_mesh((world,), ("data",), axis_types=(AxisType.Auto,))
+  if args.devices_per_process == 1:
+    mesh, comm, data = jax.make_mesh((world,), ("data",), axis_types=(AxisType.Auto,)), "data", "data"
+  else:  # processes are the hosts of a two-level grid (SPEC.md section 3b), their devices its fast axis
+    devices = np.array(jax.devices()).reshape(args.processes, args.devices_per_process)
+    mesh = jax.sharding.Mesh(devices, ("hosts", "local"), axis_types=(AxisType.Auto,) * 2)
+    comm, data = optax_lamb16.comm.TwoLevel(fast="local", slow="hosts"), ("hosts", "local")
   params = jax.tree.map(np.asarray, exchange_compute.make_tree(exchange_compute.SIZES[args.size], jax.random.key(0)))
   grads = [jax.tree.map(np.asarray, exchange_compute.make_tree(exchange_compute.SIZES[args.size],
                                                                jax.random.key(1 + rank), scale=0.01))
@@ -91,28 +102,28 @@ def worker(args) -> None:
     return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec),
                                                                lambda index: a[index]), tree)
 
-  global_grads = put(stacked_grads, P("data"))
+  global_grads = put(stacked_grads, P(data))
 
   class LinkRunner:
     def __init__(self, name, step):
       self.name, self.times, self.bytes = name, {}, {}
-      tx = step.make("data")
+      tx = step.make(comm)
       per_rank = step.per_rank_params
-      param_spec = P("data") if per_rank else P()
+      param_spec = P(data) if per_rank else P()
       self.params = put(jax.tree.map(lambda p: np.broadcast_to(p, (world, *p.shape)), params) if per_rank
                         else params, param_spec)
       mine = (lambda p: jax.tree.map(lambda a: a[0], p)) if per_rank else (lambda p: p)
       ours = (lambda p: jax.tree.map(lambda a: a[None], p)) if per_rank else (lambda p: p)
       local_init = optax.GradientTransformation(lambda p: tx.init(mine(p)), tx.update)
-      state = optax_lamb16.sharded_init(local_init, self.params, mesh, "data", param_specs=param_spec)
-      specs = optax_lamb16.state_partition_specs(state, "data")
+      state = optax_lamb16.sharded_init(local_init, self.params, mesh, data, param_specs=param_spec)
+      specs = optax_lamb16.state_partition_specs(state, data)
 
       def local_step(state, grads, params):  # -> (new params, new state), as `bring_into_phase` expects
         local = mine(params)
         updates, state = tx.update(jax.tree.map(lambda g: g[0], grads), state, local)
         return ours(optax.apply_updates(local, updates)), state
 
-      self.update = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P("data"), param_spec),
+      self.update = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(data), param_spec),
                                           out_specs=(param_spec, specs)))
       self.state = exchange_compute.bring_into_phase(name, step, self.update, state, (global_grads, self.params))
 
@@ -143,6 +154,7 @@ def worker(args) -> None:
     num_params = sum(a.size for a in jax.tree.leaves(params))
     pathlib.Path(args.worker_out).write_text(json.dumps({
         "num_params": int(num_params), "processes": args.processes, "devices": world,
+        "devices_per_process": args.devices_per_process,
         "rows": [{"step": r.name, "seconds": r.times, "wire_bytes_per_step": r.bytes} for r in runners]}))
   jax.distributed.shutdown()
 
@@ -187,13 +199,15 @@ def run_job(args, links: list[str], worker_out: pathlib.Path) -> dict:
     if any("+" in link for link in links) and not netem_available(namespace):
       print("netem is not available in this kernel: links with +DELAY are skipped", flush=True)
       links = [link for link in links if "+" not in link]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     port = free_port()
     for pid in range(args.processes):
       procs.append(subprocess.Popen(
           ["ip", "netns", "exec", namespace, sys.executable, __file__, "--worker", "--port", str(port),
-           "--process-id", str(pid), "--processes", str(args.processes), "--size", args.size, "--links",
+           "--process-id", str(pid), "--processes", str(args.processes), "--size", args.size,
+           "--devices-per-process", str(args.devices_per_process), "--links",
            ",".join(links), "--steps", str(args.steps), "--worker-out", str(worker_out)],
           env=env, stdout=None if pid == 0 else subprocess.DEVNULL, stderr=None if pid == 0 else subprocess.PIPE))
     deadline = time.monotonic() + args.timeout
@@ -223,19 +237,29 @@ def compute_only(args) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def worker_machine() -> str:
+  sys.path.insert(0, str(HERE))
+  import exchange_compute
+  return exchange_compute.machine_name()
+
+
 def markdown(result: dict) -> str:
-  links, compute = result["links"], result["compute_only"]["seconds"]
+  links, compute = result["links"], result.get("compute_only", {}).get("seconds")
   exact = "exact flat mean + optax.adam"
-  header = "| step | " + " | ".join(links) + " | compute only |"
-  lines = [f"{result['num_params']:,} float32 parameters, {result['processes']} processes; median ms per step "
+  header = "| step | " + " | ".join(links) + (" | compute only |" if compute else " |")
+  grid = result.get("devices_per_process", 1)
+  layout = (f"{result['processes']} processes of {grid} devices, 1-bit steps over `comm.TwoLevel` (SPEC.md section "
+            f"3b)" if grid > 1 else f"{result['processes']} processes")
+  lines = [f"{result['num_params']:,} float32 parameters, {layout}; median ms per step "
            f"(ratio to {exact} on the same link); wire MB per step over all processes.", "",
-           header, "|---|" + "---:|" * (len(links) + 1)]
+           header, "|---|" + "---:|" * (len(links) + bool(compute))]
   rows = {row["step"]: row for row in result["rows"]}
   for name, row in rows.items():
     cells = [f"{row['seconds'][link] * 1e3:,.1f} ({row['seconds'][link] / rows[exact]['seconds'][link]:.2f}x), "
              f"{row['wire_bytes_per_step'][link] / 1e6:.2f} MB" for link in links]
-    lines.append(f"| {name} | " + " | ".join(cells) + f" | {compute[name] * 1e3:.1f} |")
-  lines.append(f"| optax.adam alone | " + " | ".join("" for _ in links) + f" | {compute['optax.adam'] * 1e3:.1f} |")
+    lines.append(f"| {name} | " + " | ".join(cells) + (f" | {compute[name] * 1e3:.1f} |" if compute else " |"))
+  if compute:
+    lines.append(f"| optax.adam alone | " + " | ".join("" for _ in links) + f" | {compute['optax.adam'] * 1e3:.1f} |")
   for link, mean in result["zero_one_mean_step"].items():
     lines.append("")
     lines.append(f"0/1 Adam mean step at sync interval {SYNC_INTERVAL}, {link}: {mean * 1e3:.1f} ms "
@@ -247,6 +271,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", default="4M")
   parser.add_argument("--processes", type=int, default=2)
+  parser.add_argument("--devices-per-process", type=int, default=1,
+                      help="L > 1: each process is a host of L CPU devices, and the 1-bit steps use comm.TwoLevel")
   parser.add_argument("--links", default="unthrottled,1gbit,100mbit,1gbit+1ms")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration and link")
   parser.add_argument("--compute-repeats", type=int, default=20)
@@ -268,10 +294,14 @@ def main():
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   worker_out = out.with_suffix(".worker.json")
+  # SIGTERM (a killed job, a CI timeout) unwinds like Ctrl-C, so that `run_job` still deletes the namespace.
+  signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   result = run_job(args, links, worker_out)
   worker_out.unlink()
-  result["compute_only"] = compute_only(args)
-  result["machine"] = result["compute_only"]["machine"] + f", {os.cpu_count()} cores"
+  if args.devices_per_process == 1:  # simulated collectives model one level only
+    result["compute_only"] = compute_only(args)
+  machine = result["compute_only"]["machine"] if "compute_only" in result else worker_machine()
+  result["machine"] = machine + f", {os.cpu_count()} cores"
   times = {row["step"]: row["seconds"] for row in result["rows"]}
   result["zero_one_mean_step"] = {
       link: (times["zero_one_adam, sync step"][link]

@@ -67,10 +67,13 @@ def decays_at(count: jax.Array, *decay_rates: Any) -> tuple[_common.Decay, ...]:
   return tuple(_common.decay_at(b, count - 1) for b in decay_rates)
 
 
-def zeros_like(tree: Any) -> Any:
+def zeros_like(tree: Any, communicator: comm_lib.Communicator) -> Any:
   """float32 zeros shaped like each leaf (abstract shapes fine), laid out like it on an Explicit mesh, and typed
-  replicated inside `shard_map` even where the leaf is per rank (`jnp.zeros_like` would type it varying)."""
-  return jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32, out_sharding=jax.typeof(p).sharding), tree)
+  replicated over the data axis inside `shard_map` even where the leaf is per rank (`jnp.zeros_like` would type it
+  varying), but varying over the other axes the leaves vary over (a "model" axis: `comm.other_axes`)."""
+  axes = comm_lib.other_axes(communicator, tree)
+  return jax.tree.map(lambda p: comm_lib.mark_varying(
+      jnp.zeros(jnp.shape(p), jnp.float32, out_sharding=jax.typeof(p).sharding), axes), tree)
 
 
 def check_update_args(updates: Any, like: Any, params: Any, params_required: bool = True) -> tuple[Any, Any]:
@@ -163,6 +166,8 @@ def add_decayed_weights(weight_decay: optax.ScalarOrSchedule) -> optax.GradientT
     if params is None:
       raise ValueError("The 1-bit optimizers need `params` (for the weight decay): call `update(grads, state, "
                        "params)`.")
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:  # static 0: do not read the params at all
+      return updates, state
     decay = _common.value_at(weight_decay, _common.schedule_count(state))
     updates = jax.tree.map(lambda g, p: (g.astype(jnp.float32) + decay * p.astype(jnp.float32)).astype(g.dtype),
                            updates, params)

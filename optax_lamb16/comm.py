@@ -280,6 +280,46 @@ def mark_per_rank(comm: Communicator, x: jax.Array) -> jax.Array:
   return x if per_rank is None else per_rank(x)
 
 
+def _varying_axes(x: Any) -> frozenset:
+  manual = getattr(jax.typeof(x), "manual_axis_type", None)
+  return frozenset(manual.varying) if manual is not None else frozenset()
+
+
+def _own_axes(comm: Communicator) -> frozenset:
+  if isinstance(comm, MeshAxis):
+    return frozenset([comm.axis_name])
+  if isinstance(comm, TwoLevel):
+    return _own_axes(comm.fast) | _own_axes(comm.slow)
+  return frozenset()
+
+
+def other_axes(comm: Communicator, tree: Any) -> tuple[str, ...]:
+  """The `shard_map` axes other than the communicator's over which the leaves of `tree` vary (e.g. a "model" axis
+  that shards them), the same for every leaf; () outside `shard_map`.
+
+  The 1-bit exchange sends all leaves as one buffer over the data axis, so state built from them varies over these
+  axes too, and leaves that differ in them (some sharded over "model", some replicated) cannot share one optimizer.
+  """
+  own = _own_axes(comm)
+  found = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    found.setdefault(_varying_axes(leaf) - own, jax.tree_util.keystr(path) or "<root>")
+  if len(found) > 1:
+    kinds = "; ".join(f"{path} varies over {sorted(axes) or 'no other axis'}" for axes, path in found.items())
+    raise ValueError(
+        f"The leaves given to a 1-bit optimizer or exchange over {comm!r} vary over different mesh axes ({kinds}). "
+        f"One compressed exchange carries all leaves as one buffer, so they must all be sharded alike over the "
+        f"axes other than the data axis. Give each kind its own optimizer with `optax.partition` (e.g. "
+        f"model-sharded leaves and replicated ones).")
+  return tuple(sorted(next(iter(found)))) if found else ()
+
+
+def mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  """`x` typed as varying over `axes` (those of `other_axes`) inside `shard_map`; unchanged where it already is."""
+  missing = tuple(a for a in axes if a not in _varying_axes(x))
+  return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
 def world_size(comm: Communicator) -> int:
   """The communicator's size as a checked positive Python int."""
   size = comm.size

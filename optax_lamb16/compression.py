@@ -96,7 +96,10 @@ def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllRe
   else:
     check_leaves("tree_or_length", tree_or_length)
     n = tree_size(tree_or_length)
-  zeros = lambda length: comm_lib.mark_per_rank(communicator, jnp.zeros([length], jnp.float32))
+  # Varying over the data axis, and over the other axes the tree varies over (a "model" axis that shards it).
+  axes = () if isinstance(tree_or_length, (int, np.integer)) else comm_lib.other_axes(communicator, tree_or_length)
+  zeros = lambda length: comm_lib.mark_varying(
+      comm_lib.mark_per_rank(communicator, jnp.zeros([length], jnp.float32)), axes)
   return CompressedAllReduceState(*(zeros(length) for length in error_buffer_lengths(n, world, local)))
 
 

@@ -144,13 +144,17 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
 
   def init_fn(params):
     compression.check_leaves("params", params)
-    scalars = lambda value: jax.tree.map(lambda _: jnp.full([], value, jnp.float32), params)
+    # Every float leaf varies over the axes the params vary over besides the data axis (e.g. "model").
+    axes = comm_lib.other_axes(communicator, params)
+    full = lambda shape, value: comm_lib.mark_varying(jnp.full(shape, value, jnp.float32), axes)
+    scalars = lambda value: jax.tree.map(lambda _: full([], value), params)
+    zeros = lambda: _onebit.zeros_like(params, communicator)
     n = compression.tree_size(params)
     return OnebitLambState(
-        count=_onebit.initial_count(), mu=_onebit.zeros_like(params), nu=_onebit.zeros_like(params),
-        nu_fresh=_onebit.zeros_like(params), lamb_coeff_freeze=scalars(0.0), last_factor=scalars(1.0),
-        scaling_coeff=scalars(1.0), padding_tail=jnp.zeros([_padding(n, communicator)], jnp.float32),
-        exchange=compression.init_compressed_allreduce(n, communicator))
+        count=_onebit.initial_count(), mu=zeros(), nu=zeros(),
+        nu_fresh=zeros(), lamb_coeff_freeze=scalars(0.0), last_factor=scalars(1.0),
+        scaling_coeff=scalars(1.0), padding_tail=full([_padding(n, communicator)], 0.0),
+        exchange=compression.init_compressed_allreduce(params, communicator))
 
   def update_fn(updates, state, params=None):
     grads, params, world = _onebit.checked_inputs(updates, state, params, communicator)

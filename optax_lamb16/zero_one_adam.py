@@ -131,7 +131,7 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
 
   def init_fn(params):
     compression.check_leaves("params", params)
-    zeros = lambda: _onebit.zeros_like(params)
+    zeros = lambda: _onebit.zeros_like(params, communicator)
     # Every leaf its own buffer, so that the whole state can be donated to a jitted step.
     return ZeroOneAdamState(
         count=_onebit.initial_count(), mu=store(zeros()), nu=zeros(), accumulated_update=store(zeros()),
@@ -148,15 +148,20 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     mu_before = _onebit.from_per_rank_layout(state.mu, params)
     accumulated_before = _onebit.from_per_rank_layout(state.accumulated_update, params)
 
+    # Freeze v at the end of the first step past var_freeze_step; the error buffers change meaning, so reset them
+    # (in the two phases before the freeze: a local step passes them through untouched, one pass fewer).
+    freezes = jnp.logical_and(jnp.logical_not(frozen), t > var_freeze_step)
+    reset_if_freezing = lambda exchange: jax.tree.map(lambda e: jnp.where(freezes, jnp.zeros_like(e), e), exchange)
+
     # The moments: a variance step, a compressed step (before the freeze) or a local step (after it).
     def variance_step(_):
       mu, nu = _onebit.warmup_moments(grads, mu_before, state.nu, beta1, beta2, communicator)
-      return per_rank(mu), nu, state.exchange
+      return per_rank(mu), nu, reset_if_freezing(state.exchange)
 
     def compressed_step(_):
       mean, exchange = compression.compressed_allreduce(grads, state.exchange, communicator)
       mean = _onebit.apply_mask(mean, momentum_mask, state.nu, mask_zero_variance)
-      return per_rank(_common.tree_moment_update(mu_before, mean, beta1)), state.nu, exchange
+      return per_rank(_common.tree_moment_update(mu_before, mean, beta1)), state.nu, reset_if_freezing(exchange)
 
     def local_step(_):
       return per_rank(_common.tree_moment_update(mu_before, grads, beta1)), state.nu, state.exchange
@@ -196,10 +201,6 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     local_counter, local_interval = _count_towards(
         state.local_step_counter, state.local_step_interval, frozen, local_step_scaler,
         lambda interval: jnp.minimum(local_step_clipper, interval * 2))
-    # Freeze v at the end of the first step past var_freeze_step; the error buffers change meaning, so reset them.
-    freezes = jnp.logical_and(jnp.logical_not(frozen), t > var_freeze_step)
-    exchange = jax.tree.map(lambda e: jnp.where(freezes, jnp.zeros_like(e), e), exchange)
-
     new_updates = jax.tree.map(lambda p1, p0, g: (p1 - p0).astype(g.dtype), new_params, params, updates)
     return new_updates, ZeroOneAdamState(
         count=t, mu=_onebit.to_per_rank_layout(mu), nu=nu, accumulated_update=_onebit.to_per_rank_layout(accumulated),

@@ -47,6 +47,20 @@ def check_data_parallel(ns):
     assert all(np.array_equal(s, shards[0]) for s in shards)
 
 
+def check_two_level(ns):
+  """Four steps of 1-bit Adam over a 2 x 2 grid (two of them compressed): the params moved and stay replicated; the
+  error buffers are one shard long per rank and laid out over both axes."""
+  moved_and_finite(ns["params"], 0.0)
+  exchange = ns["state"][0].exchange
+  assert int(ns["state"][0].count) == 5
+  for buffer in jax.tree.leaves(exchange):
+    assert buffer.sharding.spec == jax.sharding.PartitionSpec(("hosts", "local"))
+  assert float(jnp.abs(exchange.worker_error).sum()) > 0  # the compressed exchange ran
+  for leaf in jax.tree.leaves(ns["params"]):
+    shards = [np.asarray(s.data) for s in leaf.addressable_shards]
+    assert all(np.array_equal(s, shards[0]) for s in shards)
+
+
 def check_checkpointing(ns):
   """Ten steps with a NaN at step 4: that one is skipped (and counted), the others move the params; checkpoints
   at steps 5 and 10."""
@@ -59,7 +73,7 @@ def check_checkpointing(ns):
 
 # Each README block, recognised by a phrase it contains, and what it must have done.
 CHECKS = {"clip_by_global_norm": check_quickstart, "jax.shard_map": check_data_parallel,
-          "Checkpointer": check_checkpointing}
+          "Checkpointer": check_checkpointing, "TwoLevel(fast=": check_two_level}
 
 
 def test_readme_has_python_examples():

@@ -2,7 +2,6 @@
 its inter-host bytes, and the three 1-bit optimizers over a hosts x local grid against their oracles."""
 
 import pathlib
-import re
 import sys
 
 import jax
@@ -110,26 +109,6 @@ def test_grid_collectives_match_the_flat_axis_pair():
     np.testing.assert_array_equal(got, want)
 
 
-def _inter_host_bytes_per_rank(hlo_text, mesh):
-  """Bytes one rank sends to other hosts per call, from the collectives in compiled HLO whose replica groups span
-  hosts (costed as benchmarks/comm_volume.py costs them: all-reduce 2 (G-1)/G S, the others (G-1)/G S)."""
-  host_of = {int(d.id): h_index for h_index, row in enumerate(mesh.devices) for d in row}
-  total = 0.0
-  for line in hlo_text.splitlines():
-    found = comm_volume.collectives_of(line, 2)
-    groups = re.search(r"replica_groups=\{(\{[0-9,]*\}(?:,\{[0-9,]*\})*)\}", line)
-    if not found or not groups:
-      continue
-    group = [int(i) for i in re.findall(r"\d+", groups.group(1).split("}")[0])]
-    size = len(group)
-    if len({host_of[i] for i in group}) == 1:
-      continue  # stays inside a host
-    # A group spanning hosts: only the shares sent to other hosts' ranks cross (all of them here: one rank a host).
-    op, nbytes = found[0]["op"], found[0]["bytes"]
-    total += (2 if op == "all-reduce" else 1) * (size - 1) / size * nbytes
-  return total
-
-
 @pytest.mark.parametrize("hosts,local", [(2, 2), (2, 4)])
 def test_inter_host_bytes_are_at_most_one_32L_th_of_a_float32_all_reduce(hosts, local):
   """The must-show of the two-level exchange, read from the compiled HLO: the bytes a rank sends across hosts per
@@ -141,9 +120,12 @@ def test_inter_host_bytes_are_at_most_one_32L_th_of_a_float32_all_reduce(hosts, 
   mesh = h.grid_mesh(hosts, local)
   ids = [int(d.id) for d in mesh.devices.flat]
   assert "all-to-all" in hlo and ids == sorted(ids)
-  inter = _inter_host_bytes_per_rank(hlo, mesh)
+  inter, intra = comm_volume.inter_host_bytes(hlo, mesh)
   flat_all_reduce = 2 * (world - 1) / world * 4 * n
   assert 0 < inter <= flat_all_reduce / (32 * local), (inter, flat_all_reduce / (32 * local))
+  # Inside the host: the float32 all-to-all and all-gather of the shards, (L-1)/L * 4 * N_pad bytes each.
+  n_pad = car.padded_length(n, world, local)
+  assert intra == pytest.approx(2 * (local - 1) / local * 4 * n_pad), intra
 
 
 STEPS = 24
