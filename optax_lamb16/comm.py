@@ -154,6 +154,9 @@ class TwoLevel:
   """
 
   def __init__(self, fast: Any, slow: Any):
+    if isinstance(fast, str) and fast == slow:
+      raise ValueError(f"TwoLevel needs two different mesh axes, got fast=slow={fast!r}: `fast` names the axis of the "
+                       f"ranks inside a host, `slow` the axis of the hosts (e.g. fast='local', slow='hosts').")
     self.fast, self.slow = as_communicator(fast), as_communicator(slow)
 
   @property

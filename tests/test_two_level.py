@@ -167,3 +167,8 @@ def test_state_of_a_flat_layout_is_rejected_on_the_grid():
     return optax_lamb16.compressed_allreduce(x[0], flat_state, comm)[0]
   with pytest.raises(ValueError, match=r"2 hosts of 2 ranks"):
     jax.jit(jax.shard_map(f, mesh=h.grid_mesh(2, 2), in_specs=P(GRID), out_specs=P()))(jnp.zeros((4, n)))
+
+
+def test_the_same_axis_twice_is_a_clear_error():
+  with pytest.raises(ValueError, match="two different mesh axes"):
+    optax_lamb16.comm.TwoLevel(fast="data", slow="data")
