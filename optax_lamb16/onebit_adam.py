@@ -73,8 +73,8 @@ def scale_by_onebit_adam(comm: Any, freeze_step: int = 100000, b1: optax.ScalarO
 
   def init_fn(params):
     compression.check_leaves("params", params)
-    return ScaleByOnebitAdamState(count=_onebit.initial_count(), mu=_onebit.zeros_like(params),
-                                  nu=_onebit.zeros_like(params),
+    return ScaleByOnebitAdamState(count=_onebit.initial_count(), mu=_onebit.zeros_like(params, communicator),
+                                  nu=_onebit.zeros_like(params, communicator),
                                   exchange=compression.init_compressed_allreduce(params, communicator))
 
   def update_fn(updates, state, params=None):
