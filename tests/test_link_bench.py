@@ -49,3 +49,19 @@ def test_links_are_parsed_and_bad_ones_rejected():
   assert link_bench.parse_link("1gbit+1ms") == ("1gbit", "1ms")
   with pytest.raises(SystemExit, match="unknown rate"):
     link_bench.parse_link("3gbit")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(WHY_NOT is not None, reason=f"link_train.py {WHY_NOT}")
+def test_training_driver_on_a_few_steps(tmp_path):
+  """benchmarks/link_train.py: MNIST training in the throttled namespace, the namespace deleted, JSON and table."""
+  before = namespaces()
+  out = tmp_path / "train.json"
+  subprocess.run([sys.executable, str(ROOT / "benchmarks" / "link_train.py"), "--train-samples", "1024",
+                  "--optimizers", "adam,zero_one_adam", "--out", str(out)], check=True, timeout=600,
+                 capture_output=True)
+  assert namespaces() == before  # always deleted
+  result = json.loads(out.read_text())
+  assert [r["optimizer"] for r in result["runs"]] == ["adam", "zero_one_adam"] and result["rate"] == "100mbit"
+  assert all(r["steps"] == 4 and r["seconds"] > 0 for r in result["runs"])
+  assert "| zero_one_adam |" in out.with_suffix(".md").read_text()
