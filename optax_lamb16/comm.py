@@ -124,10 +124,7 @@ class MeshAxis:
     self.size  # a clear error if the axis is not bound
     if not self._typed():
       return x  # a named `jax.vmap` axis: nothing to mark
-    manual = getattr(jax.typeof(x), "manual_axis_type", None)
-    if manual is not None and self.axis_name in manual.varying:
-      return x
-    return jax.lax.pcast(x, (self.axis_name,), to="varying")
+    return mark_varying(x, (self.axis_name,))
 
   def __repr__(self):
     return f"MeshAxis({self.axis_name!r})"

@@ -92,12 +92,11 @@ def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllRe
   if isinstance(tree_or_length, (int, np.integer)):
     if tree_or_length < 0:
       raise ValueError(f"`tree_or_length` must be a pytree or a non-negative element count, got {tree_or_length}.")
-    n = int(tree_or_length)
+    n, axes = int(tree_or_length), ()
   else:
     check_leaves("tree_or_length", tree_or_length)
-    n = tree_size(tree_or_length)
-  # Varying over the data axis, and over the other axes the tree varies over (a "model" axis that shards it).
-  axes = () if isinstance(tree_or_length, (int, np.integer)) else comm_lib.other_axes(communicator, tree_or_length)
+    # Varying over the data axis, and over the other axes the tree varies over (a "model" axis that shards it).
+    n, axes = tree_size(tree_or_length), comm_lib.other_axes(communicator, tree_or_length)
   zeros = lambda length: comm_lib.mark_varying(
       comm_lib.mark_per_rank(communicator, jnp.zeros([length], jnp.float32)), axes)
   return CompressedAllReduceState(*(zeros(length) for length in error_buffer_lengths(n, world, local)))
