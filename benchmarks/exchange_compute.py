@@ -7,8 +7,11 @@ no network. `optax.adam`'s update on the same tree is timed alongside, in interl
 
   python benchmarks/exchange_compute.py [--size 4M] [--ranks 8] [--repeats 20] [--out docs/results/exchange_compute.json]
 
-Prints a markdown table and writes JSON (with the device named). Each step is timed from the same input state
-(not donated), so every call runs the phase named in its row. `STEPS` (the configurations) and `measure` are
+Prints a markdown table and writes JSON (with the device named). Each call is a training step without the gradient:
+``params, state -> apply_updates(params, update(grads, state, params)), new state``, with params and state donated
+as a training loop donates them (without donation XLA:CPU allocates and faults in fresh output buffers every call,
+and unchanged state cannot stay in place). Every call starts from copies of the same params and state, made before
+the clock starts, so every call runs the phase named in its row. `STEPS` (the configurations) and `measure` are
 shared with `link_bench.py`, which times the same steps over real (throttled) links.
 """
 
@@ -87,31 +90,46 @@ STEPS = {
 MAX_PHASE_STEPS = 64
 
 
-def bring_into_phase(name, step, update, state, args):
-  """Updates `state` until `step.in_phase` holds (the phase the row `name` times); returns it."""
+def bring_into_phase(name, step, train_step, params, state, grads):
+  """Runs `train_step(params, state, grads) -> (params, state)` until `step.in_phase(state)` holds (the phase the
+  row `name` times); returns that (params, state)."""
   for _ in range(MAX_PHASE_STEPS):
     if step.in_phase is None or step.in_phase(state):
-      return jax.block_until_ready(state)
-    _, state = update(state, *args)
-    state = jax.block_until_ready(state)
+      return jax.block_until_ready((params, state))
+    params, state = jax.block_until_ready(train_step(params, state, grads))
   raise RuntimeError(f"{name}: not in its phase after {MAX_PHASE_STEPS} updates; fix `STEPS`.")
 
 
+def fresh_copy(tree):
+  """A copy of `tree` in new buffers, ready before the clock starts: the state a donating call may consume."""
+  return jax.block_until_ready(jax.tree.map(lambda x: x.copy(), tree))
+
+
 class Runner:
-  """Times one configuration on one device, every call from the same state (not donated)."""
+  """Times one configuration's training step on one device, every call from donated copies of the same params and
+  state."""
 
   def __init__(self, name, step, comm, params, grads):
-    self.name, self.params, self.grads = name, params, grads
+    self.name, self.grads = name, grads
     tx = step.make(comm)
-    self.update = jax.jit(lambda state, grads, params: tx.update(grads, state, params))
-    self.state = bring_into_phase(name, step, self.update, tx.init(params), (grads, params))
+
+    def train_step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    self.step = jax.jit(train_step, donate_argnums=(0, 1))
+    self.params, self.state = bring_into_phase(name, step, self.step, fresh_copy(params), tx.init(params), grads)
+    # XLA's temporary buffers of one step: on XLA:CPU every call allocates them afresh, and above glibc's largest
+    # mmap threshold (32 MiB) each call maps new pages and faults them in.
+    self.temp_bytes = self.step.lower(self.params, self.state, grads).compile().memory_analysis().temp_size_in_bytes
     self.times = []
     self.run(3, record=False)
 
   def run(self, calls, record=True):
     for _ in range(calls):
+      params, state = fresh_copy((self.params, self.state))
       start = time.perf_counter()
-      jax.block_until_ready(self.update(self.state, self.grads, self.params))
+      jax.block_until_ready(self.step(params, state, self.grads))
       if record:
         self.times.append(time.perf_counter() - start)
 
@@ -126,7 +144,7 @@ def measure(size, ranks, repeats, rounds):
     for runner in runners:
       runner.run(max(1, repeats // rounds))
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  return num_params, {r.name: statistics.median(r.times) for r in runners}
+  return num_params, {r.name: statistics.median(r.times) for r in runners}, {r.name: r.temp_bytes for r in runners}
 
 
 def machine_name():
@@ -142,13 +160,14 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--out", default="docs/results/exchange_compute.json")
   args = parser.parse_args()
-  num_params, medians = measure(args.size, args.ranks, args.repeats, args.rounds)
+  num_params, medians, temps = measure(args.size, args.ranks, args.repeats, args.rounds)
   adam = medians["optax.adam"]
-  rows = [{"step": name, "median_seconds": seconds, "vs_adam": seconds / adam} for name, seconds in medians.items()]
+  rows = [{"step": name, "median_seconds": seconds, "vs_adam": seconds / adam, "xla_temp_bytes": temps[name]}
+          for name, seconds in medians.items()]
   print(f"jax {jax.__version__}, {machine_name()}; {num_params / 1e6:.1f}M params, {args.ranks} simulated ranks\n")
-  print("| step (one rank, compute only) | median ms | vs optax.adam |\n|---|---:|---:|")
+  print("| step (one rank, compute only) | median ms | vs optax.adam | XLA temp MB |\n|---|---:|---:|---:|")
   for r in rows:
-    print(f"| {r['step']} | {r['median_seconds'] * 1e3:.2f} | {r['vs_adam']:.2f}x |")
+    print(f"| {r['step']} | {r['median_seconds'] * 1e3:.2f} | {r['vs_adam']:.2f}x | {r['xla_temp_bytes'] / 1e6:.1f} |")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"jax": jax.__version__, "device": machine_name(), "num_params": num_params,

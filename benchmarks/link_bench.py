@@ -230,7 +230,7 @@ def run_job(args, links: list[str], worker_out: pathlib.Path) -> dict:
 def compute_only(args) -> dict:
   """Medians of the same steps on one device with simulated collectives (a fresh process: one device, no network)."""
   script = (f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import exchange_compute as e; "
-            f"n, m = e.measure({args.size!r}, {args.processes}, {args.compute_repeats}, 5); "
+            f"n, m, temp = e.measure({args.size!r}, {args.processes}, {args.compute_repeats}, 5); "
             f"print(json.dumps({{'machine': e.machine_name(), 'seconds': m}}))")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)

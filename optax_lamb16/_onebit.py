@@ -76,6 +76,18 @@ def zeros_like(tree: Any, communicator: comm_lib.Communicator) -> Any:
       jnp.zeros(jnp.shape(p), jnp.float32, out_sharding=jax.typeof(p).sharding), axes), tree)
 
 
+def skipped_exchange(tree: Any, communicator: comm_lib.Communicator) -> Any:
+  """Zeros shaped and typed like the payload that `compression.exchange` of `tree` returns: the value of an
+  exchange that did not run (the carry of a `run_if` loop of no trips)."""
+  world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
+  n_pad = compression.padded_length(compression.tree_size(tree), world, local)
+  if n_pad == 0 or world // local == 1:  # an exact mean: a tree like `tree`
+    return zeros_like(tree, communicator)
+  varying = lambda x: comm_lib.mark_varying(x, comm_lib.other_axes(communicator, tree))
+  return compression.SignPayload(varying(jnp.zeros([world, n_pad // world // 8], jnp.uint8)),
+                                 varying(jnp.zeros([world], jnp.float32)))
+
+
 def check_update_args(updates: Any, like: Any, params: Any, params_required: bool = True) -> tuple[Any, Any]:
   """Validates `update`'s arguments; returns float32 views of the gradients and the params (None if not given
   where not `params_required`)."""
@@ -119,6 +131,29 @@ def warmup_moments(grads: Any, mu: Any, nu: Any, b1: _common.Decay, b2: _common.
   steps): the exact mean of the ranks' gradients, then ``m = b1*m + (1-b1)*g`` and ``v = b2*v + (1-b2)*g*g``."""
   mean = compression.exact_mean(grads, communicator)
   return _common.tree_moment_update(mu, mean, b1), _common.tree_moment_update(nu, mean, b2, order=2)
+
+
+def run_if(pred: jax.Array, fn: Any, operands: Any, carry: Any) -> tuple[Any, Any]:
+  """``fn(operands, carry)`` where the scalar `pred` holds, else nothing; returns ``(operands, new carry)``.
+
+  `fn` returns a new carry. Read `operands` afterwards only from what this returns (the same values): the loop
+  below owns their buffers.
+
+  A loop of 0 or 1 trips rather than a `lax.cond`: XLA copies every buffer a conditional passes through (the state
+  that the branch not taken leaves unchanged, 16-24 MB per 4M parameters) into the conditional's own output and
+  from there into the donated state, every step, while a loop updates its carry in place. The operands travel in
+  the carry too, since XLA copies a loop's operands that are read after it, and the optimization barrier ties them
+  to the trip counter, so that XLA cannot hoist the body's work out of the loop and run it on every step.
+  """
+  def body(loop):
+    counter, operands, carry = loop
+    _, ready = jax.lax.optimization_barrier((counter, operands))
+    return counter + 1, operands, fn(ready, carry)
+
+  trips = jnp.asarray(pred).astype(jnp.int32)
+  _, operands, carry = jax.lax.while_loop(lambda loop: loop[0] < trips, body,
+                                          (jnp.zeros([], jnp.int32), operands, carry))
+  return operands, carry
 
 
 def apply_mask(tree: optax.Updates, mask: Any, nu: optax.Updates, mask_zero_variance: bool) -> optax.Updates:

@@ -155,8 +155,9 @@ def _empty_result(tree: Any) -> Any:
 
 
 def _with_scale(packed: jax.Array, scale: jax.Array) -> jax.Array:
-  """Appends the float32 `scale`'s 4 bytes to each row of `packed` (uint8 (..., n)), so that the scales travel in
-  the same collective as the sign bytes: an exact bitcast, one round fewer per phase."""
+  """Appends the float32 `scale`'s 4 bytes (one scale for all rows, or one per row) to each row of `packed` (uint8
+  (..., n)), so that the scales travel in the same collective as the sign bytes: an exact bitcast, one round fewer
+  per phase."""
   scale_bytes = jax.lax.bitcast_convert_type(scale.astype(jnp.float32), jnp.uint8)
   return jnp.concatenate([packed, jnp.broadcast_to(scale_bytes, (*packed.shape[:-1], 4))], axis=-1)
 
@@ -170,13 +171,42 @@ def _rms(x: jax.Array) -> jax.Array:
   return jnp.linalg.norm(x) / jnp.sqrt(jnp.float32(x.size))
 
 
+class SignPayload(NamedTuple):
+  """What every rank holds after the exchange, before decoding: each server chunk's sign bits and scale.
+
+  Attributes:
+    bits: uint8 (R, C / 8), chunk r's sign bits (most significant bit first), chunks in buffer order.
+    scales: float32 (R,), chunk r's server scale.
+  The decoded buffer is ``scales[r] * sgn`` over chunk r (`decode`): 1/32 of its size, so an exchange that runs
+  under a `lax.cond` or loop can hand it out cheaply and leave the decoding to the fused consumer.
+  """
+  bits: jax.Array
+  scales: jax.Array
+
+
+def decode(payload: SignPayload | jax.Array) -> jax.Array:
+  """The flat float32 buffer an exchange delivered (`exchange_flat`); an exact mean (one rank or one host) is
+  already that buffer."""
+  if not isinstance(payload, SignPayload):
+    return payload
+  return (payload.scales[:, None] * unpack_signs(payload.bits)).reshape(-1)
+
+
 def compressed_allreduce_flat(x: jax.Array, state: CompressedAllReduceState,
                               comm: Any) -> tuple[jax.Array, CompressedAllReduceState]:
   """The exchange on an already padded flat float32 buffer of length N_pad (SPEC.md section 3, steps 1-5; over a
-  `comm.TwoLevel` grid, section 3b).
+  `comm.TwoLevel` grid, section 3b): `decode` of `exchange_flat`.
 
   Use `compressed_allreduce` for pytrees; this entry point exists for callers that keep their own padded buffer.
   """
+  payload, state = exchange_flat(x, state, comm)
+  return decode(payload), state
+
+
+def exchange_flat(x: jax.Array, state: CompressedAllReduceState,
+                  comm: Any) -> tuple[SignPayload | jax.Array, CompressedAllReduceState]:
+  """`compressed_allreduce_flat` up to the decoding: returns the `SignPayload` every rank holds (with one rank or
+  one host, where the mean is exact, the decoded buffer itself) and the new error feedback."""
   communicator = comm_lib.as_communicator(comm)
   world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
   check_leaves("x", x)
@@ -189,16 +219,16 @@ def compressed_allreduce_flat(x: jax.Array, state: CompressedAllReduceState,
   if world == 1:  # the identity, typed as replicated (see `compressed_allreduce`)
     return communicator.mean(x), state
   if local == 1:
-    return _sign_exchange(x.astype(jnp.float32), state, communicator, world)
+    return _sign_exchange(x.astype(jnp.float32) + state.worker_error, state.server_error, communicator, world)
   return _two_level_exchange(x.astype(jnp.float32), state, communicator)
 
 
-def _sign_exchange(x: jax.Array, state: CompressedAllReduceState, communicator: comm_lib.Communicator,
-                   world: int) -> tuple[jax.Array, CompressedAllReduceState]:
-  """SPEC.md section 3, steps 1-5, among the `world` ranks of `communicator` on a padded float32 buffer."""
-  chunk = x.shape[0] // world
-  # 1-2. Worker: add the residual, compress to sign bits and one scale.
-  corrected = x + state.worker_error
+def _sign_exchange(corrected: jax.Array, server_error: jax.Array, communicator: comm_lib.Communicator,
+                   world: int) -> tuple[SignPayload, CompressedAllReduceState]:
+  """SPEC.md section 3, steps 1-5, among the `world` ranks of `communicator`, from step 1's sum `corrected` (the
+  padded float32 buffer plus the worker error)."""
+  chunk = corrected.shape[0] // world
+  # 1-2. Worker: compress the buffer plus its residual to sign bits and one scale.
   worker_scale = _rms(corrected)
   worker_error = corrected - worker_scale * signs(corrected)
   # 3. Rank r receives chunk r of every rank, each followed by its sender's scale (one round, not two).
@@ -209,17 +239,16 @@ def _sign_exchange(x: jax.Array, state: CompressedAllReduceState, communicator: 
   averaged = jnp.zeros([chunk], jnp.float32)
   for rank in range(world):
     averaged = averaged + (worker_scales[rank] / world) * received_signs[rank]
-  averaged = averaged + state.server_error
+  averaged = averaged + server_error
   server_scale = _rms(averaged)
   server_error = averaged - server_scale * signs(averaged)
-  # 5. Everyone gathers every server's bits and scale (one round) and decodes the same values.
+  # 5. Everyone gathers every server's bits and scale (one round); `decode` gives the same values on every rank.
   all_bits, server_scales = _split_scale(communicator.all_gather(_with_scale(pack_signs(averaged), server_scale)))
-  decoded = (server_scales[:, None] * unpack_signs(all_bits)).reshape(-1)
-  return decoded, CompressedAllReduceState(worker_error, server_error)
+  return SignPayload(all_bits, server_scales), CompressedAllReduceState(worker_error, server_error)
 
 
 def _two_level_exchange(x: jax.Array, state: CompressedAllReduceState,
-                        grid: comm_lib.TwoLevel) -> tuple[jax.Array, CompressedAllReduceState]:
+                        grid: comm_lib.TwoLevel) -> tuple[SignPayload | jax.Array, CompressedAllReduceState]:
   """SPEC.md section 3b: an exact mean inside the host, section 3 among the hosts on this rank's shard, a gather."""
   local, hosts = grid.ranks_per_host, comm_lib.world_size(grid.slow)
   # 1. Rank (h, l) receives shard l of every rank of host h and averages them, summing in rank order.
@@ -228,13 +257,14 @@ def _two_level_exchange(x: jax.Array, state: CompressedAllReduceState,
   for rank in range(1, local):
     shard = shard + received[rank]
   shard = shard / local
+  if hosts == 1:  # one host: exact, and typed replicated over the slow axis
+    return grid.fast.all_gather(grid.slow.mean(shard)).reshape(-1), state
   # 2. Shard l is compressed among the ranks (h, l) of all hosts: the same bytes decode on every host.
-  if hosts == 1:
-    decoded = grid.slow.mean(shard)  # one host: exact, and typed replicated over the slow axis
-  else:
-    decoded, state = _sign_exchange(shard, state, grid.slow, hosts)
-  # 3. The ranks of a host gather their shards: the whole buffer, the same on every rank.
-  return grid.fast.all_gather(decoded).reshape(-1), state
+  payload, state = _sign_exchange(shard + state.worker_error, state.server_error, grid.slow, hosts)
+  # 3. The ranks of a host gather their shards' bits and scales (one round, 1/32 of the shards' floats): shards in
+  # rank order, each its hosts' chunks in order.
+  gathered = grid.fast.all_gather(_with_scale(payload.bits, payload.scales))
+  return SignPayload(*_split_scale(gathered.reshape(local * hosts, -1))), state
 
 
 def flatten(tree: Any) -> jax.Array:
@@ -254,6 +284,46 @@ def unflatten_like(flat: jax.Array, tree: Any) -> Any:
     out.append(flat[offset:offset + size].reshape(jnp.shape(leaf)).astype(leaf.dtype))
     offset += size
   return jax.tree.unflatten(treedef, out)
+
+
+def exchange(tree: Any, state: CompressedAllReduceState,
+             comm: Any) -> tuple[SignPayload | Any, CompressedAllReduceState]:
+  """`compressed_allreduce` up to the decoding: the payload every rank holds (decode it with `decode_like`) and
+  the new error feedback. Where the mean is exact (one rank, one host, an empty tree) the payload is the mean
+  itself, a tree like `tree`. For callers that run the exchange in a loop or `lax.cond` and decode outside it."""
+  communicator = comm_lib.as_communicator(comm)
+  world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
+  check_leaves("tree", tree)
+  n = tree_size(tree)
+  check_state(state, n, world, local)
+  if n == 0:
+    return _empty_result(tree), state
+  if world == 1:  # the identity; a mean over one rank also gives it the replicated type a mesh axis expects
+    return exact_mean(tree, communicator), state
+  if local > 1:
+    payload, state = exchange_flat(jnp.pad(flatten(tree), (0, padded_length(n, world, local) - n)), state,
+                                   communicator)
+    return (payload if isinstance(payload, SignPayload) else unflatten_like(payload[:n], tree)), state
+  return _sign_exchange(_flatten_onto(tree, state.worker_error), state.server_error, communicator, world)
+
+
+def decode_like(payload: SignPayload | Any, tree: Any) -> Any:
+  """The estimate an `exchange` of `tree` delivered, with `tree`'s structure, shapes and dtypes."""
+  if not isinstance(payload, SignPayload):
+    return payload
+  return unflatten_like(decode(payload)[:tree_size(tree)], tree)
+
+
+def _flatten_onto(tree: Any, buffer: jax.Array) -> jax.Array:
+  """``buffer + flatten(tree)`` zero-padded to the buffer's length, each leaf adding its slice of `buffer` before
+  the concatenation: XLA then writes the concatenation into `buffer`'s own memory where that is donated (the
+  worker error), while the sum of a flat copy of the tree and the buffer needs a second tree-sized temporary."""
+  parts, offset = [], 0
+  for leaf in jax.tree.leaves(tree):
+    size = math.prod(jnp.shape(leaf))
+    parts.append(jnp.ravel(leaf).astype(jnp.float32) + buffer[offset:offset + size])
+    offset += size
+  return jnp.concatenate([*parts, buffer[offset:]])
 
 
 def compressed_allreduce(tree: Any, state: CompressedAllReduceState,
@@ -286,19 +356,8 @@ def compressed_allreduce(tree: Any, state: CompressedAllReduceState,
     Tang et al., `1-bit Adam: Communication Efficient Large-Scale Training with Adam's Convergence Speed
     <https://arxiv.org/abs/2102.02888>`_, 2021; DeepSpeed 0.19.6, ``deepspeed/runtime/comm/nccl.py``.
   """
-  communicator = comm_lib.as_communicator(comm)
-  world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
-  check_leaves("tree", tree)
-  n = tree_size(tree)
-  check_state(state, n, world, local)
-  if n == 0:
-    return _empty_result(tree), state
-  if world == 1:  # the identity; a mean over one rank also gives it the replicated type a mesh axis expects
-    return exact_mean(tree, communicator), state
-  flat = flatten(tree)
-  padded = jnp.pad(flat, (0, padded_length(n, world, local) - n))
-  decoded, state = compressed_allreduce_flat(padded, state, communicator)
-  return unflatten_like(decoded[:n], tree), state
+  payload, state = exchange(tree, state, comm)
+  return decode_like(payload, tree), state
 
 
 def exact_mean(tree: Any, comm: Any) -> Any:

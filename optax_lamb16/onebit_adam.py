@@ -47,7 +47,7 @@ def scale_by_onebit_adam(comm: Any, freeze_step: int = 100000, b1: optax.ScalarO
 
   Takes each rank's LOCAL gradients. While ``t <= freeze_step`` (DeepSpeed's count, SPEC.md section 2): the exact
   mean of the gradients over ranks updates m and v. After: each rank's ``b1*m + (1-b1)*g_local`` goes through ONE
-  compressed all-reduce for the whole tree and v stays frozen. The switch is a `lax.cond` on the state's counter.
+  compressed all-reduce for the whole tree and v stays frozen. The phase follows the state's counter.
   ``init`` and ``update`` run where `comm` is usable (inside `shard_map` for a mesh-axis name).
 
   Args:
@@ -83,15 +83,23 @@ def scale_by_onebit_adam(comm: Any, freeze_step: int = 100000, b1: optax.ScalarO
     beta1, beta2 = _onebit.decays_at(state.count, b1, b2)
     (epsilon,) = _onebit.hyperparameters_at(state.count, eps)
 
-    def warmup(_):
-      return *_onebit.warmup_moments(grads, state.mu, state.nu, beta1, beta2, communicator), state.exchange
+    warm = t <= freeze_step
+    # Warm-up: the exact mean of the ranks' gradients updates m and v.
+    grads, (mu, nu) = _onebit.run_if(
+        warm, lambda grads, moments: _onebit.warmup_moments(grads, *moments, beta1, beta2, communicator), grads,
+        (state.mu, state.nu))
 
-    def compressed(_):
-      local = _common.tree_moment_update(state.mu, grads, beta1)
-      mu, exchange = compression.compressed_allreduce(local, state.exchange, communicator)
-      return _onebit.apply_mask(mu, momentum_mask, state.nu, mask_zero_variance), state.nu, exchange
+    # Compression: this rank's momentum goes through one compressed exchange (v frozen). The exchange hands out its
+    # sign payload; decoding it here fuses into the direction's pass instead of writing the momentum twice.
+    def compress(operands, carry):
+      mu, grads = operands
+      return compression.exchange(_common.tree_moment_update(mu, grads, beta1), carry[1], communicator)
 
-    mu, nu, exchange = jax.lax.cond(t <= freeze_step, warmup, compressed, None)
+    (mu, grads), (payload, exchange) = _onebit.run_if(
+        jnp.logical_not(warm), compress, (mu, grads),
+        (_onebit.skipped_exchange(grads, communicator), state.exchange))
+    averaged = _onebit.apply_mask(compression.decode_like(payload, mu), momentum_mask, nu, mask_zero_variance)
+    mu = jax.tree.map(lambda m, a: jnp.where(warm, m, a), mu, averaged)
     directions = jax.tree.map(lambda m, v, g: (m / (jnp.sqrt(v) + epsilon)).astype(g.dtype), mu, nu, updates)
     return directions, ScaleByOnebitAdamState(t, mu, nu, exchange)
 

@@ -147,53 +147,60 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     frozen = state.frozen
     mu_before = _onebit.from_per_rank_layout(state.mu, params)
     accumulated_before = _onebit.from_per_rank_layout(state.accumulated_update, params)
-
-    # Freeze v at the end of the first step past var_freeze_step; the error buffers change meaning, so reset them
-    # (in the two phases before the freeze: a local step passes them through untouched, one pass fewer).
-    freezes = jnp.logical_and(jnp.logical_not(frozen), t > var_freeze_step)
-    reset_if_freezing = lambda exchange: jax.tree.map(lambda e: jnp.where(freezes, jnp.zeros_like(e), e), exchange)
-
-    # The moments: a variance step, a compressed step (before the freeze) or a local step (after it).
-    def variance_step(_):
-      mu, nu = _onebit.warmup_moments(grads, mu_before, state.nu, beta1, beta2, communicator)
-      return per_rank(mu), nu, reset_if_freezing(state.exchange)
-
-    def compressed_step(_):
-      mean, exchange = compression.compressed_allreduce(grads, state.exchange, communicator)
-      mean = _onebit.apply_mask(mean, momentum_mask, state.nu, mask_zero_variance)
-      return per_rank(_common.tree_moment_update(mu_before, mean, beta1)), state.nu, reset_if_freezing(exchange)
-
-    def local_step(_):
-      return per_rank(_common.tree_moment_update(mu_before, grads, beta1)), state.nu, state.exchange
-
     variance_due = jnp.logical_and(jnp.logical_not(frozen), t % state.var_interval == 0)
-    branch = jnp.where(frozen, 2, jnp.where(variance_due, 0, 1))
-    mu, nu, exchange = jax.lax.switch(branch, (variance_step, compressed_step, local_step), None)
+    compressed_due = jnp.logical_not(jnp.logical_or(frozen, variance_due))
+    # v freezes at the end of the first step past var_freeze_step.
+    freezes = jnp.logical_and(jnp.logical_not(frozen), t > var_freeze_step)
+
+    # Each exchange runs only in its phase (`_onebit.run_if`) and updates its carry in place; the compressed ones
+    # hand out sign payloads that the step's single pass at the end decodes. A variance step: the exact mean of the
+    # gradients updates m and v.
+    grads, (mu, nu) = _onebit.run_if(
+        variance_due, lambda grads, moments: _onebit.warmup_moments(grads, *moments, beta1, beta2, communicator),
+        grads, (mu_before, state.nu))
+    # A compressed step (before the freeze): the compressed mean of the gradients.
+    grads, (compressed, exchange) = _onebit.run_if(
+        compressed_due, lambda grads, carry: compression.exchange(grads, carry[1], communicator), grads,
+        (_onebit.skipped_exchange(grads, communicator), state.exchange))
+    # The error buffers change meaning at the freeze: reset them, once.
+    _, exchange = _onebit.run_if(freezes, lambda _, buffers: jax.tree.map(jnp.zeros_like, buffers), (), exchange)
 
     # The Adam step on this rank's params, accumulated while frozen.
-    denominators = jax.tree.map(lambda v: jnp.sqrt(v) + epsilon, nu)
-    steps = jax.tree.map(lambda m, d, p: -lr * (m / d + decay * p), mu, denominators, params)
-    new_params = jax.tree.map(jnp.add, params, steps)
-    accumulated = jax.tree.map(lambda u, s: jnp.where(frozen, u + s, u), accumulated_before, steps)
-    lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
+    def adam_step(mu, nu, params, accumulated):
+      denominators = jax.tree.map(lambda v: jnp.sqrt(v) + epsilon, nu)
+      steps = jax.tree.map(lambda m, d, p: -lr * (m / d + decay * p), mu, denominators, params)
+      accumulated = jax.tree.map(lambda u, s: jnp.where(frozen, u + s, u), accumulated, steps)
+      return denominators, jax.tree.map(jnp.add, params, steps), accumulated
 
-    # A sync: one compressed exchange of the accumulated updates brings all ranks' params together again.
-    def sync(_):
-      start = jax.tree.map(jnp.subtract, new_params, accumulated)  # the params at the last sync
-      scaled = jax.tree.map(jnp.multiply, accumulated, denominators)
-      mean, new_exchange = compression.compressed_allreduce(scaled, exchange, communicator)
-      mean = _onebit.apply_mask(mean, momentum_mask, nu, mask_zero_variance)
-      # DeepSpeed divides by lr_sum unguarded; with a zero learning rate since the last sync, keep m instead.
-      synced_mu = jax.tree.map(lambda w, m: jnp.where(lr_sum > 0, -w / lr_sum, m), mean, mu)
-      synced_params = jax.tree.map(lambda p0, w, d: p0 + w / d, start, mean, denominators)
-      zeroed = jax.tree.map(jnp.zeros_like, accumulated)
-      return per_rank(synced_mu), synced_params, per_rank(zeroed), jnp.zeros_like(lr_sum), new_exchange
-
-    def no_sync(_):
-      return mu, new_params, accumulated, lr_sum, exchange
+    # A sync: one compressed exchange of the accumulated updates brings all ranks' params together again. A sync step
+    # is a local step (below), whose accumulated update the exchange recomputes from the step's inputs.
+    def sync_exchange(inputs, carry):
+      mu, grads, nu, params, accumulated = inputs
+      denominators, _, accumulated = adam_step(_common.tree_moment_update(mu, grads, beta1), nu, params, accumulated)
+      return compression.exchange(jax.tree.map(jnp.multiply, accumulated, denominators), carry[1], communicator)
 
     sync_due = jnp.logical_and(frozen, t % state.local_step_interval == 0)
-    mu, new_params, accumulated, lr_sum, exchange = jax.lax.cond(sync_due, sync, no_sync, None)
+    (mu, grads, nu, params, accumulated), (synced, exchange) = _onebit.run_if(
+        sync_due, sync_exchange, (mu, grads, nu, params, accumulated_before),
+        (_onebit.skipped_exchange(params, communicator), exchange))
+
+    # One pass over the leaves. The moment: a variance step keeps its m; before the freeze the others add the
+    # compressed mean, after it (a local step) this rank's own gradients.
+    mean = _onebit.apply_mask(compression.decode_like(compressed, grads), momentum_mask, nu, mask_zero_variance)
+    source = jax.tree.map(lambda g, m: jnp.where(frozen, g, m), grads, mean)
+    mu = jax.tree.map(lambda m, s: jnp.where(variance_due, m, _common.moment_update(m, s, beta1)), mu, source)
+    denominators, new_params, accumulated = adam_step(mu, nu, params, accumulated)
+    lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
+    # A sync step replaces m, the params and the accumulated update.
+    mean = _onebit.apply_mask(compression.decode_like(synced, params), momentum_mask, nu, mask_zero_variance)
+    # DeepSpeed divides by lr_sum unguarded; with a zero learning rate since the last sync, keep m instead.
+    synced_mu = jax.tree.map(lambda w, m: jnp.where(lr_sum > 0, -w / lr_sum, m), mean, mu)
+    # (new params - accumulated: the params at the last sync.)
+    synced_params = jax.tree.map(lambda p1, u, w, d: p1 - u + w / d, new_params, accumulated, mean, denominators)
+    mu = per_rank(jax.tree.map(lambda s, m: jnp.where(sync_due, s, m), synced_mu, mu))
+    new_params = jax.tree.map(lambda s, p1: jnp.where(sync_due, s, p1), synced_params, new_params)
+    accumulated = per_rank(jax.tree.map(lambda u: jnp.where(sync_due, 0.0, u), accumulated))
+    lr_sum = jnp.where(sync_due, 0.0, lr_sum)
 
     # Interval schedules, with the phase this step ran in.
     var_counter, var_interval = _count_towards(state.var_counter, state.var_interval, variance_due,

@@ -123,9 +123,11 @@ def test_inter_host_bytes_are_at_most_one_32L_th_of_a_float32_all_reduce(hosts, 
   inter, intra = comm_volume.inter_host_bytes(hlo, mesh)
   flat_all_reduce = 2 * (world - 1) / world * 4 * n
   assert 0 < inter <= flat_all_reduce / (32 * local), (inter, flat_all_reduce / (32 * local))
-  # Inside the host: the float32 all-to-all and all-gather of the shards, (L-1)/L * 4 * N_pad bytes each.
+  # Inside the host: the float32 all-to-all of the shards, (L-1)/L * 4 * N_pad bytes, and the all-gather of each
+  # shard's sign bits and H scales, (L-1) * (N_pad / (8 L) + 4 H) bytes.
   n_pad = car.padded_length(n, world, local)
-  assert intra == pytest.approx(2 * (local - 1) / local * 4 * n_pad), intra
+  shard_floats = (local - 1) / local * 4 * n_pad
+  assert intra == pytest.approx(shard_floats + (local - 1) * (n_pad / (8 * local) + 4 * hosts)), intra
 
 
 STEPS = 24
