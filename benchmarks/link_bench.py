@@ -118,23 +118,29 @@ def worker(args) -> None:
       state = optax_lamb16.sharded_init(local_init, self.params, mesh, data, param_specs=param_spec)
       specs = optax_lamb16.state_partition_specs(state, data)
 
-      def local_step(state, grads, params):  # -> (new params, new state), as `bring_into_phase` expects
+      def local_step(params, state, grads):  # a training step without the gradient: -> (new params, new state)
         local = mine(params)
         updates, state = tx.update(jax.tree.map(lambda g: g[0], grads), state, local)
         return ours(optax.apply_updates(local, updates)), state
 
-      self.update = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(specs, P(data), param_spec),
-                                          out_specs=(param_spec, specs)))
-      self.state = exchange_compute.bring_into_phase(name, step, self.update, state, (global_grads, self.params))
+      # Params and state donated, as a training loop donates them (see `exchange_compute`).
+      self.step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(param_spec, specs, P(data)),
+                                        out_specs=(param_spec, specs)), donate_argnums=(0, 1))
+      self.params, self.state = exchange_compute.bring_into_phase(name, step, self.step, self.params, state,
+                                                                  global_grads)
+
+    def call(self):
+      """One step from copies of the same params and state, made before the clock starts; returns its seconds."""
+      params, state = exchange_compute.fresh_copy((self.params, self.state))
+      start = time.perf_counter()
+      jax.block_until_ready(self.step(params, state, global_grads))
+      return time.perf_counter() - start
 
     def time(self, link, steps):
-      jax.block_until_ready(self.update(self.state, global_grads, self.params))  # one untimed step on this link
+      self.call()  # one untimed step on this link
       multihost_utils.sync_global_devices(f"{self.name} {link}")
-      before, times = tx_bytes(), []
-      for _ in range(steps):
-        start = time.perf_counter()
-        jax.block_until_ready(self.update(self.state, global_grads, self.params))
-        times.append(time.perf_counter() - start)
+      before = tx_bytes()
+      times = [self.call() for _ in range(steps)]
       self.bytes[link] = (tx_bytes() - before) / steps
       self.times[link] = statistics.median(times)
 

@@ -127,6 +127,7 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
                                    ("local_step_clipper", local_step_clipper, 16)))
   # Per-rank leaves: marked varying for shard_map, at least 1-d (see `_onebit.to_per_rank_layout`).
   per_rank = lambda tree: jax.tree.map(lambda x: comm_lib.mark_per_rank(communicator, x), tree)
+  no_weight_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
   store = lambda tree: _onebit.to_per_rank_layout(per_rank(tree))
 
   def init_fn(params):
@@ -168,7 +169,10 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     # The Adam step on this rank's params, accumulated while frozen.
     def adam_step(mu, nu, params, accumulated):
       denominators = jax.tree.map(lambda v: jnp.sqrt(v) + epsilon, nu)
-      steps = jax.tree.map(lambda m, d, p: -lr * (m / d + decay * p), mu, denominators, params)
+      if no_weight_decay:  # the accumulated update then does not read the params: XLA can update both in place
+        steps = jax.tree.map(lambda m, d: -lr * (m / d), mu, denominators)
+      else:
+        steps = jax.tree.map(lambda m, d, p: -lr * (m / d + decay * p), mu, denominators, params)
       accumulated = jax.tree.map(lambda u, s: jnp.where(frozen, u + s, u), accumulated, steps)
       return denominators, jax.tree.map(jnp.add, params, steps), accumulated
 
