@@ -166,44 +166,49 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     # The error buffers change meaning at the freeze: reset them, once.
     _, exchange = _onebit.run_if(freezes, lambda _, buffers: jax.tree.map(jnp.zeros_like, buffers), (), exchange)
 
-    # The Adam step on this rank's params, accumulated while frozen.
-    def adam_step(mu, nu, params, accumulated):
+    # The Adam step on this rank's params.
+    def adam_step(mu, nu, params):
       denominators = jax.tree.map(lambda v: jnp.sqrt(v) + epsilon, nu)
-      if no_weight_decay:  # the accumulated update then does not read the params: XLA can update both in place
-        steps = jax.tree.map(lambda m, d: -lr * (m / d), mu, denominators)
-      else:
-        steps = jax.tree.map(lambda m, d, p: -lr * (m / d + decay * p), mu, denominators, params)
-      accumulated = jax.tree.map(lambda u, s: jnp.where(frozen, u + s, u), accumulated, steps)
-      return denominators, jax.tree.map(jnp.add, params, steps), accumulated
+      if no_weight_decay:  # then the step does not read the params: XLA can update them in place
+        return denominators, jax.tree.map(lambda m, d: -lr * (m / d), mu, denominators)
+      return denominators, jax.tree.map(lambda m, d, p: -lr * (m / d + decay * p), mu, denominators, params)
 
-    # A sync: one compressed exchange of the accumulated updates brings all ranks' params together again. A sync step
-    # is a local step (below), whose accumulated update the exchange recomputes from the step's inputs.
-    def sync_exchange(inputs, carry):
-      mu, grads, nu, params, accumulated = inputs
-      denominators, _, accumulated = adam_step(_common.tree_moment_update(mu, grads, beta1), nu, params, accumulated)
-      return compression.exchange(jax.tree.map(jnp.multiply, accumulated, denominators), carry[1], communicator)
+    lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
+
+    # A sync (a local step, then one compressed exchange of the accumulated updates that brings all ranks' params
+    # together again), whole: it leaves the synced m in `mu` and the step's update of the params in `accumulated`
+    # (zeroed below), so that the pass after it reads every buffer it overwrites only once.
+    def sync(inputs, carry):
+      grads, nu, params = inputs
+      mu, accumulated, exchange = carry
+      mu = _common.tree_moment_update(mu, grads, beta1)
+      denominators, steps = adam_step(mu, nu, params)
+      new_params = jax.tree.map(jnp.add, params, steps)
+      accumulated = jax.tree.map(jnp.add, accumulated, steps)
+      payload, exchange = compression.exchange(jax.tree.map(jnp.multiply, accumulated, denominators), exchange,
+                                               communicator)
+      mean = _onebit.apply_mask(compression.decode_like(payload, params), momentum_mask, nu, mask_zero_variance)
+      # DeepSpeed divides by lr_sum unguarded; with a zero learning rate since the last sync, keep m instead.
+      mu = jax.tree.map(lambda w, m: jnp.where(lr_sum > 0, -w / lr_sum, m), mean, mu)
+      # (new params - accumulated: the params at the last sync.)
+      synced = jax.tree.map(lambda p1, u, w, d: p1 - u + w / d, new_params, accumulated, mean, denominators)
+      return per_rank(mu), per_rank(jax.tree.map(jnp.subtract, synced, params)), exchange
 
     sync_due = jnp.logical_and(frozen, t % state.local_step_interval == 0)
-    (mu, grads, nu, params, accumulated), (synced, exchange) = _onebit.run_if(
-        sync_due, sync_exchange, (mu, grads, nu, params, accumulated_before),
-        (_onebit.skipped_exchange(params, communicator), exchange))
+    (grads, nu, params), (mu, accumulated, exchange) = _onebit.run_if(
+        sync_due, sync, (grads, nu, params), (mu, accumulated_before, exchange))
 
-    # One pass over the leaves. The moment: a variance step keeps its m; before the freeze the others add the
-    # compressed mean, after it (a local step) this rank's own gradients.
+    # One pass over the leaves. The moment: a variance step or a sync keeps its m; before the freeze the other steps
+    # add the compressed mean, after it (a local step) this rank's own gradients. The step follows from the new m.
     mean = _onebit.apply_mask(compression.decode_like(compressed, grads), momentum_mask, nu, mask_zero_variance)
     source = jax.tree.map(lambda g, m: jnp.where(frozen, g, m), grads, mean)
-    mu = jax.tree.map(lambda m, s: jnp.where(variance_due, m, _common.moment_update(m, s, beta1)), mu, source)
-    denominators, new_params, accumulated = adam_step(mu, nu, params, accumulated)
-    lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
-    # A sync step replaces m, the params and the accumulated update.
-    mean = _onebit.apply_mask(compression.decode_like(synced, params), momentum_mask, nu, mask_zero_variance)
-    # DeepSpeed divides by lr_sum unguarded; with a zero learning rate since the last sync, keep m instead.
-    synced_mu = jax.tree.map(lambda w, m: jnp.where(lr_sum > 0, -w / lr_sum, m), mean, mu)
-    # (new params - accumulated: the params at the last sync.)
-    synced_params = jax.tree.map(lambda p1, u, w, d: p1 - u + w / d, new_params, accumulated, mean, denominators)
-    mu = per_rank(jax.tree.map(lambda s, m: jnp.where(sync_due, s, m), synced_mu, mu))
-    new_params = jax.tree.map(lambda s, p1: jnp.where(sync_due, s, p1), synced_params, new_params)
-    accumulated = per_rank(jax.tree.map(lambda u: jnp.where(sync_due, 0.0, u), accumulated))
+    kept = jnp.logical_or(variance_due, sync_due)
+    mu = per_rank(jax.tree.map(lambda m, s: jnp.where(kept, m, _common.moment_update(m, s, beta1)), mu, source))
+    _, steps = adam_step(mu, nu, params)
+    new_updates = jax.tree.map(lambda u, s, p, g: jnp.where(sync_due, u, (p + s) - p).astype(g.dtype),
+                               accumulated, steps, params, updates)
+    accumulated = per_rank(jax.tree.map(
+        lambda u, s: jnp.where(sync_due, 0.0, jnp.where(frozen, u + s, u)), accumulated, steps))
     lr_sum = jnp.where(sync_due, 0.0, lr_sum)
 
     # Interval schedules, with the phase this step ran in.
@@ -212,7 +217,6 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     local_counter, local_interval = _count_towards(
         state.local_step_counter, state.local_step_interval, frozen, local_step_scaler,
         lambda interval: jnp.minimum(local_step_clipper, interval * 2))
-    new_updates = jax.tree.map(lambda p1, p0, g: (p1 - p0).astype(g.dtype), new_params, params, updates)
     return new_updates, ZeroOneAdamState(
         count=t, mu=_onebit.to_per_rank_layout(mu), nu=nu, accumulated_update=_onebit.to_per_rank_layout(accumulated),
         lr_sum=lr_sum, var_interval=var_interval, var_counter=var_counter, local_step_interval=local_interval,
