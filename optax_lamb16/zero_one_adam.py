@@ -178,15 +178,21 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     # A sync (a local step, then one compressed exchange of the accumulated updates that brings all ranks' params
     # together again), whole: it leaves the synced m in `mu` and the step's update of the params in `accumulated`
     # (zeroed below), so that the pass after it reads every buffer it overwrites only once.
-    def sync(inputs, carry):
+    def local_step(inputs, mu, accumulated):
       grads, nu, params = inputs
-      mu, accumulated, exchange = carry
       mu = _common.tree_moment_update(mu, grads, beta1)
       denominators, steps = adam_step(mu, nu, params)
-      new_params = jax.tree.map(jnp.add, params, steps)
-      accumulated = jax.tree.map(jnp.add, accumulated, steps)
-      payload, exchange = compression.exchange(jax.tree.map(jnp.multiply, accumulated, denominators), exchange,
-                                               communicator)
+      return mu, denominators, jax.tree.map(jnp.add, params, steps), jax.tree.map(jnp.add, accumulated, steps)
+
+    def sync(inputs, carry):
+      mu, accumulated, exchange = carry
+      _, denominators, _, sent = local_step(inputs, mu, accumulated)
+      payload, exchange = compression.exchange(jax.tree.map(jnp.multiply, sent, denominators), exchange, communicator)
+      # The local step again, from its inputs: the barrier keeps XLA from holding the values above across the
+      # exchange (temporaries of their own) instead of recomputing them.
+      payload, inputs, mu, accumulated = jax.lax.optimization_barrier((payload, inputs, mu, accumulated))
+      _, nu, params = inputs
+      mu, denominators, new_params, accumulated = local_step(inputs, mu, accumulated)
       mean = _onebit.apply_mask(compression.decode_like(payload, params), momentum_mask, nu, mask_zero_variance)
       # DeepSpeed divides by lr_sum unguarded; with a zero learning rate since the last sync, keep m instead.
       mu = jax.tree.map(lambda w, m: jnp.where(lr_sum > 0, -w / lr_sum, m), mean, mu)
