@@ -6,7 +6,9 @@ signs and scales. Every rank decodes the same bytes, so the result is bitwise id
 travels as ONE flat buffer (leaves in tree-flatten order): one all-to-all and one all-gather per call, the
 scales riding with the sign bytes. Over a `comm.TwoLevel` grid of H hosts by L ranks (SPEC.md section 3b) the
 buffer is first averaged exactly inside each host, each rank compresses its 1/L shard among the hosts only, and the
-ranks of each host gather the shards again.
+ranks of each host gather the shards' sign bits and scales. `exchange` stops there and hands out that `SignPayload`
+(1/32 of the decoded floats), so that a caller can decode it inside its own fused pass (`decode_like`);
+`compressed_allreduce` is the two together.
 
 Bytes sent per rank and call: about ``2 (P-1)/P * N_pad / 8`` plus O(P) scale bytes, 1/32 of a float32 ring
 all-reduce. The error buffers are per-rank state: never replicate or average them (see `sharding`).

@@ -1,6 +1,7 @@
 """What all three 1-bit optimizers promise: one rank, comm=None, schedules, inject_hyperparams, bfloat16 against a
 bfloat16 oracle, extra args, donation, the step counter's convention and its saturation, 0-d leaves, bad input."""
 
+import functools
 import inspect
 
 import jax
@@ -438,3 +439,41 @@ def test_scale_by_onebit_adam_needs_no_params():
   params = {"w": jnp.array([1.0, -2.0])}
   directions, _ = tx.update({"w": jnp.array([0.5, 0.5])}, tx.init(params))
   np.testing.assert_allclose(directions["w"], 0.05 / (np.sqrt(0.00025) + 1e-8), rtol=1e-5)  # 0.1 g / sqrt(0.001 g^2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# How a step compiles: phases run only when due, and a donated training step keeps state in place.
+
+def test_run_if_runs_the_body_once_when_due_and_never_otherwise():
+  body = lambda operands, carry: (carry[0] + operands, carry[1] + 1)
+  for due, expected in ((True, (3.0, 1)), (False, (1.0, 0))):
+    operands, carry = jax.jit(lambda due: optax_lamb16._onebit.run_if(
+        due, body, jnp.float32(2.0), (jnp.float32(1.0), jnp.int32(0))))(jnp.asarray(due))
+    assert float(operands) == 2.0 and (float(carry[0]), int(carry[1])) == expected, due
+
+
+@pytest.mark.parametrize("name, bound", [("onebit_adam", 1.25), ("zero_one_adam", 1.75)])
+def test_donated_step_copies_no_state_and_keeps_temporaries_small(name, bound):
+  """A donated training step (two ranks simulated; one program for every phase) compiles with no copy of a
+  parameter-sized buffer outside the phases' loops, and with XLA temporaries of at most `bound` times the parameter
+  bytes (the flattened buffer the exchange needs, and 0/1 Adam's sync). On XLA:CPU temporaries are allocated afresh
+  on every call. With a `lax.cond` around the phases, XLA copied the state that the branch taken leaves unchanged:
+  2.5-7 times the parameter bytes per step. One copy remains possible: 0/1 Adam's accumulated update, which the
+  sync's loop and the last pass both read (on the 4M tree of the benchmarks XLA copies it inside the loop, here
+  before it)."""
+  rng = np.random.default_rng(0)
+  params = {f"w{i}": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32) for i in range(4)}
+  params.update({f"b{i}": jnp.zeros(256, jnp.float32) for i in range(8)})
+  tx = OPTIMIZERS[name][0](1e-3, optax_lamb16.comm.SimulatedRanks(2))
+
+  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  def train_step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  compiled = train_step.lower(params, tx.init(params), params).compile()
+  entry = compiled.as_text().split("\nENTRY ")[1]
+  copies = [line for line in entry.splitlines() if " copy(" in line and "f32[256,256]" in line.split(" copy(")[0]]
+  assert all("accumulated_update" in line for line in copies) and (name == "zero_one_adam" or not copies), copies
+  param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
+  assert compiled.memory_analysis().temp_size_in_bytes <= bound * param_bytes
