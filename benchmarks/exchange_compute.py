@@ -3,7 +3,7 @@
 Each configuration runs as ONE rank of a P-rank job whose collectives are simulated locally with the same shapes
 (`optax_lamb16.comm.SimulatedRanks`: rank 0 of P ranks that hold the same values),
 so the time is what the exchange computes (packing, error feedback, unpacking, scales, flatten and unflatten), with
-no network. `optax.adam`'s update on the same tree is timed alongside, in interleaved rounds, as the yardstick.
+no network. `optax.adam`'s step on the same tree is timed alongside, in interleaved rounds, as the yardstick.
 
   python benchmarks/exchange_compute.py [--size 4M] [--ranks 8] [--repeats 20] [--out docs/results/exchange_compute.json]
 
@@ -135,7 +135,8 @@ class Runner:
 
 
 def measure(size, ranks, repeats, rounds):
-  """Compute-only medians (seconds) of every configuration in `STEPS`, as one rank of `ranks`."""
+  """Compute-only medians (seconds) and XLA temporary bytes of every configuration in `STEPS`, as one rank of
+  `ranks`: ``(num_params, {name: seconds}, {name: bytes})``."""
   params = make_tree(SIZES[size], jax.random.key(0))
   grads = make_tree(SIZES[size], jax.random.key(1), scale=0.01)
   comm = optax_lamb16.comm.SimulatedRanks(ranks)
