@@ -147,13 +147,26 @@ def run_if(pred: jax.Array, fn: Any, operands: Any, carry: Any) -> tuple[Any, An
   """
   def body(loop):
     counter, operands, carry = loop
-    _, ready = jax.lax.optimization_barrier((counter, operands))
-    return counter + 1, operands, fn(ready, carry)
+    return counter + 1, operands, fn(_tied_to(counter, operands), carry)
 
   trips = jnp.asarray(pred).astype(jnp.int32)
   _, operands, carry = jax.lax.while_loop(lambda loop: loop[0] < trips, body,
                                           (jnp.zeros([], jnp.int32), operands, carry))
   return operands, carry
+
+
+def _tied_to(counter: jax.Array, tree: Any) -> Any:
+  """`tree` through optimization barriers with `counter`: one barrier per manual-axis type of the leaves (inside
+  `shard_map`), since one barrier types all its outputs as varying wherever one input is."""
+  leaves, treedef = jax.tree.flatten(tree)
+  groups = {}
+  for index, leaf in enumerate(leaves):
+    groups.setdefault(frozenset(getattr(jax.typeof(leaf), "vma", ())), []).append(index)
+  for indices in groups.values():
+    _, tied = jax.lax.optimization_barrier((counter, [leaves[i] for i in indices]))
+    for index, leaf in zip(indices, tied):
+      leaves[index] = leaf
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def apply_mask(tree: optax.Updates, mask: Any, nu: optax.Updates, mask_zero_variance: bool) -> optax.Updates:

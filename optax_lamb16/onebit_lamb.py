@@ -5,8 +5,9 @@ trust ratio (``lamb_coeff_freeze``). Compression: v is frozen; the momenta of al
 RMS, go through ONE error-feedback 1-bit compressed all-reduce; a fresh second moment is rebuilt from the averaged
 momentum and each leaf's step is ``-lr * lamb_coeff_freeze * factor * u`` with a clipped, slowly moving ``factor``.
 
-Each phase is its own function of the whole tree (`_warmup_phase`, `_compression_phase`), and one `lax.cond` on the
-step counter runs one of them: the other phase's exchange and per-leaf maths are not computed.
+Each phase is its own function of the whole tree (`_warmup_phase`, `_compression_phase`) that runs only when due
+(`_onebit.run_if`, on the step counter): the other phase's exchange and per-leaf maths are not computed. Both leave
+each leaf's coefficient, and one pass takes the step from it.
 
 Unlike 1-bit Adam, 1-bit LAMB does not decompose into a direction, then weight decay, then ``-learning_rate``: the
 weight decay is inside the per-leaf coefficients (the warm-up trust ratio is ``||p|| / ||m/d + wd*p||``; during
@@ -169,11 +170,24 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
     beta1, beta2 = _onebit.decays_at(state.count, b1, b2)
     hyper = _Hyper(lr, beta1, beta2, epsilon, decay, max_coeff, min_coeff, coeff_beta, factor_max, factor_min,
                    factor_threshold)
-    warmup = lambda _: _warmup_phase(grads, params, state, t, freeze_step, hyper, communicator)
-    compress = lambda _: _compression_phase(grads, params, state, t, freeze_step, hyper, communicator, world,
-                                            momentum_mask, mask_zero_variance)
-    steps, new_state = jax.lax.cond(t > freeze_step, compress, warmup, None)
-    return jax.tree.map(lambda s, g: s.astype(g.dtype), steps, updates), new_state._replace(count=t)
+    # Each phase runs only when due (`_onebit.run_if`), updating the state it changes in place, and leaves each
+    # leaf's coefficient c: the step is ``-lr * c * (m / d + wd * p)`` in both phases, taken in one pass below.
+    warm = t <= freeze_step
+    (grads, params), (mu, nu, nu_fresh, coeff_freeze, coefficient) = _onebit.run_if(
+        warm, lambda inputs, carry: _warmup_phase(*inputs, *carry[:4], t, freeze_step, hyper, communicator),
+        (grads, params), (state.mu, state.nu, state.nu_fresh, state.lamb_coeff_freeze,
+                          jax.tree.map(jnp.zeros_like, state.last_factor)))
+    (grads, params, nu), (mu, nu_fresh, last_factor, scaling, padding_tail, exchange, coefficient) = _onebit.run_if(
+        jnp.logical_not(warm), lambda inputs, carry: _compression_phase(
+            *inputs, *carry[:6], coeff_freeze, t, freeze_step, hyper, communicator, world, momentum_mask,
+            mask_zero_variance),
+        (grads, params, nu), (mu, nu_fresh, state.last_factor, state.scaling_coeff, state.padding_tail,
+                              state.exchange, coefficient))
+    steps = jax.tree.map(lambda c, m, v, p, g: (-hyper.lr * c * _adam_update(m, v, p, hyper)[2]).astype(g.dtype),
+                         coefficient, mu, nu, params, updates)
+    return steps, OnebitLambState(
+        count=t, mu=mu, nu=nu, nu_fresh=nu_fresh, lamb_coeff_freeze=coeff_freeze, last_factor=last_factor,
+        scaling_coeff=scaling, padding_tail=padding_tail, exchange=exchange)
 
   return _common.extra_args_transform(init_fn, update_fn)
 
@@ -191,10 +205,11 @@ def _adam_update(m: jax.Array, v: jax.Array, p: jax.Array, hyper: _Hyper) -> tup
   return denominator, direction, direction + hyper.weight_decay * p
 
 
-def _warmup_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.Array, freeze_step: Any, hyper: _Hyper,
-                  communicator: comm_lib.Communicator) -> tuple[Any, OnebitLambState]:
-  """``t <= freeze_step``: LAMB on the exact mean of the gradients, and the running average of its trust ratios."""
-  mu, nu = _onebit.warmup_moments(grads, state.mu, state.nu, hyper.b1, hyper.b2, communicator)
+def _warmup_phase(grads: Any, params: Any, mu: Any, nu: Any, nu_fresh: Any, coeff_freeze: Any, t: jax.Array,
+                  freeze_step: Any, hyper: _Hyper, communicator: comm_lib.Communicator) -> tuple[Any, ...]:
+  """``t <= freeze_step``: LAMB's moments from the exact mean of the gradients, each leaf's trust ratio (its step's
+  coefficient) and the running average of the trust ratios. Returns (mu, nu, nu_fresh, coeff_freeze, trust)."""
+  mu, nu = _onebit.warmup_moments(grads, mu, nu, hyper.b1, hyper.b2, communicator)
 
   def leaf(m, v, v_fresh, p, coeff_freeze):
     _, _, update = _adam_update(m, v, p, hyper)
@@ -203,38 +218,37 @@ def _warmup_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.Array,
                       jnp.clip(param_norm / update_norm, hyper.min_coeff, hyper.max_coeff), 1.0)
     coeff_freeze = jnp.where(trust != 1.0, hyper.coeff_beta * coeff_freeze + (1 - hyper.coeff_beta) * trust,
                              coeff_freeze)
-    return -hyper.lr * trust * update, jnp.where(t == freeze_step, v, v_fresh), coeff_freeze
+    return jnp.where(t == freeze_step, v, v_fresh), coeff_freeze, trust
 
-  steps, nu_fresh, coeff_freeze = _common.unzip(
-      mu, jax.tree.map(leaf, mu, nu, state.nu_fresh, params, state.lamb_coeff_freeze), 3)
-  return steps, state._replace(mu=mu, nu=nu, nu_fresh=nu_fresh, lamb_coeff_freeze=coeff_freeze)
+  return mu, nu, *_common.unzip(mu, jax.tree.map(leaf, mu, nu, nu_fresh, params, coeff_freeze), 3)
 
 
-def _compression_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.Array, freeze_step: Any,
-                       hyper: _Hyper, communicator: comm_lib.Communicator, world: int, momentum_mask: Any,
-                       mask_zero_variance: bool) -> tuple[Any, OnebitLambState]:
+def _compression_phase(grads: Any, params: Any, nu: Any, mu: Any, nu_fresh: Any, last_factor: Any, scaling: Any,
+                       padding_tail: jax.Array, exchange: compression.CompressedAllReduceState, coeff_freeze: Any,
+                       t: jax.Array, freeze_step: Any, hyper: _Hyper, communicator: comm_lib.Communicator, world: int,
+                       momentum_mask: Any, mask_zero_variance: bool) -> tuple[Any, ...]:
   """``t > freeze_step``: the scaled momenta of all leaves in one compressed exchange (v frozen), a fresh second
-  moment rebuilt from the averaged momentum, and the bounded factor."""
+  moment rebuilt from the averaged momentum, and the bounded factor. Returns (mu, nu_fresh, last_factor, scaling,
+  padding_tail, exchange, coefficient), the coefficient of each leaf's step being ``coeff_freeze * factor``."""
   # At the first compression step, scale every leaf's momentum to the mean RMS of all leaves. A leaf with no momentum
   # then (never had a gradient, or empty) gets scaling 0, not DeepSpeed's mean_rms / 0 = inf: it is sent as zeros
   # and its averaged momentum is kept at 0, as a momentum mask would.
-  rms = jax.tree.map(lambda m: _norm(m) / jnp.sqrt(jnp.float32(max(m.size, 1))), state.mu)
+  rms = jax.tree.map(lambda m: _norm(m) / jnp.sqrt(jnp.float32(max(m.size, 1))), mu)
   rms_leaves = jax.tree.leaves(rms)
   mean_rms = sum(rms_leaves) / len(rms_leaves) if rms_leaves else jnp.float32(1)
   scaling = jax.tree.map(lambda r, s: jnp.where(t == freeze_step + 1, jnp.where(r > 0, mean_rms / r, 0.0), s),
-                         rms, state.scaling_coeff)
+                         rms, scaling)
   # One exchange of the whole model, followed by the padding tail the previous exchange left (SPEC.md section 6).
-  scaled = jax.tree.map(lambda m, g, s: _common.moment_update(m, g, hyper.b1) * s, state.mu, grads, scaling)
+  scaled = jax.tree.map(lambda m, g, s: _common.moment_update(m, g, hyper.b1) * s, mu, grads, scaling)
   if world == 1:  # the exchange is the identity and there is no tail: leaf by leaf (typed replicated on a mesh axis)
-    averaged, exchange = compression.compressed_allreduce(scaled, state.exchange, communicator)
-    padding_tail = state.padding_tail
+    averaged, exchange = compression.compressed_allreduce(scaled, exchange, communicator)
   else:
     n = compression.tree_size(scaled)
-    buffer = jnp.concatenate([compression.flatten(scaled), state.padding_tail])
-    decoded, exchange = compression.compressed_allreduce_flat(buffer, state.exchange, communicator)
+    buffer = jnp.concatenate([compression.flatten(scaled), padding_tail])
+    decoded, exchange = compression.compressed_allreduce_flat(buffer, exchange, communicator)
     averaged, padding_tail = compression.unflatten_like(decoded[:n], scaled), decoded[n:]
-  mu = jax.tree.map(lambda m, s: jnp.where(s > 0, m / s, 0.0), averaged, scaling)
-  mu = _onebit.apply_mask(mu, momentum_mask, state.nu, mask_zero_variance)
+  mu_prev, mu = mu, jax.tree.map(lambda m, s: jnp.where(s > 0, m / s, 0.0), averaged, scaling)
+  mu = _onebit.apply_mask(mu, momentum_mask, nu, mask_zero_variance)
 
   def leaf(m, m_prev, v, v_fresh, p, coeff_freeze, last_factor):
     denominator, direction, update = _adam_update(m, v, p, hyper)
@@ -247,10 +261,8 @@ def _compression_phase(grads: Any, params: Any, state: OnebitLambState, t: jax.A
     factor = jnp.where(hyper.weight_decay > 0, factor * blend + (1 - blend), factor)
     factor = jnp.clip(factor, hyper.factor_min, hyper.factor_max)
     factor = jnp.clip(factor, last_factor * (1 - hyper.factor_threshold), last_factor * (1 + hyper.factor_threshold))
-    return -hyper.lr * (coeff_freeze * factor) * update, v_fresh, factor
+    return v_fresh, factor, coeff_freeze * factor
 
-  steps, nu_fresh, last_factor = _common.unzip(
-      mu, jax.tree.map(leaf, mu, state.mu, state.nu, state.nu_fresh, params, state.lamb_coeff_freeze,
-                       state.last_factor), 3)
-  return steps, state._replace(mu=mu, nu_fresh=nu_fresh, last_factor=last_factor, scaling_coeff=scaling,
-                               padding_tail=padding_tail, exchange=exchange)
+  nu_fresh, last_factor, coefficient = _common.unzip(
+      mu, jax.tree.map(leaf, mu, mu_prev, nu, nu_fresh, params, coeff_freeze, last_factor), 3)
+  return mu, nu_fresh, last_factor, scaling, padding_tail, exchange, coefficient

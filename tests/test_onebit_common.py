@@ -458,9 +458,8 @@ def test_donated_step_copies_no_state_and_keeps_temporaries_small(name, bound):
   parameter-sized buffer outside the phases' loops, and with XLA temporaries of at most `bound` times the parameter
   bytes (the flattened buffer the exchange needs, and 0/1 Adam's sync). On XLA:CPU temporaries are allocated afresh
   on every call. With a `lax.cond` around the phases, XLA copied the state that the branch taken leaves unchanged:
-  2.5-7 times the parameter bytes per step. One copy remains possible: 0/1 Adam's accumulated update, which the
-  sync's loop and the last pass both read (on the 4M tree of the benchmarks XLA copies it inside the loop, here
-  before it)."""
+  2.5-7 times the parameter bytes per step. One copy remains: 0/1 Adam's accumulated update, which the sync's loop
+  and the step's last pass both read."""
   rng = np.random.default_rng(0)
   params = {f"w{i}": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32) for i in range(4)}
   params.update({f"b{i}": jnp.zeros(256, jnp.float32) for i in range(8)})
