@@ -151,8 +151,22 @@ def run_if(pred: jax.Array, fn: Any, operands: Any, carry: Any) -> tuple[Any, An
 
   trips = jnp.asarray(pred).astype(jnp.int32)
   _, operands, carry = jax.lax.while_loop(lambda loop: loop[0] < trips, body,
-                                          (jnp.zeros([], jnp.int32), operands, carry))
+                                          (jnp.zeros([], jnp.int32), operands, _typed_as_outputs(fn, operands, carry)))
   return operands, carry
+
+
+def _typed_as_outputs(fn: Any, operands: Any, carry: Any) -> Any:
+  """`carry` typed varying (inside `shard_map`) over the axes that `fn` makes each leaf vary over, as `lax.cond`
+  joins its branches' types: a loop's carry must keep its type (e.g. 1-bit LAMB's trust ratios vary per rank where
+  the params do)."""
+  for _ in range(4):  # types only widen, over a few mesh axes
+    outputs = jax.tree.leaves(jax.eval_shape(fn, operands, carry))
+    widened = [comm_lib.mark_varying(x, tuple(comm_lib.varying_axes(out))) for x, out in
+               zip(jax.tree.leaves(carry), outputs)]
+    if all(w is x for w, x in zip(widened, jax.tree.leaves(carry))):
+      return carry
+    carry = jax.tree.unflatten(jax.tree.structure(carry), widened)
+  return carry
 
 
 def _tied_to(counter: jax.Array, tree: Any) -> Any:
@@ -161,7 +175,7 @@ def _tied_to(counter: jax.Array, tree: Any) -> Any:
   leaves, treedef = jax.tree.flatten(tree)
   groups = {}
   for index, leaf in enumerate(leaves):
-    groups.setdefault(frozenset(getattr(jax.typeof(leaf), "vma", ())), []).append(index)
+    groups.setdefault(comm_lib.varying_axes(leaf), []).append(index)
   for indices in groups.values():
     _, tied = jax.lax.optimization_barrier((counter, [leaves[i] for i in indices]))
     for index, leaf in zip(indices, tied):

@@ -280,7 +280,8 @@ def mark_per_rank(comm: Communicator, x: jax.Array) -> jax.Array:
   return x if per_rank is None else per_rank(x)
 
 
-def _varying_axes(x: Any) -> frozenset:
+def varying_axes(x: Any) -> frozenset:
+  """The manual mesh axes that `x` (an array or an abstract value) is typed varying over inside `shard_map`."""
   manual = getattr(jax.typeof(x), "manual_axis_type", None)
   return frozenset(manual.varying) if manual is not None else frozenset()
 
@@ -303,7 +304,7 @@ def other_axes(comm: Communicator, tree: Any) -> tuple[str, ...]:
   own = _own_axes(comm)
   found = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    found.setdefault(_varying_axes(leaf) - own, jax.tree_util.keystr(path) or "<root>")
+    found.setdefault(varying_axes(leaf) - own, jax.tree_util.keystr(path) or "<root>")
   if len(found) > 1:
     kinds = "; ".join(f"{path} varies over {sorted(axes) or 'no other axis'}" for axes, path in found.items())
     raise ValueError(
@@ -316,7 +317,7 @@ def other_axes(comm: Communicator, tree: Any) -> tuple[str, ...]:
 
 def mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
   """`x` typed as varying over `axes` (those of `other_axes`) inside `shard_map`; unchanged where it already is."""
-  missing = tuple(a for a in axes if a not in _varying_axes(x))
+  missing = tuple(a for a in axes if a not in varying_axes(x))
   return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
