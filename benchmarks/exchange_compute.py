@@ -117,11 +117,12 @@ class Runner:
       updates, state = tx.update(grads, state, params)
       return optax.apply_updates(params, updates), state
 
-    self.step = jax.jit(train_step, donate_argnums=(0, 1))
-    self.params, self.state = bring_into_phase(name, step, self.step, fresh_copy(params), tx.init(params), grads)
+    state = tx.init(params)
+    self.step = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
     # XLA's temporary buffers of one step: on XLA:CPU every call allocates them afresh, and above glibc's largest
     # mmap threshold (32 MiB) each call maps new pages and faults them in.
-    self.temp_bytes = self.step.lower(self.params, self.state, grads).compile().memory_analysis().temp_size_in_bytes
+    self.temp_bytes = self.step.memory_analysis().temp_size_in_bytes
+    self.params, self.state = bring_into_phase(name, step, self.step, fresh_copy(params), state, grads)
     self.times = []
     self.run(3, record=False)
 

@@ -31,6 +31,12 @@ def check_weight_decay(weight_decay: Any) -> None:
   _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
 
 
+def is_static_zero(hyperparameter: Any) -> bool:
+  """Whether `hyperparameter` is a plain Python 0 (not a schedule, nor a value `inject_hyperparams` traces): a weight
+  decay that lets a step skip reading the params."""
+  return isinstance(hyperparameter, (int, float)) and hyperparameter == 0
+
+
 def check_common(learning_rate: Any, comm: Any, b1: Any, b2: Any, eps: Any,
                  weight_decay: Any) -> comm_lib.Communicator:
   """Checks the hyperparameters every 1-bit optimizer has; returns the communicator for `comm`."""
@@ -228,7 +234,7 @@ def add_decayed_weights(weight_decay: optax.ScalarOrSchedule) -> optax.GradientT
     if params is None:
       raise ValueError("The 1-bit optimizers need `params` (for the weight decay): call `update(grads, state, "
                        "params)`.")
-    if isinstance(weight_decay, (int, float)) and weight_decay == 0:  # static 0: do not read the params at all
+    if is_static_zero(weight_decay):  # do not read the params at all
       return updates, state
     decay = _common.value_at(weight_decay, _common.schedule_count(state))
     updates = jax.tree.map(lambda g, p: (g.astype(jnp.float32) + decay * p.astype(jnp.float32)).astype(g.dtype),

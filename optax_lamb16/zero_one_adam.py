@@ -127,7 +127,7 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
                                    ("local_step_clipper", local_step_clipper, 16)))
   # Per-rank leaves: marked varying for shard_map, at least 1-d (see `_onebit.to_per_rank_layout`).
   per_rank = lambda tree: jax.tree.map(lambda x: comm_lib.mark_per_rank(communicator, x), tree)
-  no_weight_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
+  no_weight_decay = _onebit.is_static_zero(weight_decay)
   store = lambda tree: _onebit.to_per_rank_layout(per_rank(tree))
 
   def init_fn(params):
