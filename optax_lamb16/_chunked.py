@@ -52,17 +52,43 @@ def _unpaired(totals: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
 MAX_CHUNKED_SIZE = 2**31 - 1
 
 
-def whole_sums(terms_fn: Callable[..., tuple[jax.Array, ...]],
-               arrays: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-  """``tuple(sum(t) for t in terms_fn(*arrays))`` as plain whole-array reductions, which XLA:GPU fuses with the
-  element-wise terms into one pass."""
+def whole_sums(terms_fn: Callable[..., tuple[jax.Array, ...]], arrays: Sequence[jax.Array],
+               compensated: int = 0) -> tuple[jax.Array, ...]:
+  """``tuple(sum(t) for t in terms_fn(*arrays))`` as plain whole-array float32 reductions, which XLA:GPU fuses with
+  the element-wise terms into one pass; `compensated` is `fused_sums`' and ignored (XLA's reductions add in
+  pairwise trees, close to exact on leaves under `2 * CHUNK` elements)."""
   return tuple(jnp.sum(t) for t in terms_fn(*arrays))
 
 
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(s, e)`` with ``s = fl(a + b)`` and ``s + e = a + b`` exactly (Knuth's TwoSum: no branch, any magnitudes;
+  complex64 operands are two independent float32 lanes)."""
+  s = a + b
+  b_virtual = s - a
+  return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def _compensated_total(hi: jax.Array, lo: jax.Array) -> jax.Array:
+  """The sum of the lanes of ``hi + lo`` (a power-of-two length), carried as a compensated pair down a tree of halves
+  and rounded once at the end: the float32 sum of the exact total's correctly rounded value (up to the lo lanes'
+  own rounding, about 2^-48 of the total)."""
+  width = hi.shape[0]
+  while width > 1:
+    width //= 2
+    hi, error = _two_sum(hi[:width], hi[width:])
+    lo = lo[:width] + lo[width:] + error
+  return hi[0] + lo[0]
+
+
 def fused_sums(terms_fn: Callable[..., tuple[jax.Array, ...]], arrays: Sequence[jax.Array],
-               chunk: int | None = None) -> tuple[jax.Array, ...]:
+               chunk: int | None = None, compensated: int = 0) -> tuple[jax.Array, ...]:
   """``tuple(sum(t) for t in terms_fn(*arrays))``, where `terms_fn` is element-wise on equal-shaped arrays and
-  returns float32 terms, summed chunk by chunk (tuned for XLA:CPU); `chunk` defaults to `CHUNK`."""
+  returns float32 terms, summed chunk by chunk (tuned for XLA:CPU); `chunk` (a power of two) defaults to `CHUNK`.
+
+  The first `compensated` terms are summed with error-free transformations (TwoSum into a second accumulator,
+  then a compensated tree over the lanes): their totals are the exact sums rounded once to float32, whatever the
+  order, at the cost of one more pass over the chunk per pair of terms. The other terms add in plain float32.
+  """
   chunk = chunk or CHUNK
   arrays = [a.reshape(-1) for a in arrays]
   n = arrays[0].shape[0]
@@ -72,15 +98,30 @@ def fused_sums(terms_fn: Callable[..., tuple[jax.Array, ...]], arrays: Sequence[
   raw = [_as_bytes(a) for a in arrays]
   chunk_shapes = [jax.ShapeDtypeStruct((chunk,), a.dtype) for a in arrays]
 
+  def split_terms(*chunks):
+    terms = terms_fn(*chunks)
+    return _paired(terms[:compensated]), _paired(terms[compensated:])
+
+  def add(accumulators, terms):
+    (hi, lo, plain), (exact_terms, plain_terms) = accumulators, terms
+    hi, errors = zip(*(_two_sum(h, t) for h, t in zip(hi, exact_terms))) if hi else ((), ())
+    return (tuple(hi), tuple(l + e for l, e in zip(lo, errors)),
+            tuple(acc + t for acc, t in zip(plain, plain_terms)))
+
   def body(i, accumulators):
     chunks = [_from_bytes(jax.lax.dynamic_slice_in_dim(r, i * chunk, chunk), a.dtype) for r, a in zip(raw, arrays)]
-    return tuple(acc + t for acc, t in zip(accumulators, _paired(terms_fn(*chunks))))
+    return add(accumulators, split_terms(*chunks))
 
-  zeros = tuple(jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(lambda *c: _paired(terms_fn(*c)), *chunk_shapes))
-  totals = _unpaired([jnp.sum(acc) for acc in jax.lax.fori_loop(0, full, body, zeros, unroll=UNROLL)])
-  if n % chunk:
-    totals = tuple(total + jnp.sum(t) for total, t in zip(totals, terms_fn(*(a[full * chunk:] for a in arrays))))
-  return totals
+  exact_shapes, plain_shapes = jax.eval_shape(split_terms, *chunk_shapes)
+  zeros = lambda shapes: tuple(jnp.zeros(s.shape, s.dtype) for s in shapes)
+  accumulators = jax.lax.fori_loop(0, full, body, (zeros(exact_shapes), zeros(exact_shapes), zeros(plain_shapes)),
+                                   unroll=UNROLL)
+  if n % chunk:  # the tail, padded with zero terms to one more chunk
+    tail = [a[full * chunk:] for a in arrays]
+    pad = lambda t: jnp.pad(t, (0, chunk - t.shape[0]))
+    accumulators = add(accumulators, tuple(tuple(pad(t) for t in group) for group in split_terms(*tail)))
+  hi, lo, plain = accumulators
+  return _unpaired([_compensated_total(h, l) for h, l in zip(hi, lo)] + [jnp.sum(acc) for acc in plain])
 
 
 # Elements per chunk of `fused_block_reductions`, and chunks per loop iteration. On the 4M tree of

@@ -114,6 +114,17 @@ def native_e5m2(x: jax.Array) -> jax.Array:
   return x.astype(VARIANCE_DTYPE)
 
 
+def divide(x: jax.Array, y: jax.Array | float) -> jax.Array:
+  """``x / y`` rounded once, as IEEE division (and NumPy, and PyTorch's division by a tensor) rounds it.
+
+  XLA's algebraic simplifier rewrites a division by a constant or by a broadcast scalar into a multiplication by its
+  rounded reciprocal, an ulp off ``x / y`` for about one quotient in four: enough to flip the float8 rounding of an
+  element that sits near a rounding boundary, and the trajectory carries the flip on. A divisor that is NaN-guarded
+  per element of `x` is neither, so the division stays a division (same result for every x, NaN and inf included).
+  """
+  return x / jnp.where(x != x, jnp.float32(1), y)
+
+
 def clipped_square(x: jax.Array) -> jax.Array:
   """``min(x*x, 10)``: the terms of the moment scales."""
   return jnp.minimum(x * x, SQUARE_CLIP)
@@ -122,18 +133,18 @@ def clipped_square(x: jax.Array) -> jax.Array:
 def scale_from_sum(total: jax.Array, n: int, eps: jax.Array | float) -> jax.Array:
   """The reference's per-tensor scale from ``total = sum(clipped_square(x))``: ``sqrt(total) / N + eps`` (N, not
   sqrt(N); N >= 1)."""
-  return jnp.sqrt(total) / jnp.float32(max(n, 1)) + eps  # a float32 N: leaves may exceed int32
+  return divide(jnp.sqrt(total), jnp.float32(max(n, 1))) + eps  # a float32 N: leaves may exceed int32
 
 
 def encode_momentum(m: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array] = to_e4m3fn) -> jax.Array:
   """float8_e4m3fn of ``clip(m / scale, -15, 15)``; `cast` is `to_e4m3fn` or `native_e4m3fn` (bitwise equal)."""
-  return cast(jnp.clip(m / scale, -MOMENTUM_CLIP, MOMENTUM_CLIP))
+  return cast(jnp.clip(divide(m, scale), -MOMENTUM_CLIP, MOMENTUM_CLIP))
 
 
 def encode_variance(v: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array] = to_e5m2) -> jax.Array:
   """float8_e5m2 of ``min(v, 10) / scale`` (can overflow to +inf: see the module docstring); `cast` is `to_e5m2` or
   `native_e5m2` (bitwise equal)."""
-  return cast(jnp.minimum(v, SQUARE_CLIP) / scale)
+  return cast(divide(jnp.minimum(v, SQUARE_CLIP), scale))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -149,13 +160,13 @@ SCALE_FLOOR = 2.0 ** -126
 def block_scale(absmax: jax.Array, top: float) -> jax.Array:
   """The scale of a block whose largest magnitude is `absmax`: ``max(absmax / top, 2^-126)``. Dividing the block by
   it puts its largest element at `top` (at most an ulp above, which rounds back to `top`: no clip needed)."""
-  return jnp.maximum(absmax / jnp.float32(top), jnp.float32(SCALE_FLOOR))
+  return jnp.maximum(divide(absmax, jnp.float32(top)), jnp.float32(SCALE_FLOOR))
 
 
 def encode_block(x: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array]) -> jax.Array:
   """``cast(x / scale)`` for the block-wise storage, `scale` per element (`cast`: one of this module's float8
   casts). The block's largest element lands within an ulp of the format's top, which still rounds to it."""
-  return cast(x / scale)
+  return cast(divide(x, scale))
 
 
 def health(mu: jax.Array, nu: jax.Array, blockwise: bool) -> dict[str, jax.Array]:

@@ -123,7 +123,7 @@ def _trust_square(x, epsilon):
 
 
 def _layer_norm_from_sum(total, n: int):
-  return jnp.sqrt(total) / jnp.float32(max(n, 1))
+  return float8.divide(jnp.sqrt(total), jnp.float32(max(n, 1)))
 
 
 def _trust(param_total, update_total, n: int, lr, reference_lr, exponent):
@@ -225,7 +225,7 @@ def _moments_leaf(kernels: _Kernels, g, mu, nu, mu_scale, nu_scale, beta1, beta2
     m, v = _moments(kernels, gc, mc, vc, mu_scale, nu_scale, beta1, beta2)
     return float8.clipped_square(m), float8.clipped_square(v)
 
-  m_sum, v_sum = kernels.sums(scale_terms, flat)
+  m_sum, v_sum = kernels.sums(scale_terms, flat, compensated=2)
   new_mu_scale, new_nu_scale = float8.scale_from_sum(m_sum, n, epsilon), float8.scale_from_sum(v_sum, n, epsilon)
   m, v = _moments(kernels, *flat, mu_scale, nu_scale, beta1, beta2)
   new_mu, new_nu = _encoded(kernels, m, v, new_mu_scale, new_nu_scale)
@@ -380,11 +380,12 @@ def _lamb16_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, lr, dec
 
   def norm_terms(gc, pc, mc, vc):
     m, v, u = moments_and_direction(gc, pc, mc, vc)
-    # Paired as fused_sums sums them: |m| with |p| (one decode), |v| with |u| (which needs v anyway).
-    return (float8.clipped_square(m), _trust_square(pc.astype(jnp.float32), epsilon), float8.clipped_square(v),
+    return (float8.clipped_square(m), float8.clipped_square(v), _trust_square(pc.astype(jnp.float32), epsilon),
             _trust_square(u, epsilon))
 
-  m_sum, p_sum, v_sum, u_sum = kernels.sums(norm_terms, flat)
+  # The scales' sums exactly rounded: an ulp off would flip the float8 rounding of the odd element that sits on a
+  # rounding boundary (the trust ratio's norms only scale the step, where an ulp is harmless).
+  m_sum, v_sum, p_sum, u_sum = kernels.sums(norm_terms, flat, compensated=2)
   new_mu_scale, new_nu_scale = float8.scale_from_sum(m_sum, n, epsilon), float8.scale_from_sum(v_sum, n, epsilon)
   trust = _trust(p_sum, u_sum, n, lr, reference, exponent)
   m, v, u = moments_and_direction(*flat)

@@ -20,6 +20,13 @@ def complement(b: float) -> np.float32:
   return F32(1.0 - float(b))
 
 
+def exact_sum(x: np.ndarray) -> np.float32:
+  """SPEC.md's sums behind the float8 scales: the exact sum of the float32 terms, rounded once to float32
+  (`math.fsum` is exact up to its final rounding to double; the float32 rounding of that double can differ from the
+  direct one only when the sum sits within 2^-53 of a float32 midpoint)."""
+  return F32(math.fsum(np.asarray(x, np.float64).ravel()))
+
+
 def to_float8_e4m3fn(x: np.ndarray) -> np.ndarray:
   return np.asarray(x, F32).astype(ml_dtypes.float8_e4m3fn)
 
@@ -84,8 +91,8 @@ class Lamb16Reference:
   def requantize(self, s: Lamb16LeafState, m: np.ndarray, v: np.ndarray) -> None:
     n = F32(max(m.size, 1))
     # 3. scales: L2 norm of squares clipped at 10, divided by N
-    sm_new = np.sqrt(np.sum(np.minimum(m * m, F32(10)), dtype=F32)) / n + self.eps
-    sv_new = np.sqrt(np.sum(np.minimum(v * v, F32(10)), dtype=F32)) / n + self.eps
+    sm_new = np.sqrt(exact_sum(np.minimum(m * m, F32(10)))) / n + self.eps
+    sv_new = np.sqrt(exact_sum(np.minimum(v * v, F32(10)))) / n + self.eps
     # 4. requantize (m clipped to ±15; v only clipped at 10 before dividing)
     s.mq = to_float8_e4m3fn(np.clip(m / sm_new, F32(-15), F32(15)))
     s.vq = to_float8_e5m2(np.minimum(v, F32(10)) / sv_new)

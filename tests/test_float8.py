@@ -57,3 +57,21 @@ def test_decode_is_bitwise_the_plain_cast_times_the_scale(dtype, scale):
   assert np.array_equal(np.isnan(got), np.isnan(want))
   finite = ~np.isnan(want)  # NaN payloads may differ; every other value, signed zeros included, bit for bit
   assert np.array_equal(got[finite].view(np.uint32), want[finite].view(np.uint32))
+
+
+def test_divide_is_ieee_division_where_xla_would_multiply_by_a_reciprocal():
+  """XLA rewrites x / scalar and x / constant as x * (1 / scalar): an ulp off NumPy's quotient about one time in
+  four, which flips float8 roundings. `float8.divide` must give NumPy's quotient bit for bit, specials included."""
+  rng = np.random.default_rng(0)
+  x = rng.uniform(-1e3, 1e3, 100_000).astype(np.float32)
+  x[:4] = [np.nan, np.inf, -np.inf, 0.0]
+  scale = np.float32(0.0123456)
+  by_scalar = jax.jit(lambda a, s: float8.divide(a, s))(x, scale)
+  plain = jax.jit(lambda a, s: a / s)(x, scale)
+  by_constant = jax.jit(lambda a: float8.divide(a, np.float32(410240)))(x)
+  with np.errstate(invalid="ignore"):
+    np.testing.assert_array_equal(np.asarray(by_scalar), x / scale)
+    np.testing.assert_array_equal(np.asarray(by_constant), x / np.float32(410240))
+    # The rewrite this guards against is still there: the plain division is not NumPy's (if XLA stops rewriting,
+    # divide may become a plain division).
+    assert np.sum(np.asarray(plain)[4:] != x[4:] / scale) > 100
