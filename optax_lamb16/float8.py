@@ -169,6 +169,53 @@ def encode_block(x: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax
   return cast(divide(x, scale))
 
 
+# Stochastic rounding of the block-wise second moment (SPEC.md section 1b, `stochastic_rounding=True`). v moves by
+# at most 0.1 % a step (b2 = 0.999) and e5m2's steps are 25 %: rounded to nearest, a v that should decay stays where
+# it is until its block's largest element moves the scale. Rounding up with probability proportional to the distance
+# keeps the expected stored value on the float32 one (benchmarks/quantizer_study.py). The random bits are a hash of
+# (step, leaf, element): no state, the same on every data-parallel replica, and the same again after a restore.
+_GOLDEN, _ELEMENT_STRIDE = 0x9E3779B9, 0x27D4EB2F
+
+
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 that mixes every input bit into every output bit."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def rounding_key(step: jax.Array, leaf: int) -> jax.Array:
+  """The uint32 key of one leaf's random bits at one step: ``fmix32(fmix32(leaf) + step * 0x9E3779B9)``."""
+  return _fmix32(_fmix32(jnp.uint32(leaf)) + step.astype(jnp.uint32) * jnp.uint32(_GOLDEN))
+
+
+def random_bits(key: jax.Array, n: int) -> jax.Array:
+  """n uint32 random words for the elements of a flat leaf: ``fmix32(key + i * 0x27D4EB2F)`` for element i."""
+  return _fmix32(key + jax.lax.iota(jnp.uint32, n) * jnp.uint32(_ELEMENT_STRIDE))
+
+
+def stochastic_e5m2(x: jax.Array, bits: jax.Array) -> jax.Array:
+  """float8_e5m2 of float32 `x` >= 0 (values above 57344 are stored as 57344; NaN stays NaN), rounded to one of its
+  two neighbours on the e5m2 grid: up when ``frac * 2^21 >= 2^21 - t``, where frac is x's distance from the lower
+  neighbour in units of the gap and ``t = bits >> 11`` (so up with probability frac, to 2^-21)."""
+  dropped = 21  # float32's mantissa bits below e5m2's two
+  t = bits >> (32 - dropped)
+  x = jnp.minimum(x, jnp.float32(VARIANCE_TOP))
+  magnitude = jax.lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0x7FFFFFFF)
+  # Normal values: the dropped mantissa bits are frac * 2^21, so adding t carries into the kept bits exactly when
+  # frac * 2^21 + t >= 2^21 (a carry out of the mantissa is the next binade's first value, as it should be).
+  normal = ((magnitude + t) >> dropped) - jnp.uint32((127 - 15) << 2)
+  # Subnormal values are multiples of 2^-16: frac is the fraction of x * 2^16 (exact: a power-of-two scaling).
+  steps = x * jnp.float32(2.0 ** 16)
+  lower = jnp.floor(steps)
+  up = (steps - lower) * jnp.float32(2.0 ** dropped) >= jnp.float32(2.0 ** dropped) - t.astype(jnp.float32)
+  subnormal = lower.astype(jnp.uint32) + up.astype(jnp.uint32)
+  byte = jnp.where(magnitude < jnp.uint32((127 - 14) << 23), subnormal, normal)
+  return _signed(magnitude, jnp.where(x != x, jnp.uint32(0x7E), byte), VARIANCE_DTYPE)
+
+
 def health(mu: jax.Array, nu: jax.Array, blockwise: bool) -> dict[str, jax.Array]:
   """Per-leaf float8 health of stored moments (`optax_lamb16.float8_health`): fractions of the elements of m at the
   encoder's clip (±15 for the per-tensor storage; the block-wise storage never clips) and stored as 0, and of v

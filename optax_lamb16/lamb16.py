@@ -172,8 +172,21 @@ def _check_block_size(block_size: Any) -> None:
                      f"per parameter: 256 (the default) gives 2.03.")
 
 
+def _check_stochastic_rounding(stochastic_rounding: Any) -> None:
+  if isinstance(stochastic_rounding, jax.Array):
+    raise ValueError("`stochastic_rounding` chooses the float8 cast and must be a Python bool, not an array: under "
+                     "`optax.inject_hyperparams` pass `static_args=('stochastic_rounding',)`.")
+  if not isinstance(stochastic_rounding, bool):
+    raise ValueError(f"`stochastic_rounding` must be True or False, got {stochastic_rounding!r}.")
+
+
+def _rounding_keys(stochastic_rounding: bool, count: jax.Array, leaves: int) -> list[dict[str, jax.Array]]:
+  """Per leaf, the keyword that turns on stochastic rounding of v (SPEC.md 1b): its key at this step, or nothing."""
+  return [dict(rounding_key=float8.rounding_key(count, i)) if stochastic_rounding else {} for i in range(leaves)]
+
+
 def _blockwise_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, block_size, lr, decay, beta1, beta2,
-                    epsilon, exponent, reference):
+                    epsilon, exponent, reference, rounding_key=None):
   """One leaf of `lamb16_blockwise` (or, with ``p=None``, of `scale_by_lamb16_blockwise`: the direction alone).
 
   Pass 1 reduces each block's largest |m| and v and the two trust norms (on CPU chunk by chunk); pass 2 recomputes m,
@@ -208,7 +221,9 @@ def _blockwise_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, bloc
   m, v, u, _ = moments_and_direction(*flat, expand(mu_scale), expand(nu_scale))
   step = u if p is None else (-lr) * (_trust(*sums, n, lr, reference, exponent) * u)
   new_mu = float8.encode_block(m, expand(new_mu_scale), kernels.to_e4m3fn)
-  new_nu = float8.encode_block(v, expand(new_nu_scale), kernels.to_e5m2)
+  to_e5m2 = kernels.to_e5m2 if rounding_key is None else (
+      lambda x: float8.stochastic_e5m2(x, float8.random_bits(rounding_key, n)))
+  new_nu = float8.encode_block(v, expand(new_nu_scale), to_e5m2)
   return step.astype(g.dtype).reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
 
 
@@ -233,9 +248,10 @@ def _moments_leaf(kernels: _Kernels, g, mu, nu, mu_scale, nu_scale, beta1, beta2
   return direction.reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
 
 
-def _scale_by_lamb16(b1, b2, eps, kernels, block_size=None):
+def _scale_by_lamb16(b1, b2, eps, kernels, block_size=None, stochastic_rounding=False):
   _check_moment_args(b1, b2, eps)
   _check_block_size(block_size)
+  _check_stochastic_rounding(stochastic_rounding)
 
   def update_fn(updates, state, params=None):
     del params
@@ -243,18 +259,21 @@ def _scale_by_lamb16(b1, b2, eps, kernels, block_size=None):
     beta1, beta2 = (_common.decay_at(h, state.count) for h in (b1, b2))
     epsilon = _common.value_at(eps, state.count)
 
-    def all_leaves(kernels, updates, mu, nu, mu_scale, nu_scale, beta1, beta2, epsilon):
+    def all_leaves(kernels, updates, mu, nu, mu_scale, nu_scale, beta1, beta2, epsilon, count):
+      leaves, treedef = jax.tree.flatten(updates)
+      columns = [treedef.flatten_up_to(tree) for tree in (mu, nu, mu_scale, nu_scale)]
       if block_size is None:
-        leaf = lambda *args: _moments_leaf(kernels, *args, beta1, beta2, epsilon)
+        results = [_moments_leaf(kernels, *args, beta1, beta2, epsilon) for args in zip(leaves, *columns)]
       else:
-        leaf = lambda g, *others: _blockwise_leaf(kernels, g, None, *others, block_size=block_size, lr=None,
-                                                  decay=None, beta1=beta1, beta2=beta2, epsilon=epsilon,
-                                                  exponent=None, reference=None)
-      return _common.unzip(updates, jax.tree.map(leaf, updates, mu, nu, mu_scale, nu_scale), 5)
+        results = [_blockwise_leaf(kernels, g, None, *others, block_size=block_size, lr=None, decay=None,
+                                   beta1=beta1, beta2=beta2, epsilon=epsilon, exponent=None, reference=None, **key)
+                   for g, key, *others in zip(leaves, _rounding_keys(stochastic_rounding, count, len(leaves)),
+                                              *columns)]
+      return _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
 
     step = _per_platform(all_leaves, kernels)
     directions, mu, nu, mu_scale, nu_scale = step(updates, state.mu, state.nu, state.mu_scale, state.nu_scale,
-                                                  beta1, beta2, epsilon)
+                                                  beta1, beta2, epsilon, state.count)
     return directions, ScaleByLamb16State(optax.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
 
   return _common.extra_args_transform(functools.partial(_init_state, block_size=block_size), update_fn)
@@ -394,9 +413,11 @@ def _lamb16_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, lr, dec
   return update.reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
 
 
-def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels, block_size=None):
+def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels, block_size=None,
+            stochastic_rounding=False):
   _check_moment_args(b1, b2, eps)
   _check_block_size(block_size)
+  _check_stochastic_rounding(stochastic_rounding)
   _check_trust_args(learning_rate, trust_scale, reference_lr, eps)
   _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
   leaf_step = _lamb16_leaf if block_size is None else functools.partial(_blockwise_leaf, block_size=block_size)
@@ -411,17 +432,18 @@ def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr,
     hyper.update(beta1=_common.decay_at(b1, state.count), beta2=_common.decay_at(b2, state.count))
     decayed = _decay_mask(mask, params)
 
-    def all_leaves(kernels, updates, params, mu, nu, mu_scale, nu_scale, hyper):
+    def all_leaves(kernels, updates, params, mu, nu, mu_scale, nu_scale, hyper, count):
       leaves, treedef = jax.tree.flatten(updates)
       columns = [treedef.flatten_up_to(tree) for tree in (params, mu, nu, mu_scale, nu_scale)]
       no_decay = dict(hyper, decay=jnp.float32(0))
-      results = [leaf_step(kernels, g, *others, **(hyper if decays else no_decay))
-                 for g, decays, *others in zip(leaves, decayed, *columns)]
+      results = [leaf_step(kernels, g, *others, **(hyper if decays else no_decay), **key)
+                 for g, decays, key, *others in zip(leaves, decayed,
+                                                    _rounding_keys(stochastic_rounding, count, len(leaves)), *columns)]
       return _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
 
     step = _per_platform(all_leaves, kernels)
     new_updates, mu, nu, mu_scale, nu_scale = step(updates, params, state.mu, state.nu, state.mu_scale,
-                                                   state.nu_scale, hyper)
+                                                   state.nu_scale, hyper, state.count)
     return new_updates, ScaleByLamb16State(optax.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
 
   return _common.extra_args_transform(functools.partial(_init_state, block_size=block_size), update_fn)
@@ -491,7 +513,8 @@ DEFAULT_BLOCK_SIZE = 256
 
 def scale_by_lamb16_blockwise(b1: optax.ScalarOrSchedule = 0.9, b2: optax.ScalarOrSchedule = 0.999,
                               eps: optax.ScalarOrSchedule = 1e-6,
-                              block_size: int = DEFAULT_BLOCK_SIZE) -> optax.GradientTransformationExtraArgs:
+                              block_size: int = DEFAULT_BLOCK_SIZE,
+                              stochastic_rounding: bool = False) -> optax.GradientTransformationExtraArgs:
   """`scale_by_lamb16` with block-wise absmax storage of the moments (SPEC.md section 1b), which never clips.
 
   Each leaf, flattened, is cut into blocks of `block_size` elements (the last one may be shorter); each block of m
@@ -504,6 +527,7 @@ def scale_by_lamb16_blockwise(b1: optax.ScalarOrSchedule = 0.9, b2: optax.Scalar
     b2: Decay rate of the second moment, in [0, 1), or a schedule.
     eps: Added to ``sqrt(v)``; positive, or a schedule.
     block_size: Elements per block; a positive int.
+    stochastic_rounding: Store v rounded stochastically (unbiased) instead of to nearest, as `lamb16_blockwise`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByLamb16State` with one scale per block.
@@ -518,7 +542,7 @@ def scale_by_lamb16_blockwise(b1: optax.ScalarOrSchedule = 0.9, b2: optax.Scalar
     >>> [round(u, 3) for u in updates["w"].tolist()]
     [3.162, -3.162, 3.162]
   """
-  return _scale_by_lamb16(b1, b2, eps, kernels=None, block_size=block_size)
+  return _scale_by_lamb16(b1, b2, eps, kernels=None, block_size=block_size, stochastic_rounding=stochastic_rounding)
 
 
 def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSchedule = 0.9,
@@ -526,7 +550,8 @@ def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSc
                      weight_decay: optax.ScalarOrSchedule = 0.0, trust_scale: optax.ScalarOrSchedule = 0.382,
                      reference_lr: optax.ScalarOrSchedule = 1e-3,
                      mask: Any | Callable[[optax.Params], Any] | None = None,
-                     block_size: int = DEFAULT_BLOCK_SIZE) -> optax.GradientTransformationExtraArgs:
+                     block_size: int = DEFAULT_BLOCK_SIZE,
+                     stochastic_rounding: bool = False) -> optax.GradientTransformationExtraArgs:
   """LAMB16 with block-wise absmax float8 storage: an opt-in alternative to `lamb16`'s faithful quantizer.
 
   The step is `lamb16`'s (same moments, Adam direction, decoupled decay, adaptive trust ratio and update, fused in
@@ -547,6 +572,12 @@ def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSc
     reference_lr: The learning rate at which the trust ratio is the plain norm ratio.
     mask: Where weight decay applies, as in `lamb16`.
     block_size: Elements per block of the moments' scales; a positive int.
+    stochastic_rounding: Store v rounded up or down at random, with probability proportional to the distance
+      (SPEC.md section 1b), so that its expected stored value is the float32 one. v moves by at most 0.1 % a step
+      and e5m2's steps are 25 %: rounded to nearest, an element's v cannot follow a decline until its block's
+      largest element moves the scale. On a synthetic stream this halves the error of the Adam direction
+      (`benchmarks/quantizer_study.py`). The random bits hash (step, leaf, element): no extra state, the same on
+      every data-parallel replica and after a restore.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByLamb16State` with one scale per block.
@@ -566,7 +597,7 @@ def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSc
     block-wise absmax idea). The LAMB16 proof of concept, vxst/LAMB16, 2024.
   """
   return _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels=None,
-                 block_size=block_size)
+                 block_size=block_size, stochastic_rounding=stochastic_rounding)
 
 
 def float8_health(state: optax.OptState, per_leaf: bool = False) -> dict[str, Any]:

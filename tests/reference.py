@@ -52,6 +52,7 @@ class Lamb16Reference:
     self.c1, self.c2 = complement(b1), complement(b2)
     self.weight_decay, self.trust_scale, self.reference_lr = F32(weight_decay), F32(trust_scale), F32(reference_lr)
     self.decay_mask = decay_mask if decay_mask is not None else [True] * len(params)
+    self.count = 0  # steps taken: SPEC.md 1b's stochastic rounding hashes it
     self.states = [
         Lamb16LeafState(to_float8_e4m3fn(np.zeros(p.shape)), to_float8_e5m2(np.zeros(p.shape)), F32(1), F32(1))
         for p in params
@@ -70,7 +71,7 @@ class Lamb16Reference:
       m = self.b1 * m + self.c1 * g
       v = self.b2 * v + self.c2 * g * g
       # 3.-4. new scales, requantize
-      self.requantize(s, m, v)
+      self.requantize(s, m, v, index)
       # 5. Adam direction from the float32 moments of this step, decoupled decay inside
       u = m / (np.sqrt(v) + self.eps)
       if self.weight_decay != 0 and self.decay_mask[index]:
@@ -83,12 +84,13 @@ class Lamb16Reference:
         r = np.clip(np.power((wn / un) * (self.reference_lr / lr), self.trust_scale, dtype=F32), F32(0), F32(2))
       # 8. update, associated as the optax chain applies it: p + (-lr) * (r * u)
       new_params.append((p - lr * (r * u)).astype(F32))
+    self.count += 1
     return new_params
 
   def dequantize(self, s: Lamb16LeafState) -> tuple[np.ndarray, np.ndarray]:
     return s.mq.astype(F32) * s.sm, s.vq.astype(F32) * s.sv
 
-  def requantize(self, s: Lamb16LeafState, m: np.ndarray, v: np.ndarray) -> None:
+  def requantize(self, s: Lamb16LeafState, m: np.ndarray, v: np.ndarray, leaf: int) -> None:
     n = F32(max(m.size, 1))
     # 3. scales: L2 norm of squares clipped at 10, divided by N
     sm_new = np.sqrt(exact_sum(np.minimum(m * m, F32(10)))) / n + self.eps
@@ -104,9 +106,9 @@ class Lamb16BlockwiseReference(Lamb16Reference):
 
   M_TOP, V_TOP, FLOOR = F32(448), F32(57344), F32(2.0 ** -126)
 
-  def __init__(self, params, block_size=256, **kwargs):
+  def __init__(self, params, block_size=256, stochastic_rounding=False, **kwargs):
     super().__init__(params, **kwargs)
-    self.block_size = block_size
+    self.block_size, self.stochastic_rounding = block_size, stochastic_rounding
     for p, s in zip(params, self.states):
       blocks = -(-p.size // block_size)
       s.sm, s.sv = np.ones(blocks, F32), np.ones(blocks, F32)
@@ -125,13 +127,38 @@ class Lamb16BlockwiseReference(Lamb16Reference):
     padded[:x.size] = x.reshape(-1)
     return padded.reshape(blocks, self.block_size).max(axis=1)
 
-  def requantize(self, s, m, v):
+  def requantize(self, s, m, v, leaf):
     # 3. scales: each block's largest |m| and v at the formats' largest finite values, floored at 2^-126
     s.sm = np.maximum(self._block_maxima(np.abs(m)) / self.M_TOP, self.FLOOR).astype(F32)
     s.sv = np.maximum(self._block_maxima(v) / self.V_TOP, self.FLOOR).astype(F32)
     # 4. requantize, no clip
     s.mq = to_float8_e4m3fn(m / self._per_element(s.sm, m.shape))
-    s.vq = to_float8_e5m2(v / self._per_element(s.sv, v.shape))
+    y = v / self._per_element(s.sv, v.shape)
+    s.vq = stochastic_e5m2(y, self.count, leaf) if self.stochastic_rounding else to_float8_e5m2(y)
+
+
+def fmix32(h: np.ndarray) -> np.ndarray:
+  """MurmurHash3's 32-bit finaliser on uint32 arrays (wrapping arithmetic)."""
+  h = np.asarray(h, np.uint32)
+  h = h ^ (h >> np.uint32(16))
+  h = h * np.uint32(0x85EBCA6B)
+  h = h ^ (h >> np.uint32(13))
+  h = h * np.uint32(0xC2B2AE35)
+  return h ^ (h >> np.uint32(16))
+
+
+def stochastic_e5m2(y: np.ndarray, step: int, leaf: int) -> np.ndarray:
+  """SPEC.md section 1b's stochastic rounding of the normalised v (`y` >= 0) of leaf `leaf` at step `step`."""
+  key = fmix32(fmix32(np.array([leaf], np.uint32)) + np.array([step], np.uint32) * np.uint32(0x9E3779B9))
+  flat = np.minimum(np.asarray(y, F32).reshape(-1), F32(57344))
+  t = fmix32(key + np.arange(flat.size, dtype=np.uint32) * np.uint32(0x27D4EB2F)) >> np.uint32(11)
+  nearest = flat.astype(ml_dtypes.float8_e5m2)
+  lower = np.where(nearest.astype(F32) > flat, (nearest.view(np.uint8) - 1).view(ml_dtypes.float8_e5m2), nearest)
+  upper = np.where(nearest.astype(F32) < flat, (nearest.view(np.uint8) + 1).view(ml_dtypes.float8_e5m2), nearest)
+  low, gap = lower.astype(np.float64), upper.astype(np.float64) - lower.astype(np.float64)
+  frac = np.divide(flat - low, gap, out=np.zeros_like(low), where=gap > 0)
+  up = frac * 2.0 ** 21 >= 2.0 ** 21 - t.astype(np.float64)
+  return np.where(up, upper, lower).reshape(np.shape(y))
 
 
 def sgn(x: np.ndarray) -> np.ndarray:

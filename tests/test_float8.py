@@ -75,3 +75,30 @@ def test_divide_is_ieee_division_where_xla_would_multiply_by_a_reciprocal():
     # The rewrite this guards against is still there: the plain division is not NumPy's (if XLA stops rewriting,
     # divide may become a plain division).
     assert np.sum(np.asarray(plain)[4:] != x[4:] / scale) > 100
+
+
+def test_stochastic_e5m2_is_the_spec_rounding_and_unbiased():
+  """SPEC.md 1b's stochastic rounding of v: bit for bit the NumPy oracle's (written from the spec), always one of
+  the two e5m2 neighbours, grid values kept, the top never exceeded, NaN kept; and unbiased."""
+  from tests import reference
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.uniform(0, 57344, 4000), 10.0 ** rng.uniform(-12, 4.7, 4000),
+                      [0.0, 2.0 ** -16, 1.5 * 2.0 ** -15, 57344.0, 57344.0 * (1 + 2 ** -20), np.nan]]).astype(np.float32)
+  for step, leaf in [(0, 0), (7, 3)]:
+    bits = float8.random_bits(float8.rounding_key(jax.numpy.int32(step), leaf), x.size)
+    got = np.asarray(jax.jit(float8.stochastic_e5m2)(x, bits))
+    want = reference.stochastic_e5m2(x, step, leaf)
+    np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+  stored = got.astype(np.float32)
+  assert np.isnan(stored[-1]) and stored[-2] == 57344.0 and stored[-3] == 57344.0
+  on_grid = x[:4000].astype(ml_dtypes.float8_e5m2).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(float8.stochastic_e5m2(on_grid, bits[:4000])).astype(np.float32), on_grid)
+  # The mean of 100k draws of one value, within 5 standard deviations of two-point draws (gap / value: at most 1/4
+  # for normal e5m2 values; 2^-16 / 3e-6 = 5.1 for the subnormal one).
+  for value, relative_gap in ((1.3e-3, 0.25), (1000.7, 0.25), (3e-6, 5.1)):
+    draws = np.full(100_000, value, np.float32)
+    mean = np.asarray(float8.stochastic_e5m2(draws, float8.random_bits(jax.numpy.uint32(11), draws.size)),
+                      np.float64).mean()
+    assert abs(mean / value - 1) < 5 * relative_gap / 2 / np.sqrt(draws.size), (value, mean / value)
+  # Rounded to nearest, the same draws would all be 1.22e-3, 6 % below.
+  assert float(np.float32(1.3e-3).astype(ml_dtypes.float8_e5m2)) < 1.3e-3 * 0.97
