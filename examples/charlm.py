@@ -12,14 +12,12 @@ One set of runs (every optimizer at every --lr):
 
   python examples/charlm.py --optimizers adamw,lamb,lamb16,lamb16_blockwise --steps 300 --lr 1e-3,3e-3 --out out/charlm
 
-The committed learning-rate sweep (docs/results/charlm.json and charlm.png; examples/charlm_sweep.sh runs it pinned
-to one core, about 25 minutes with the core to itself): 4 to 6 learning rates per optimizer for --sweep-steps, then one
-run per optimizer at its best sweep learning rate for --steps:
+The committed learning-rate sweep (docs/results/charlm.json and charlm.png) is `examples/charlm_sweep.sh`: 3 or 4
+learning rates per optimizer for --sweep-steps, then one run per optimizer at its best sweep learning rate for
+--steps, every run with a linear warm-up and a cosine decay (--schedule cosine):
 
-  python examples/charlm.py --sweep "adamw=3e-4,1e-3,3e-3,1e-2;lamb=1e-3,3e-3,1e-2,3e-2;\
-lamb16=1e-3,3e-3,1e-2,3e-2,1e-1;lamb16_blockwise=3e-4,1e-3,3e-3,1e-2,3e-2,1e-1" \
-      --sweep-steps 150 --steps 450 --batch-size 16 --eval-every 30 --seed 0 \
-      --out docs/results --json-name charlm.json --plot-name charlm.png
+  python examples/charlm.py --sweep "adamw=4e-3,8e-3,1.6e-2;lamb16_blockwise=1e-3,2.5e-3,6e-3,1.5e-2" \
+      --schedule cosine --sweep-steps 400 --steps 1200 --batch-size 16 --eval-every 100 --out out/charlm
 
 `--merge a.json,b.json` combines the results of separate invocations (same corpus and model) into one file and plot.
 The script writes OUT/<json-name> ({"runs": [...], "corpus": {...}, ...}) and OUT/<plot-name>, and prints a table.
@@ -51,14 +49,29 @@ from tqdm import tqdm
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import optax_lamb16  # noqa: E402
 
-COLOURS = {"adamw": "tab:orange", "lamb": "tab:green", "lamb16": "tab:blue", "lamb16_blockwise": "tab:purple"}
-LABELS = {"adamw": "AdamW", "lamb": "LAMB", "lamb16": "LAMB16", "lamb16_blockwise": "LAMB16 (block-wise)"}
-FLOAT8_OPTIMIZERS = ("lamb16", "lamb16_blockwise")
+COLOURS = {"adamw": "tab:orange", "lamb": "tab:green", "lamb16": "tab:blue", "lamb16_blockwise": "tab:purple",
+           "lamb16_blockwise_sr": "tab:red"}
+LABELS = {"adamw": "AdamW", "lamb": "LAMB", "lamb16": "LAMB16", "lamb16_blockwise": "LAMB16 (block-wise)",
+          "lamb16_blockwise_sr": "LAMB16 (block-wise, stochastic v)"}
+FLOAT8_OPTIMIZERS = ("lamb16", "lamb16_blockwise", "lamb16_blockwise_sr")
 VALIDATION_MODULUS = 20  # a file is in validation when crc32(relative path) % 20 == 0: about 5 %
 
 
-def make_optimizer(name: str, lr: float, weight_decay: float) -> optax.GradientTransformation:
-  """The optimizers of the comparison, by name; weight decay is decoupled and applied to every parameter."""
+def learning_rate_schedule(lr: float, steps: int, schedule: str, warmup_fraction: float) -> optax.ScalarOrSchedule:
+  """`lr` throughout ("constant"), or a linear warm-up from 0 over `warmup_fraction` of `steps` to `lr`, then a cosine
+  decay to lr / 10 at the last step ("cosine", the usual transformer recipe; LAMB's paper also warms up)."""
+  if schedule == "constant":
+    return lr
+  if schedule == "cosine":
+    warmup = max(1, round(warmup_fraction * steps))
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr / 10)
+  raise ValueError(f"unknown --schedule {schedule!r}; choose constant or cosine")
+
+
+def make_optimizer(name: str, lr: optax.ScalarOrSchedule, weight_decay: float) -> optax.GradientTransformation:
+  """The optimizers of the comparison, by name; weight decay is decoupled and applied to every parameter.
+
+  `lr` may be a schedule; LAMB16's adaptive trust then reads the schedule's value at each step (docs/SPEC.md 1.7)."""
   if name == "adamw":
     return optax.adamw(lr, weight_decay=weight_decay)
   if name == "lamb":
@@ -67,6 +80,8 @@ def make_optimizer(name: str, lr: float, weight_decay: float) -> optax.GradientT
     return optax_lamb16.lamb16(lr, weight_decay=weight_decay)
   if name == "lamb16_blockwise":
     return optax_lamb16.lamb16_blockwise(lr, weight_decay=weight_decay)
+  if name == "lamb16_blockwise_sr":
+    return optax_lamb16.lamb16_blockwise(lr, weight_decay=weight_decay, stochastic_rounding=True)
   raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(COLOURS)}")
 
 
@@ -216,7 +231,7 @@ def train_one(name: str, lr: float, args, train: np.ndarray, val_windows, steps:
   model = ByteTransformer(args.d_model, args.layers, args.heads, args.context, nnx.Rngs(args.seed))
   graphdef, params = nnx.split(model, nnx.Param)
   num_params = count_params(params)
-  tx = make_optimizer(name, lr, args.weight_decay)
+  tx = make_optimizer(name, learning_rate_schedule(lr, steps, args.schedule, args.warmup), args.weight_decay)
   opt_state = tx.init(params)
   state_bytes = int(sum(x.nbytes for x in jax.tree.leaves(opt_state)))
   evaluate = make_evaluator(graphdef, *val_windows, args.eval_batch_size)
@@ -262,6 +277,7 @@ def train_one(name: str, lr: float, args, train: np.ndarray, val_windows, steps:
   tqdm.write(f"{name:>16} lr {lr:g}: {step} steps, validation {final} bits/byte, {seconds:.1f} s")
   run = {
       "optimizer": name, "learning_rate": lr, "steps": steps, "steps_done": step, "weight_decay": args.weight_decay,
+      "schedule": args.schedule, "warmup_fraction": args.warmup if args.schedule != "constant" else None,
       "seed": args.seed, "final_val_bits_per_byte": final if not diverged else None, "diverged": diverged,
       "state_bytes_per_param": state_bytes / num_params, "optimizer_state_bytes": state_bytes,
       "num_params": num_params, "val_curve": val_curve,
@@ -439,6 +455,9 @@ def main(argv=None) -> dict:
   parser.add_argument("--sweep-steps", type=int, default=100)
   parser.add_argument("--no-finals", action="store_true", help="with --sweep: only the sweep runs (to --merge later)")
   parser.add_argument("--weight-decay", type=float, default=0.01)
+  parser.add_argument("--schedule", default="constant", choices=("constant", "cosine"),
+                      help="learning rate over a run: constant, or linear warm-up then cosine decay to lr/10")
+  parser.add_argument("--warmup", type=float, default=0.05, help="with --schedule cosine: warm-up fraction of steps")
   parser.add_argument("--seed", type=int, default=0, help="model initialisation and train batches")
   parser.add_argument("--d-model", type=int, default=128)
   parser.add_argument("--layers", type=int, default=4)

@@ -14,7 +14,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import charlm  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-OPTIMIZERS = ("adamw", "lamb16", "lamb16_blockwise")
+OPTIMIZERS = ("adamw", "lamb16", "lamb16_blockwise", "lamb16_blockwise_sr")
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_charlm_example_end_to_end(tmp_path):
   state = {r["optimizer"]: r["state_bytes_per_param"] for r in runs}
   assert state["adamw"] == pytest.approx(8.0, abs=0.01)
   assert state["lamb16"] <= 2.1
-  assert state["lamb16_blockwise"] <= 2.1
+  assert state["lamb16_blockwise"] <= 2.1 and state["lamb16_blockwise_sr"] <= 2.1
   for run in runs:
     if run["optimizer"] == "adamw":
       assert "float8_health" not in run
@@ -68,3 +68,12 @@ def test_charlm_example_end_to_end(tmp_path):
 
   png = (tmp_path / "charlm.png").read_bytes()
   assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+def test_learning_rate_schedules():
+  assert charlm.learning_rate_schedule(3e-3, 100, "constant", 0.05) == 3e-3
+  schedule = charlm.learning_rate_schedule(3e-3, 100, "cosine", 0.05)
+  assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(3e-3)
+  assert float(schedule(100)) == pytest.approx(3e-4) and float(schedule(50)) < 3e-3
+  with pytest.raises(ValueError, match="schedule"):
+    charlm.learning_rate_schedule(3e-3, 100, "linear", 0.05)
