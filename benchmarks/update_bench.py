@@ -35,6 +35,8 @@ OPTIMIZERS = {
     "optax.lamb": lambda: optax.lamb(1e-3, weight_decay=0.01),
     "optax_lamb16.lamb16": lambda: optax_lamb16.lamb16(1e-3, weight_decay=0.01),
     "optax_lamb16.lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-3, weight_decay=0.01),
+    "lamb16_blockwise, stochastic v": lambda: optax_lamb16.lamb16_blockwise(1e-3, weight_decay=0.01,
+                                                                           stochastic_rounding=True),
     # The same maths as a chain of its building blocks: the straightforward, unfused version.
     "lamb16 as a chain": lambda: optax.chain(
         optax_lamb16.scale_by_lamb16(), optax.add_decayed_weights(0.01),

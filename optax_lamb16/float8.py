@@ -118,9 +118,10 @@ def divide(x: jax.Array, y: jax.Array | float) -> jax.Array:
   """``x / y`` rounded once, as IEEE division (and NumPy, and PyTorch's division by a tensor) rounds it.
 
   XLA's algebraic simplifier rewrites a division by a constant or by a broadcast scalar into a multiplication by its
-  rounded reciprocal, an ulp off ``x / y`` for about one quotient in four: enough to flip the float8 rounding of an
-  element that sits near a rounding boundary, and the trajectory carries the flip on. A divisor that is NaN-guarded
-  per element of `x` is neither, so the division stays a division (same result for every x, NaN and inf included).
+  rounded reciprocal, an ulp off ``x / y`` for up to one quotient in four (how many depends on y): enough to flip the
+  float8 rounding of an element that sits near a rounding boundary, and the trajectory carries the flip on. A
+  divisor that is NaN-guarded per element of `x` is neither, so the division stays a division (same result for
+  every x, NaN and inf included).
   """
   return x / jnp.where(x != x, jnp.float32(1), y)
 
