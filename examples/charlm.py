@@ -386,8 +386,9 @@ def print_table(results: dict) -> None:
 def merge(paths: list[str]) -> dict:
   """Combines results files of one corpus and model (later files win for the same optimizer and learning rate).
 
-  Sweep rows are keyed by (optimizer, learning rate). An optimizer's final run is the one at the learning rate with
-  the lowest merged sweep loss; its other final runs (from a file whose sweep lacked that rate) go to "other_runs".
+  Sweep rows are keyed by (optimizer, learning rate), final runs by (optimizer, learning rate, seed). An optimizer's
+  final run is the one at the learning rate and seed of its lowest merged sweep loss; its other final runs (from a
+  file whose sweep lacked that rate, or repeats with other seeds) go to "other_runs".
   """
   files = [json.loads(pathlib.Path(p).read_text()) for p in paths]
   base = files[0]
@@ -401,8 +402,9 @@ def merge(paths: list[str]) -> dict:
       sweep.pop((row["optimizer"], row["learning_rate"]), None)
       sweep[row["optimizer"], row["learning_rate"]] = row
     for run in data["runs"]:
-      finals.pop((run["optimizer"], run["learning_rate"]), None)
-      finals[run["optimizer"], run["learning_rate"]] = run
+      key = run["optimizer"], run["learning_rate"], run["seed"]
+      finals.pop(key, None)
+      finals[key] = run
     commands += data.get("commands", [])
     machine = data.get("machine")
     machines += machine if isinstance(machine, list) else [machine]
@@ -410,14 +412,15 @@ def merge(paths: list[str]) -> dict:
       merged_setting = settings.setdefault(name, dict(setting))
       merged_setting["learning_rates"] = sorted(set(merged_setting["learning_rates"]) | set(setting["learning_rates"]))
   runs, other_runs = [], []
-  for name in dict.fromkeys(name for name, _ in finals):
+  for name in dict.fromkeys(name for name, _, _ in finals):
     rows = [r for (n, _), r in sweep.items() if n == name and r["final_val_bits_per_byte"] is not None]
-    best = min(rows, key=lambda r: r["final_val_bits_per_byte"])["learning_rate"] if rows else None
-    for (n, lr), run in finals.items():
+    best_row = min(rows, key=lambda r: r["final_val_bits_per_byte"]) if rows else None
+    best = None if best_row is None else (best_row["learning_rate"], best_row["seed"])
+    for (n, lr, seed), run in finals.items():
       if n == name:
-        (runs if lr == best or best is None else other_runs).append(run)
-    if best is not None and (name, best) not in finals:
-      print(f"warning: no final run of {name} at its best sweep learning rate {best:g}")
+        (runs if best is None or (lr, seed) == best else other_runs).append(run)
+    if best is not None and (name, *best) not in finals:
+      print(f"warning: no final run of {name} at its best sweep learning rate {best[0]:g} (seed {best[1]})")
   order = {name: i for i, name in enumerate(dict.fromkeys(name for name, _ in sweep))}
   rows = sorted(sweep.values(), key=lambda r: (order[r["optimizer"]], r["learning_rate"]))
   merged = {"runs": runs, "sweep": rows, "corpus": base["corpus"], "model": base.get("model"),

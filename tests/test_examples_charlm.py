@@ -77,3 +77,26 @@ def test_learning_rate_schedules():
   assert float(schedule(100)) == pytest.approx(3e-4) and float(schedule(50)) < 3e-3
   with pytest.raises(ValueError, match="schedule"):
     charlm.learning_rate_schedule(3e-3, 100, "linear", 0.05)
+
+
+def test_merge_keeps_the_sweeps_best_and_files_the_rest(tmp_path):
+  """`--merge`: the final run at the best merged sweep rate (and the sweep's seed) is kept; a repeat with another
+  seed, and a final at a rate that lost the sweep, go to other_runs; files of another corpus are refused."""
+  def row(lr, bits, seed=0, steps=400):
+    return {"optimizer": "adamw", "learning_rate": lr, "seed": seed, "steps": steps, "final_val_bits_per_byte": bits}
+  corpus, model = {"num_files": 3}, {"d_model": 8}
+  files = {
+      "a": {"runs": [row(1e-3, 2.0, steps=1200)], "sweep": [row(1e-3, 3.0), row(3e-3, 3.5)]},
+      "b": {"runs": [row(1e-3, 2.1, seed=1, steps=1200), row(3e-3, 2.4, steps=1200)], "sweep": []},
+  }
+  paths = []
+  for name, data in files.items():
+    paths.append(str(tmp_path / f"{name}.json"))
+    pathlib.Path(paths[-1]).write_text(json.dumps(dict(data, corpus=corpus, model=model, commands=[name])))
+  merged = charlm.merge(paths)
+  assert [(r["learning_rate"], r["seed"]) for r in merged["runs"]] == [(1e-3, 0)]
+  assert sorted((r["learning_rate"], r["seed"]) for r in merged["other_runs"]) == [(1e-3, 1), (3e-3, 0)]
+  assert merged["commands"] == ["a", "b"] and len(merged["sweep"]) == 2
+  pathlib.Path(paths[1]).write_text(json.dumps(dict(files["b"], corpus={"num_files": 4}, model=model)))
+  with pytest.raises(ValueError, match="corpus"):
+    charlm.merge(paths)
