@@ -95,6 +95,10 @@ class PerTensor(Float32):
     self.vq = (np.minimum(v, F32(10)) / self.sv).astype(E5M2)
     return m, v
 
+  def stored(self):
+    """The moments the next step reads: the float8 codes times their scales."""
+    return self.mq.astype(F32) * self.sm, self.vq.astype(F32) * self.sv
+
 
 class BlockWise(Float32):
   """SPEC.md section 1b (`lamb16_blockwise`) and its variants: absmax scale per block of 256, v stored as v
@@ -130,6 +134,7 @@ class BlockWise(Float32):
     return m, v
 
   def stored(self):
+    """The moments the next step reads (v squared back where sqrt(v) is stored)."""
     v = self._load(self.vq, self.sv)
     return self._load(self.mq, self.sm), v * v if self.sqrt_v else v
 
@@ -153,11 +158,7 @@ def run(elements: int, steps: int, seed: int) -> dict:
       variant.step(g)
       if t < steps // 2:
         continue
-      # What the next step will read: the stored (float8) moments.
-      if isinstance(variant, PerTensor):
-        mq, vq = variant.mq.astype(F32) * variant.sm, variant.vq.astype(F32) * variant.sv
-      else:
-        mq, vq = variant.stored()
+      mq, vq = variant.stored()
       u = direction(mq, vq)
       record = totals[variant.name]
       record["direction_error"].append(float(np.linalg.norm(u - u32) / np.linalg.norm(u32)))
