@@ -5,10 +5,12 @@ Each configuration runs as ONE rank of a P-rank job whose collectives are simula
 so the time is what the exchange computes (packing, error feedback, unpacking, scales, flatten and unflatten), with
 no network. `optax.adam`'s step on the same tree is timed alongside, in interleaved rounds, as the yardstick.
 
-  python benchmarks/exchange_compute.py [--size 4M] [--ranks 8] [--repeats 20] [--out docs/results/exchange_compute.json]
+  python benchmarks/exchange_compute.py [--size 4M] [--ranks 8] [--repeats 20] [--malloc reuse|system]
+                                       [--out docs/results/exchange_compute.json]
 
-Prints a markdown table and writes JSON (with the device named). Each call is a training step without the gradient:
-``params, state -> apply_updates(params, update(grads, state, params)), new state``, with params and state donated
+Prints a markdown table and writes JSON (with the device named, and each step's page faults per call). Each call is
+a training step without the gradient: ``params, state -> apply_updates(params, update(grads, state, params)), new
+state``, with params and state donated
 as a training loop donates them (without donation XLA:CPU allocates and faults in fresh output buffers every call,
 and unchanged state cannot stay in place). Every call starts from copies of the same params and state, made before
 the clock starts, so every call runs the phase named in its row. `STEPS` (the configurations) and `measure` are
@@ -18,9 +20,12 @@ shared with `link_bench.py`, which times the same steps over real (throttled) li
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import pathlib
 import platform
+import resource
 import statistics
 import time
 from typing import Any, Callable, NamedTuple
@@ -123,21 +128,50 @@ class Runner:
     # mmap threshold (32 MiB) each call maps new pages and faults them in.
     self.temp_bytes = self.step.memory_analysis().temp_size_in_bytes
     self.params, self.state = bring_into_phase(name, step, self.step, fresh_copy(params), state, grads)
-    self.times = []
+    self.times, self.faults = [], []
     self.run(3, record=False)
 
   def run(self, calls, record=True):
     for _ in range(calls):
       params, state = fresh_copy((self.params, self.state))
-      start = time.perf_counter()
+      faults, start = minor_page_faults(), time.perf_counter()
       jax.block_until_ready(self.step(params, state, self.grads))
       if record:
         self.times.append(time.perf_counter() - start)
+        self.faults.append(minor_page_faults() - faults)
+
+
+def minor_page_faults() -> int:
+  """This process's minor page faults so far: pages mapped in on first touch (fresh memory)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+MALLOC_CHOICES = ("reuse", "system")
+
+
+def set_malloc(mode: str) -> bool:
+  """``"reuse"``: glibc's malloc keeps the memory XLA:CPU frees for reuse (no mmap, no trimming), as a GPU runtime's
+  caching allocator does. XLA:CPU allocates a step's temporaries with malloc on every call; with glibc's defaults, an
+  allocation above its mmap threshold (at most 32 MiB) is mapped afresh and each page it touches faults in, every
+  step, a cost of the CPU runtime rather than of the step's arithmetic (`zero_one_adam`'s local step in a 2-device
+  `shard_map` program: 18k page faults per call with the defaults, under 2k with reuse). ``"system"``: glibc's
+  defaults. Returns whether the setting took effect (False off glibc)."""
+  if mode not in MALLOC_CHOICES:
+    raise ValueError(f"malloc mode must be one of {MALLOC_CHOICES}, got {mode!r}")
+  if mode == "system":
+    return True
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    mallopt = libc.mallopt
+  except (OSError, AttributeError, TypeError):
+    return False
+  m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
+  return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def measure(size, ranks, repeats, rounds):
-  """Compute-only medians (seconds) and XLA temporary bytes of every configuration in `STEPS`, as one rank of
-  `ranks`: ``(num_params, {name: seconds}, {name: bytes})``."""
+  """Compute-only medians (seconds), XLA temporary bytes and mean page faults per call of every configuration in
+  `STEPS`, as one rank of `ranks`: ``(num_params, {name: seconds}, {name: bytes}, {name: faults})``."""
   params = make_tree(SIZES[size], jax.random.key(0))
   grads = make_tree(SIZES[size], jax.random.key(1), scale=0.01)
   comm = optax_lamb16.comm.SimulatedRanks(ranks)
@@ -146,7 +180,8 @@ def measure(size, ranks, repeats, rounds):
     for runner in runners:
       runner.run(max(1, repeats // rounds))
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  return num_params, {r.name: statistics.median(r.times) for r in runners}, {r.name: r.temp_bytes for r in runners}
+  return (num_params, {r.name: statistics.median(r.times) for r in runners}, {r.name: r.temp_bytes for r in runners},
+          {r.name: statistics.mean(r.faults) for r in runners})
 
 
 def machine_name():
@@ -160,20 +195,27 @@ def main():
   parser.add_argument("--ranks", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--malloc", default="reuse", choices=MALLOC_CHOICES,
+                      help="reuse: glibc keeps freed memory for reuse (see `set_malloc`); system: glibc's defaults")
   parser.add_argument("--out", default="docs/results/exchange_compute.json")
   args = parser.parse_args()
-  num_params, medians, temps = measure(args.size, args.ranks, args.repeats, args.rounds)
+  if not set_malloc(args.malloc):
+    raise SystemExit("--malloc reuse needs glibc's mallopt; pass --malloc system on this platform.")
+  num_params, medians, temps, faults = measure(args.size, args.ranks, args.repeats, args.rounds)
   adam = medians["optax.adam"]
-  rows = [{"step": name, "median_seconds": seconds, "vs_adam": seconds / adam, "xla_temp_bytes": temps[name]}
-          for name, seconds in medians.items()]
-  print(f"jax {jax.__version__}, {machine_name()}; {num_params / 1e6:.1f}M params, {args.ranks} simulated ranks\n")
-  print("| step (one rank, compute only) | median ms | vs optax.adam | XLA temp MB |\n|---|---:|---:|---:|")
+  rows = [{"step": name, "median_seconds": seconds, "vs_adam": seconds / adam, "xla_temp_bytes": temps[name],
+           "page_faults_per_call": faults[name]} for name, seconds in medians.items()]
+  print(f"jax {jax.__version__}, {machine_name()}; {num_params / 1e6:.1f}M params, {args.ranks} simulated ranks, "
+        f"malloc {args.malloc}\n")
+  print("| step (one rank, compute only) | median ms | vs optax.adam | XLA temp MB | page faults per call |\n"
+        "|---|---:|---:|---:|---:|")
   for r in rows:
-    print(f"| {r['step']} | {r['median_seconds'] * 1e3:.2f} | {r['vs_adam']:.2f}x | {r['xla_temp_bytes'] / 1e6:.1f} |")
+    print(f"| {r['step']} | {r['median_seconds'] * 1e3:.2f} | {r['vs_adam']:.2f}x | {r['xla_temp_bytes'] / 1e6:.1f} | "
+          f"{r['page_faults_per_call']:,.0f} |")
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"jax": jax.__version__, "device": machine_name(), "num_params": num_params,
-                             "ranks": args.ranks, "rows": rows}, indent=1))
+                             "ranks": args.ranks, "malloc": args.malloc, "rows": rows}, indent=1))
   print(f"\nwrote {out}")
 
 

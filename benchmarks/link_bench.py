@@ -9,6 +9,12 @@ With `--devices-per-process L` each process is a host of L CPU devices and the 1
 process's devices crosses `lo` too and is throttled like the rest: this mode checks the driver and the grid, but a
 CPU run cannot show the two-level gain (a GPU host's NVLink, or a real network between hosts, can).
 
+Each process stands for a host, so by default each runs on cores of its own (`--cores-per-process`, the cores divided
+evenly; 0 shares them all): two processes whose XLA thread pools share the same cores slow each other's compute
+down several times over, which no cluster does. Every process keeps the memory XLA:CPU frees for reuse
+(`--malloc reuse`, see `exchange_compute.set_malloc`), as a GPU runtime's caching allocator does; `--malloc system`
+measures with glibc's defaults. Page faults per step are recorded with the times.
+
 (`make bench-link` runs it with the defaults.) Needs root, `ip` and `tc`. It creates a namespace, sets its `lo` to
 MTU 1500 (with loopback's 65536 a TCP segment exceeds the 64 KB tbf burst, every full segment is dropped and the
 connection stalls), starts the processes inside it on 127.0.0.1 only, and ALWAYS deletes the namespace. For each
@@ -74,6 +80,8 @@ def tx_bytes() -> int:
 
 def worker(args) -> None:
   """One process of the job: times every configuration on every link; process 0 writes the results."""
+  if args.cores:  # before jax starts: XLA sizes its thread pools to the cores this process may run on
+    os.sched_setaffinity(0, [int(core) for core in args.cores.split(",")])
   import jax
   jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.processes, process_id=args.process_id)
   import numpy as np
@@ -84,6 +92,7 @@ def worker(args) -> None:
   import exchange_compute
   import optax
   import optax_lamb16
+  exchange_compute.set_malloc(args.malloc)
 
   world = jax.device_count()
   if args.devices_per_process == 1:
@@ -106,7 +115,7 @@ def worker(args) -> None:
 
   class LinkRunner:
     def __init__(self, name, step):
-      self.name, self.times, self.bytes = name, {}, {}
+      self.name, self.times, self.bytes, self.faults = name, {}, {}, {}
       tx = step.make(comm)
       per_rank = step.per_rank_params
       param_spec = P(data) if per_rank else P()
@@ -130,19 +139,20 @@ def worker(args) -> None:
                                                                   global_grads)
 
     def call(self):
-      """One step from copies of the same params and state, made before the clock starts; returns its seconds."""
+      """One step from copies of the same params and state, made before the clock starts; returns its seconds and
+      this process's page faults."""
       params, state = exchange_compute.fresh_copy((self.params, self.state))
-      start = time.perf_counter()
+      faults, start = exchange_compute.minor_page_faults(), time.perf_counter()
       jax.block_until_ready(self.step(params, state, global_grads))
-      return time.perf_counter() - start
+      return time.perf_counter() - start, exchange_compute.minor_page_faults() - faults
 
     def time(self, link, steps):
       self.call()  # one untimed step on this link
       multihost_utils.sync_global_devices(f"{self.name} {link}")
       before = tx_bytes()
-      times = [self.call() for _ in range(steps)]
+      times, faults = zip(*[self.call() for _ in range(steps)])
       self.bytes[link] = (tx_bytes() - before) / steps
-      self.times[link] = statistics.median(times)
+      self.times[link], self.faults[link] = statistics.median(times), statistics.mean(faults)
 
   names = [name for name in exchange_compute.STEPS if name != "optax.adam"]  # optax.adam: compute-only yardstick
   runners = [LinkRunner(name, exchange_compute.STEPS[name]) for name in names]
@@ -161,7 +171,8 @@ def worker(args) -> None:
     pathlib.Path(args.worker_out).write_text(json.dumps({
         "num_params": int(num_params), "processes": args.processes, "devices": world,
         "devices_per_process": args.devices_per_process,
-        "rows": [{"step": r.name, "seconds": r.times, "wire_bytes_per_step": r.bytes} for r in runners]}))
+        "rows": [{"step": r.name, "seconds": r.times, "wire_bytes_per_step": r.bytes,
+                  "page_faults_per_step": r.faults} for r in runners]}))
   jax.distributed.shutdown()
 
 
@@ -196,6 +207,20 @@ def netem_available(namespace: str) -> bool:
   return ok
 
 
+def process_cores(process_id: int, cores_per_process: int) -> list[int]:
+  """The cores process `process_id` runs on: its own `cores_per_process` of them, as each host of a cluster has its
+  own (0: no pinning, every process may run anywhere)."""
+  if cores_per_process == 0:
+    return []
+  available = sorted(os.sched_getaffinity(0))
+  first = process_id * cores_per_process
+  if first + cores_per_process > len(available):
+    raise SystemExit(f"--cores-per-process {cores_per_process}: process {process_id} needs cores {first}.."
+                     f"{first + cores_per_process - 1} but {len(available)} are available; pass a smaller value, or 0 "
+                     f"to let the processes share the cores.")
+  return available[first:first + cores_per_process]
+
+
 def run_job(args, links: list[str], worker_out: pathlib.Path) -> dict:
   namespace = f"olb{os.getpid()}"
   subprocess.run(["ip", "netns", "add", namespace], check=True)
@@ -210,9 +235,11 @@ def run_job(args, links: list[str], worker_out: pathlib.Path) -> dict:
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     port = free_port()
     for pid in range(args.processes):
+      cores = ",".join(map(str, process_cores(pid, args.cores_per_process)))
       procs.append(subprocess.Popen(
           ["ip", "netns", "exec", namespace, sys.executable, __file__, "--worker", "--port", str(port),
-           "--process-id", str(pid), "--processes", str(args.processes), "--size", args.size,
+           "--process-id", str(pid), "--processes", str(args.processes), "--size", args.size, "--cores", cores,
+           "--malloc", args.malloc,
            "--devices-per-process", str(args.devices_per_process), "--links",
            ",".join(links), "--steps", str(args.steps), "--worker-out", str(worker_out)],
           env=env, stdout=None if pid == 0 else subprocess.DEVNULL, stderr=None if pid == 0 else subprocess.PIPE))
@@ -234,9 +261,13 @@ def run_job(args, links: list[str], worker_out: pathlib.Path) -> dict:
 
 
 def compute_only(args) -> dict:
-  """Medians of the same steps on one device with simulated collectives (a fresh process: one device, no network)."""
-  script = (f"import sys, json; sys.path.insert(0, {str(HERE)!r}); import exchange_compute as e; "
-            f"n, m, temp = e.measure({args.size!r}, {args.processes}, {args.compute_repeats}, 5); "
+  """Medians of the same steps on one device with simulated collectives (a fresh process: one device, no network),
+  on the cores the job's first process had."""
+  cores = process_cores(0, args.cores_per_process)
+  script = (f"import os, sys, json; sys.path.insert(0, {str(HERE)!r}); "
+            + (f"os.sched_setaffinity(0, {cores}); " if cores else "")
+            + f"import exchange_compute as e; e.set_malloc({args.malloc!r}); "
+            f"n, m, temp, faults = e.measure({args.size!r}, {args.processes}, {args.compute_repeats}, 5); "
             f"print(json.dumps({{'machine': e.machine_name(), 'seconds': m}}))")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
@@ -256,6 +287,9 @@ def markdown(result: dict) -> str:
   grid = result.get("devices_per_process", 1)
   layout = (f"{result['processes']} processes of {grid} devices, 1-bit steps over `comm.TwoLevel` (SPEC.md section "
             f"3b)" if grid > 1 else f"{result['processes']} processes")
+  cores = result.get("cores_per_process", 0)
+  layout += f", each on its own {cores} core{'s' if cores > 1 else ''}" if cores else ", sharing every core"
+  layout += f", malloc {result.get('malloc', 'system')}"
   lines = [f"{result['num_params']:,} float32 parameters, {layout}; median ms per step "
            f"(ratio to {exact} on the same link); wire MB per step over all processes.", "",
            header, "|---|" + "---:|" * (len(links) + bool(compute))]
@@ -281,16 +315,25 @@ def main():
                       help="L > 1: each process is a host of L CPU devices, and the 1-bit steps use comm.TwoLevel")
   parser.add_argument("--links", default="unthrottled,1gbit,100mbit,1gbit+1ms")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration and link")
+  parser.add_argument("--cores-per-process", type=int, default=None,
+                      help="pin each process to its own cores, as each host has its own (default: the cores divided "
+                           "evenly; 0: no pinning, the processes share every core)")
   parser.add_argument("--compute-repeats", type=int, default=20)
   parser.add_argument("--timeout", type=float, default=3600.0)
   parser.add_argument("--out", default="docs/results/link_bench.json")
+  parser.add_argument("--malloc", default="reuse", choices=("reuse", "system"),
+                      help="reuse: glibc keeps freed memory for reuse in every process (exchange_compute.set_malloc); "
+                           "system: glibc's defaults")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+  parser.add_argument("--cores", default="", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     return worker(args)
+  if args.cores_per_process is None:
+    args.cores_per_process = len(os.sched_getaffinity(0)) // args.processes
   links = args.links.split(",")
   for link in links:
     parse_link(link)
@@ -303,6 +346,7 @@ def main():
   # SIGTERM (a killed job, a CI timeout) unwinds like Ctrl-C, so that `run_job` still deletes the namespace.
   signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
   result = run_job(args, links, worker_out)
+  result["cores_per_process"], result["malloc"] = args.cores_per_process, args.malloc
   worker_out.unlink()
   if args.devices_per_process == 1:  # simulated collectives model one level only
     result["compute_only"] = compute_only(args)

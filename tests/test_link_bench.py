@@ -2,6 +2,7 @@
 link, bytes counted from the interface, the JSON and markdown written. Timings are not checked (never in tests)."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -33,10 +34,11 @@ def test_driver_on_a_tiny_model(tmp_path):
   timed = [name for name in exchange_compute.STEPS if name != "optax.adam"]
   assert [row["step"] for row in result["rows"]] == timed
   assert set(result["compute_only"]["seconds"]) == set(exchange_compute.STEPS)
+  assert result["malloc"] == "reuse" and result["cores_per_process"] == len(os.sched_getaffinity(0)) // 2
   rows = {row["step"]: row for row in result["rows"]}
   for link in ("unthrottled", "100mbit"):
     for row in rows.values():
-      assert row["seconds"][link] > 0
+      assert row["seconds"][link] > 0 and row["page_faults_per_step"][link] >= 0
     # The interface saw the exchange: a compressed step moves bytes, a 0/1 Adam local step moves (almost) none.
     assert rows["compressed_mean"]["wire_bytes_per_step"][link] > 0
     assert (rows["zero_one_adam, local step"]["wire_bytes_per_step"][link]
@@ -65,3 +67,24 @@ def test_training_driver_on_a_few_steps(tmp_path):
   assert [r["optimizer"] for r in result["runs"]] == ["adam", "zero_one_adam"] and result["rate"] == "100mbit"
   assert all(r["steps"] == 4 and r["seconds"] > 0 for r in result["runs"])
   assert "| zero_one_adam |" in out.with_suffix(".md").read_text()
+
+
+def test_each_process_runs_on_cores_of_its_own():
+  cores = sorted(os.sched_getaffinity(0))
+  assert link_bench.process_cores(0, 0) == []  # 0: no pinning
+  assert link_bench.process_cores(0, 1) == cores[:1]
+  assert link_bench.process_cores(len(cores) - 1, 1) == cores[-1:]
+  with pytest.raises(SystemExit, match="--cores-per-process 1: process .* needs cores"):
+    link_bench.process_cores(len(cores), 1)
+
+
+def test_malloc_modes():
+  import exchange_compute
+  assert exchange_compute.set_malloc("system")
+  with pytest.raises(ValueError, match="malloc mode must be one of"):
+    exchange_compute.set_malloc("jemalloc")
+  # "reuse" changes the allocator for the rest of the process: try it in a fresh one.
+  took = subprocess.run([sys.executable, "-c", "import exchange_compute as e; print(e.set_malloc('reuse'))"],
+                        cwd=ROOT / "benchmarks", env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                        text=True, check=True)
+  assert took.stdout.split()[-1] == "True"
