@@ -150,12 +150,12 @@ MALLOC_CHOICES = ("reuse", "system")
 
 
 def set_malloc(mode: str) -> bool:
-  """``"reuse"``: glibc's malloc keeps the memory XLA:CPU frees for reuse (no mmap, no trimming), as a GPU runtime's
-  caching allocator does. XLA:CPU allocates a step's temporaries with malloc on every call; with glibc's defaults, an
-  allocation above its mmap threshold (at most 32 MiB) is mapped afresh and each page it touches faults in, every
-  step, a cost of the CPU runtime rather than of the step's arithmetic (`zero_one_adam`'s local step in a 2-device
-  `shard_map` program: 18k page faults per call with the defaults, under 2k with reuse). ``"system"``: glibc's
-  defaults. Returns whether the setting took effect (False off glibc)."""
+  """``"reuse"``: glibc's malloc keeps the memory XLA:CPU frees for reuse (no mmap, no trimming, one arena), as a GPU
+  runtime's caching allocator does. XLA:CPU allocates a step's temporaries with malloc on every call; with glibc's
+  defaults, an allocation above its mmap threshold (at most 32 MiB) is mapped afresh and each page it touches faults
+  in, every step, a cost of the CPU runtime rather than of the step's arithmetic; so do the heaps of the extra arenas
+  that XLA's threads allocate from, which glibc trims and maps again. ``"system"``: glibc's defaults. Returns whether
+  the setting took effect (False off glibc). The benchmarks record page faults per step (`minor_page_faults`)."""
   if mode not in MALLOC_CHOICES:
     raise ValueError(f"malloc mode must be one of {MALLOC_CHOICES}, got {mode!r}")
   if mode == "system":
@@ -165,8 +165,9 @@ def set_malloc(mode: str) -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError, TypeError):
     return False
-  m_trim_threshold, m_mmap_max = -1, -4  # glibc's <malloc.h>
-  return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+  m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's <malloc.h>
+  return all(mallopt(option, value) for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1),
+                                                           (m_arena_max, 1)))
 
 
 def measure(size, ranks, repeats, rounds):
