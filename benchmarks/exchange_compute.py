@@ -153,20 +153,23 @@ def set_malloc(mode: str) -> bool:
   runtime's caching allocator does. XLA:CPU allocates a step's temporaries with malloc on every call; with glibc's
   defaults, an allocation above its mmap threshold (at most 32 MiB) is mapped afresh and each page it touches faults
   in, every step, a cost of the CPU runtime rather than of the step's arithmetic; so do the heaps of the extra arenas
-  that XLA's threads allocate from, which glibc trims and maps again. ``"system"``: glibc's defaults. Returns whether
-  the setting took effect (False off glibc). The benchmarks record page faults per step (`minor_page_faults`)."""
+  that XLA's threads allocate from, which glibc trims and maps again. ``"system"``: glibc's defaults. Returns True;
+  raises RuntimeError where "reuse" cannot be set (no glibc), so that no result is labelled with a setting it did not
+  have. The benchmarks record page faults per step (`minor_page_faults`)."""
   if mode not in MALLOC_CHOICES:
     raise ValueError(f"malloc mode must be one of {MALLOC_CHOICES}, got {mode!r}")
   if mode == "system":
     return True
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    mallopt = libc.mallopt
-  except (OSError, AttributeError, TypeError):
-    return False
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's <malloc.h>
-  return all(mallopt(option, value) for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1),
-                                                           (m_arena_max, 1)))
+  try:
+    mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    took = all(mallopt(option, value) for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1),
+                                                             (m_arena_max, 1)))
+  except (OSError, AttributeError, TypeError):
+    took = False
+  if not took:
+    raise RuntimeError("--malloc reuse needs glibc's mallopt; pass --malloc system on this platform.")
+  return True
 
 
 def measure(size, ranks, repeats, rounds):
@@ -199,8 +202,7 @@ def main():
                       help="reuse: glibc keeps freed memory for reuse (see `set_malloc`); system: glibc's defaults")
   parser.add_argument("--out", default="docs/results/exchange_compute.json")
   args = parser.parse_args()
-  if not set_malloc(args.malloc):
-    raise SystemExit("--malloc reuse needs glibc's mallopt; pass --malloc system on this platform.")
+  set_malloc(args.malloc)
   num_params, medians, temps, faults = measure(args.size, args.ranks, args.repeats, args.rounds)
   adam = medians["optax.adam"]
   rows = [{"step": name, "median_seconds": seconds, "vs_adam": seconds / adam, "xla_temp_bytes": temps[name],
