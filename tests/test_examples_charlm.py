@@ -6,12 +6,16 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
+import optax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import charlm  # noqa: E402
+from tests import reference  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 OPTIMIZERS = ("adamw", "lamb16", "lamb16_blockwise", "lamb16_blockwise_sr")
@@ -100,3 +104,36 @@ def test_merge_keeps_the_sweeps_best_and_files_the_rest(tmp_path):
   pathlib.Path(paths[1]).write_text(json.dumps(dict(files["b"], corpus={"num_files": 4}, model=model)))
   with pytest.raises(ValueError, match="corpus"):
     charlm.merge(paths)
+
+
+class Float32MomentsReference(reference.Lamb16Reference):
+  """SPEC.md section 1's step with the moments stored as they are (float32) instead of float8."""
+
+  def __init__(self, params, **kwargs):
+    super().__init__(params, **kwargs)
+    for p, s in zip(params, self.states):
+      s.mq, s.vq = np.zeros(p.shape, np.float32), np.zeros(p.shape, np.float32)
+
+  def dequantize(self, s):
+    return s.mq, s.vq
+
+  def requantize(self, s, m, v, leaf):
+    s.mq, s.vq = m, v
+
+
+def test_float32_moments_ablation_is_lamb16s_step_with_float32_moments():
+  rng = np.random.default_rng(0)
+  start = {"a": rng.standard_normal((10, 64)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+  lr, weight_decay = 0.02, 0.01
+  tx = charlm.make_optimizer("lamb16_float32", lr, weight_decay)
+  oracle = Float32MomentsReference(list(start.values()), weight_decay=weight_decay)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  params, state, want = start, tx.init(start), list(start.values())
+  for _ in range(20):
+    grads = {k: (rng.standard_t(3, size=p.shape) + 0.5 * p).astype(np.float32) for k, p in zip(start, want)}
+    params, state = step(params, state, grads)
+    want = oracle.step(want, list(grads.values()), lr)
+    for name, expected in zip(start, want):
+      moved = np.linalg.norm(expected - start[name])
+      assert np.linalg.norm(np.asarray(params[name]) - expected) <= 1e-5 * moved, name
+  assert sum(x.nbytes for x in jax.tree.leaves(state)) >= 8 * sum(p.size for p in start.values())
