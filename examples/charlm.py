@@ -47,6 +47,8 @@ from flax import nnx
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import baselines  # noqa: E402
 import optax_lamb16  # noqa: E402
 
 COLOURS = {"adamw": "tab:orange", "lamb": "tab:green", "lamb16": "tab:blue", "lamb16_blockwise": "tab:purple",
@@ -84,31 +86,8 @@ def make_optimizer(name: str, lr: optax.ScalarOrSchedule, weight_decay: float) -
   if name == "lamb16_blockwise_sr":
     return optax_lamb16.lamb16_blockwise(lr, weight_decay=weight_decay, stochastic_rounding=True)
   if name == "lamb16_float32":
-    return lamb16_with_float32_moments(lr, weight_decay)
+    return baselines.lamb16_with_float32_moments(lr, weight_decay)
   raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(COLOURS)}")
-
-
-def lamb16_with_float32_moments(lr: optax.ScalarOrSchedule, weight_decay: float, b1: float = 0.9, b2: float = 0.999,
-                                eps: float = 1e-6) -> optax.GradientTransformation:
-  """An ablation, not an optimizer of the library: LAMB16's step (`optax_lamb16.lamb16`'s chain, docs/SPEC.md
-  section 1) with its moments kept in float32 (8 bytes per parameter) instead of float8. Against it, the float8 rows
-  show what their storage costs, and AdamW shows what LAMB16's trust ratio does."""
-
-  def init_fn(params):
-    zeros = lambda: jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    return zeros(), zeros()
-
-  def update_fn(grads, state, params=None):
-    del params
-    # The moment EMAs without bias correction, as LAMB16's (1 - b formed in double precision, like the reference).
-    m = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state[0], grads)
-    v = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * g * g, state[1], grads)
-    return jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), m, v), (m, v)
-
-  return optax.chain(optax.GradientTransformation(init_fn, update_fn),
-                     optax.add_decayed_weights(weight_decay),
-                     optax_lamb16.scale_by_lamb16_trust_ratio(lr, eps=eps),
-                     optax.scale_by_learning_rate(lr))
 
 
 # ----------------------------------------------------------------------------------------------------------------

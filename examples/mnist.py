@@ -29,44 +29,17 @@ from flax import nnx
 from tqdm import tqdm
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import baselines  # noqa: E402
 import mnist_common  # noqa: E402
 
 import optax_lamb16  # noqa: E402
 
 COLOURS = {"adam": "tab:red", "lamb": "tab:green", "lamb16": "tab:blue", "adamw": "tab:orange",
-           "pytorch_lamb": "tab:olive", "lamb16_blockwise": "tab:purple"}
+           "pytorch_lamb": "tab:olive", "lamb16_blockwise": "tab:purple", "lamb16_float32": "tab:gray"}
 LABELS = {"adam": "Adam", "lamb": "LAMB", "lamb16": "LAMB16", "adamw": "AdamW", "pytorch_lamb": "LAMB (pytorch-lamb)",
-          "lamb16_blockwise": "LAMB16 (block-wise)"}
+          "lamb16_blockwise": "LAMB16 (block-wise)", "lamb16_float32": "LAMB16's step, float32 moments (ablation)"}
 FLOAT8_OPTIMIZERS = ("lamb16", "lamb16_blockwise")  # their runs log optax_lamb16.float8_health once an epoch
 TRAIN_CURVE_POINTS = 200  # train-loss points kept per run (window means)
-
-
-def pytorch_lamb_direction(weight_decay: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6
-                           ) -> optax.GradientTransformation:
-  """LAMB as in the pytorch-lamb package the reference compares with (its `Lamb`, `adam=False`).
-
-  It differs from `optax.lamb` in two ways that matter for the story: no bias correction of m and v, and the weight
-  norm in the trust ratio clamped to at most 10 (a ratio of 1 where either norm is 0).
-  """
-  def init(params):
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
-    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros())
-
-  def update(grads, state, params):
-    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
-
-    def direction(m, v, p):
-      adam_step = m / (jnp.sqrt(v) + eps) + weight_decay * p
-      weight_norm = jnp.minimum(jnp.linalg.norm(p), 10.0)
-      adam_norm = jnp.linalg.norm(adam_step)
-      trust = jnp.where((weight_norm > 0) & (adam_norm > 0), weight_norm / adam_norm, 1.0)
-      return trust * adam_step
-
-    updates = jax.tree.map(direction, mu, nu, params)
-    return updates, optax.ScaleByAdamState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
-
-  return optax.GradientTransformation(init, update)
 
 
 def make_optimizer(name: str, lr: float, weight_decay: float) -> optax.GradientTransformation:
@@ -78,11 +51,13 @@ def make_optimizer(name: str, lr: float, weight_decay: float) -> optax.GradientT
   if name == "lamb":
     return optax.lamb(lr, weight_decay=weight_decay)
   if name == "pytorch_lamb":
-    return optax.chain(pytorch_lamb_direction(weight_decay), optax.scale_by_learning_rate(lr))
+    return optax.chain(baselines.pytorch_lamb_direction(weight_decay), optax.scale_by_learning_rate(lr))
   if name == "lamb16":
     return optax_lamb16.lamb16(lr, weight_decay=weight_decay)
   if name == "lamb16_blockwise":
     return optax_lamb16.lamb16_blockwise(lr, weight_decay=weight_decay)
+  if name == "lamb16_float32":
+    return baselines.lamb16_with_float32_moments(lr, weight_decay)
   raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(COLOURS)}")
 
 
@@ -135,8 +110,14 @@ def train_one(name: str, data, batch_size: int, lr: float, weight_decay: float, 
       "train_loss_curve": _downsample(losses), "test_curve": test_curve, "seconds": round(seconds, 2),
       "optimizer_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(opt_state))),
   }
+  # Where the state and the model lose elements at the end: per leaf for the float8 moments; dead fc1 units.
+  record["dead_fc1_units"] = mnist_common.dead_hidden_units(graphdef, params, data["x_test"])
   if health_fn is not None:
     record["float8_health"] = health
+    per_leaf = health_fn(opt_state, per_leaf=True)
+    names = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    record["final_float8_health_per_leaf"] = {name: {key: float(values[i]) for key, values in per_leaf.items()}
+                                              for i, name in enumerate(names)}
   return record
 
 

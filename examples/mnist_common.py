@@ -85,12 +85,15 @@ class ReferenceConvNet(nnx.Module):
     self.conv1, self.conv2 = conv(1, 20), conv(20, 50)
     self.fc1, self.fc2 = dense(4 * 4 * 50, 500), dense(500, 10)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def hidden(self, x: jax.Array) -> jax.Array:
+    """The 500 activations of fc1, after its ReLU."""
     pool = lambda y: nnx.max_pool(y, (2, 2), strides=(2, 2))
     x = pool(nnx.relu(self.conv1(x)))
     x = pool(nnx.relu(self.conv2(x)))
-    x = nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))
-    return self.fc2(x)  # logits; the loss applies log-softmax
+    return nnx.relu(self.fc1(x.reshape(x.shape[0], -1)))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(self.hidden(x))  # logits; the loss applies log-softmax
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -100,6 +103,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 def count_params(params) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def dead_hidden_units(graphdef, params, x: np.ndarray, batch_size: int = 1000) -> float:
+  """The fraction of fc1's units whose ReLU output is 0 on every image of `x` (dead units)."""
+  hidden = jax.jit(lambda params, x: jnp.max(nnx.merge(graphdef, params).hidden(x), axis=0))
+  peak = np.max([np.asarray(hidden(params, x[start:start + batch_size])) for start in range(0, len(x), batch_size)],
+                axis=0)
+  return float(np.mean(peak == 0))
 
 
 def make_evaluator(graphdef, batch_size: int = 1000):

@@ -54,6 +54,11 @@ def test_mnist_example_end_to_end(tmp_path):
     assert run["final_test_accuracy"] > 0.3, (name, run["final_test_accuracy"])
     assert run["final_test_loss"] < untrained - 0.05, (name, run["final_test_loss"], untrained)
     assert run["test_curve"][-1]["test_loss"] == pytest.approx(run["final_test_loss"])
+    assert 0.0 <= run["dead_fc1_units"] < 1.0
+    if run["optimizer"] == "lamb16":  # where the float8 state loses elements, per leaf, at the end
+      per_leaf = run["final_float8_health_per_leaf"]
+      assert len(per_leaf) == 8 and any("fc1" in name and "kernel" in name for name in per_leaf)
+      assert all(set(f) == {"mu_saturated", "mu_zero", "nu_inf", "nu_zero"} for f in per_leaf.values())
   state_bytes = {r["optimizer"]: r["optimizer_state_bytes"] for r in runs if r["batch_size"] == 64}
   assert state_bytes["adam"] == state_bytes["lamb"] >= 8 * 431_080
   assert state_bytes["lamb16"] <= 2 * 431_080 + 16 * 8 + 16
@@ -96,6 +101,15 @@ def test_reference_model_has_431080_parameters():
   from flax import nnx
   model = mnist_common.ReferenceConvNet(nnx.Rngs(0))
   assert mnist_common.count_params(nnx.state(model, nnx.Param)) == 431_080
+
+
+def test_dead_hidden_units_counts_fc1_units_silent_on_every_image():
+  from flax import nnx
+  graphdef, params = nnx.split(mnist_common.ReferenceConvNet(nnx.Rngs(0)), nnx.Param)
+  x = mnist_common.load_mnist()["x_test"][:50]
+  # A bias of -1e6 silences a unit on every image; +1e6 keeps it on.
+  params["fc1"]["bias"][...] = params["fc1"]["bias"][...].at[:100].set(-1e6).at[100:].set(1e6)
+  assert mnist_common.dead_hidden_units(graphdef, params, x, batch_size=16) == pytest.approx(0.2)
 
 
 def test_pytorch_lamb_matches_a_hand_worked_first_step():
