@@ -52,11 +52,12 @@ import baselines  # noqa: E402
 import optax_lamb16  # noqa: E402
 
 COLOURS = {"adamw": "tab:orange", "lamb": "tab:green", "lamb16": "tab:blue", "lamb16_blockwise": "tab:purple",
-           "lamb16_blockwise_sr": "tab:red", "lamb16_float32": "tab:gray"}
+           "lamb16_blockwise_sr": "tab:red", "lamb16_float32": "tab:gray", "lamb16_blockwise_adam": "tab:brown"}
 LABELS = {"adamw": "AdamW", "lamb": "LAMB", "lamb16": "LAMB16", "lamb16_blockwise": "LAMB16 (block-wise)",
           "lamb16_blockwise_sr": "LAMB16 (block-wise, stochastic v)",
-          "lamb16_float32": "LAMB16's step, float32 moments (ablation)"}
-FLOAT8_OPTIMIZERS = ("lamb16", "lamb16_blockwise", "lamb16_blockwise_sr")
+          "lamb16_float32": "LAMB16's step, float32 moments (ablation)",
+          "lamb16_blockwise_adam": "LAMB16 (block-wise), trust_scale 0"}
+FLOAT8_OPTIMIZERS = ("lamb16", "lamb16_blockwise", "lamb16_blockwise_sr", "lamb16_blockwise_adam")
 VALIDATION_MODULUS = 20  # a file is in validation when crc32(relative path) % 20 == 0: about 5 %
 
 
@@ -85,6 +86,8 @@ def make_optimizer(name: str, lr: optax.ScalarOrSchedule, weight_decay: float) -
     return optax_lamb16.lamb16_blockwise(lr, weight_decay=weight_decay)
   if name == "lamb16_blockwise_sr":
     return optax_lamb16.lamb16_blockwise(lr, weight_decay=weight_decay, stochastic_rounding=True)
+  if name == "lamb16_blockwise_adam":  # no trust ratio (r = 1): Adam-style steps from the block-wise float8 moments
+    return optax_lamb16.lamb16_blockwise(lr, weight_decay=weight_decay, trust_scale=0.0)
   if name == "lamb16_float32":
     return baselines.lamb16_with_float32_moments(lr, weight_decay)
   raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(COLOURS)}")

@@ -137,3 +137,12 @@ def test_float32_moments_ablation_is_lamb16s_step_with_float32_moments():
       moved = np.linalg.norm(expected - start[name])
       assert np.linalg.norm(np.asarray(params[name]) - expected) <= 1e-5 * moved, name
   assert sum(x.nbytes for x in jax.tree.leaves(state)) >= 8 * sum(p.size for p in start.values())
+
+
+def test_blockwise_adam_entry_turns_the_trust_ratio_off():
+  # trust_scale 0: r = 1 whatever the norms, so the first step is -lr * m / (sqrt(v) + eps) with m = 0.1 g and
+  # v = 0.001 g^2 (no bias correction), here for a leaf whose norm ratio alone would scale it by far less.
+  tx = charlm.make_optimizer("lamb16_blockwise_adam", 1e-3, 0.0)
+  params = {"w": np.full(300, 3.0, np.float32)}
+  updates, _ = tx.update({"w": np.full(300, 2.0, np.float32)}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -1e-3 * 0.2 / (np.sqrt(0.004) + 1e-6), rtol=1e-6)
