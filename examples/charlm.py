@@ -409,7 +409,7 @@ def merge(paths: list[str]) -> dict:
     for row in data.get("sweep", []):
       sweep.pop((row["optimizer"], row["learning_rate"]), None)
       sweep[row["optimizer"], row["learning_rate"]] = row
-    for run in data["runs"]:
+    for run in data["runs"] + data.get("other_runs", []):  # a merged file's repeats are merged again
       key = run["optimizer"], run["learning_rate"], run["seed"]
       finals.pop(key, None)
       finals[key] = run

@@ -101,6 +101,12 @@ def test_merge_keeps_the_sweeps_best_and_files_the_rest(tmp_path):
   assert [(r["learning_rate"], r["seed"]) for r in merged["runs"]] == [(1e-3, 0)]
   assert sorted((r["learning_rate"], r["seed"]) for r in merged["other_runs"]) == [(1e-3, 1), (3e-3, 0)]
   assert merged["commands"] == ["a", "b"] and len(merged["sweep"]) == 2
+  # A merged file merged again keeps its repeats.
+  again = str(tmp_path / "merged.json")
+  pathlib.Path(again).write_text(json.dumps(dict(merged, corpus=corpus, model=model)))
+  remerged = charlm.merge([again])
+  assert (remerged["runs"], sorted(map(str, remerged["other_runs"]))) == (merged["runs"],
+                                                                            sorted(map(str, merged["other_runs"])))
   pathlib.Path(paths[1]).write_text(json.dumps(dict(files["b"], corpus={"num_files": 4}, model=model)))
   with pytest.raises(ValueError, match="corpus"):
     charlm.merge(paths)
