@@ -34,6 +34,8 @@ class ZeroOneAdamState(NamedTuple):
       per-rank leaf, laid out at least 1-d: the moment of a 0-d parameter has shape (1,).
     nu: second moments (float32), identical on all ranks, frozen after `var_freeze_step`.
     accumulated_update: PER RANK, the sum of this rank's updates since the last sync (``u``); at least 1-d too.
+      While `lr_sum` is 0 it counts as 0: after a sync it still holds that sync's update of the params (zeroed lazily,
+      which spares XLA a copy of the whole buffer every step), so read it as ``where(lr_sum > 0, u, 0)``.
     lr_sum: float32, the sum of the learning rates since the last sync.
     var_interval: int32, v is updated on steps t with ``t % var_interval == 0`` (1 at first).
     var_counter: int32, variance updates since the interval last doubled.
@@ -176,10 +178,11 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
 
     # A sync (a local step, then one compressed exchange of the accumulated updates that brings all ranks' params
-    # together again), whole: it leaves the synced m in `mu` and the step's update of the params in `accumulated`
-    # (zeroed below), so that the pass after it reads every buffer it overwrites only once.
+    # together again), whole: it leaves the synced m in `mu` and the step's update of the params in `accumulated`,
+    # so that the pass after it reads every buffer it overwrites only once.
     def local_step(inputs, mu, accumulated):
       grads, nu, params = inputs
+      accumulated = _current(accumulated, state.lr_sum)
       mu = _common.tree_moment_update(mu, grads, beta1)
       denominators, steps = adam_step(mu, nu, params)
       return mu, denominators, jax.tree.map(jnp.add, params, steps), jax.tree.map(jnp.add, accumulated, steps)
@@ -211,10 +214,14 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     kept = jnp.logical_or(variance_due, sync_due)
     mu = per_rank(jax.tree.map(lambda m, s: jnp.where(kept, m, _common.moment_update(m, s, beta1)), mu, source))
     _, steps = adam_step(mu, nu, params)
+    # A sync keeps its update of the params in `accumulated` and sets lr_sum to 0, which makes that buffer count as 0
+    # from the next step on: zeroed here, the buffer would be read by two passes (the update and the new u), one of
+    # them overwriting it, and XLA then copies the whole donated buffer every step.
+    accumulated = per_rank(jax.tree.map(
+        lambda u, c, s: jnp.where(sync_due, u, jnp.where(frozen, c + s, c)),
+        accumulated, _current(accumulated, state.lr_sum), steps))
     new_updates = jax.tree.map(lambda u, s, p, g: jnp.where(sync_due, u, (p + s) - p).astype(g.dtype),
                                accumulated, steps, params, updates)
-    accumulated = per_rank(jax.tree.map(
-        lambda u, s: jnp.where(sync_due, 0.0, jnp.where(frozen, u + s, u)), accumulated, steps))
     lr_sum = jnp.where(sync_due, 0.0, lr_sum)
 
     # Interval schedules, with the phase this step ran in.
@@ -229,6 +236,12 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
         local_step_counter=local_counter, frozen=jnp.logical_or(frozen, freezes), exchange=exchange)
 
   return _common.extra_args_transform(init_fn, update_fn)
+
+
+def _current(accumulated: Any, lr_sum: jax.Array) -> Any:
+  """The accumulated update a state holds: 0 while its `lr_sum` is 0 (no local step since the last sync, or none
+  yet), the stored sum otherwise."""
+  return jax.tree.map(lambda u: jnp.where(lr_sum > 0, u, 0.0), accumulated)
 
 
 def _count_towards(counter: jax.Array, interval: jax.Array, active: jax.Array, scaler: Any,

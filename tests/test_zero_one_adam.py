@@ -33,6 +33,18 @@ def test_matches_numpy_oracle_through_all_phases(world, weight_decay):
   sync_steps = [t + 2 for t, kind in enumerate(log) if kind == "local+sync"]
   assert np.diff(sync_steps).max() == 4, sync_steps  # interval widened up to the clipper
   h.assert_close_to_oracle(got, trajectory, world)
+  # A sync zeroes the accumulated update lazily: it sets lr_sum to 0, which makes the buffer count as 0, and the buffer
+  # keeps that sync's update of the params; local steps accumulate again from 0.
+  for t, kind in enumerate(log):
+    lr_sum = states.lr_sum[:, t]
+    if kind == "local+sync":
+      assert (lr_sum == 0).all(), (t, lr_sum)
+      for n in h.NAMES:
+        moved = got[n][:, t] - (got[n][:, t - 1] if t else params[n])
+        stored = states.accumulated_update[n][:, t].reshape(moved.shape)
+        np.testing.assert_allclose(stored, moved, rtol=1e-5, atol=1e-7 * np.abs(got[n][:, t]).max())
+    elif kind == "local":
+      assert (lr_sum > 0).all(), (t, lr_sum)
   # Parameters differ per rank between syncs and agree again (to rounding) at sync steps.
   for t, kind in enumerate(log):
     spread = max(np.abs(got[n][:, t] - got[n][0, t]).max() for n in h.NAMES)
