@@ -224,6 +224,26 @@ def test_stochastic_rounding_lets_v_follow_a_decline():
   assert ratios[False] > 1.05, ratios  # the test can fail: rounding to nearest does not follow
 
 
+@pytest.mark.parametrize("blockwise", [False, True])
+def test_momentum_of_quiet_elements_sticks_at_the_smallest_code(blockwise):
+  """Rounded to nearest, m of an element whose gradients stop decays (10 % a step) down to float8_e4m3fn's smallest
+  subnormal code, 2^-9, and stays there while its scale holds (0.9 * 2^-9 rounds back up): after 300 quiet steps the
+  float32 EMA is 0.9^300 ~ 2e-14 of where it started, the stored m 2^-9 of the scale. The direction of such an
+  element, m / (sqrt(v) + eps), keeps its sign and does not go to 0 in either storage."""
+  tx = optax_lamb16.scale_by_lamb16_blockwise() if blockwise else optax_lamb16.scale_by_lamb16()
+  state = tx.init({"w": jnp.zeros(256)})
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(0)
+  first = rng.standard_normal(256).astype(np.float32)
+  for t in range(300):
+    g = rng.standard_normal(256).astype(np.float32)
+    g[:128] = first[:128] if t == 0 else 0.0  # half the elements get one gradient, then none
+    _, state = update({"w": jnp.asarray(g)}, state)
+  codes = np.abs(np.asarray(state.mu["w"].astype(jnp.float32)))
+  assert (codes[:128] == 2.0 ** -9).all(), sorted(set(codes[:128].tolist()))
+  assert (np.sign(np.asarray(state.mu["w"].astype(jnp.float32))[:128]) == np.sign(first[:128])).all()
+
+
 def test_stochastic_rounding_is_a_static_bool():
   params = {"w": jnp.zeros(40)}
   with pytest.raises(ValueError, match="stochastic_rounding"):
