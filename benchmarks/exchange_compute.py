@@ -11,9 +11,10 @@ no network. `optax.adam`'s step on the same tree is timed alongside, in interlea
 Prints a markdown table and writes JSON (with the device named, and each step's page faults per call). Each call is
 a training step without the gradient: ``params, state -> apply_updates(params, update(grads, state, params)), new
 state``, with params and state donated as a training loop donates them (without donation XLA:CPU allocates and
-faults in fresh output buffers every call, and unchanged state cannot stay in place). Every call starts from copies of the same params and state, made before
-the clock starts, so every call runs the phase named in its row. `STEPS` (the configurations) and `measure` are
-shared with `link_bench.py`, which times the same steps over real (throttled) links.
+faults in fresh output buffers every call, and unchanged state cannot stay in place). Every call starts from copies
+of the same params and state, made before the clock starts, so every call runs the phase named in its row. `STEPS`
+(the configurations) and `measure` are shared with `link_bench.py`, which times the same steps over real (throttled)
+links.
 """
 
 from __future__ import annotations
