@@ -34,8 +34,8 @@ class ZeroOneAdamState(NamedTuple):
       per-rank leaf, laid out at least 1-d: the moment of a 0-d parameter has shape (1,).
     nu: second moments (float32), identical on all ranks, frozen after `var_freeze_step`.
     accumulated_update: PER RANK, the sum of this rank's updates since the last sync (``u``); at least 1-d too.
-      While `lr_sum` is 0 it counts as 0: after a sync it still holds that sync's update of the params (zeroed lazily,
-      which spares XLA a copy of the whole buffer every step), so read it as ``where(lr_sum > 0, u, 0)``.
+      While `lr_sum` is 0 it counts as 0: a sync leaves it as it was (zeroed lazily, which spares XLA a copy of the
+      whole buffer every step), so read it as ``where(lr_sum > 0, u, 0)``.
     lr_sum: float32, the sum of the learning rates since the last sync.
     var_interval: int32, v is updated on steps t with ``t % var_interval == 0`` (1 at first).
     var_counter: int32, variance updates since the interval last doubled.
@@ -168,60 +168,54 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     # The error buffers change meaning at the freeze: reset them, once.
     _, exchange = _onebit.run_if(freezes, lambda _, buffers: jax.tree.map(jnp.zeros_like, buffers), (), exchange)
 
-    # The Adam step on this rank's params.
-    def adam_step(mu, nu, params):
-      denominators = jax.tree.map(lambda v: jnp.sqrt(v) + epsilon, nu)
+    # The Adam step on this rank's params, from its direction ``m / (sqrt(v) + eps)``.
+    denominators_of = lambda nu: jax.tree.map(lambda v: jnp.sqrt(v) + epsilon, nu)
+
+    def adam_step(directions, params):
       if no_weight_decay:  # then the step does not read the params: XLA can update them in place
-        return denominators, jax.tree.map(lambda m, d: -lr * (m / d), mu, denominators)
-      return denominators, jax.tree.map(lambda m, d, p: -lr * (m / d + decay * p), mu, denominators, params)
+        return jax.tree.map(lambda r: -lr * r, directions)
+      return jax.tree.map(lambda r, p: -lr * (r + decay * p), directions, params)
 
     lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
 
-    # A sync (a local step, then one compressed exchange of the accumulated updates that brings all ranks' params
-    # together again), whole: it leaves the synced m in `mu` and the step's update of the params in `accumulated`,
-    # so that the pass after it reads every buffer it overwrites only once.
-    def local_step(inputs, mu, accumulated):
-      grads, nu, params = inputs
-      accumulated = _current(accumulated, state.lr_sum)
-      mu = _common.tree_moment_update(mu, grads, beta1)
-      denominators, steps = adam_step(mu, nu, params)
-      return mu, denominators, jax.tree.map(jnp.add, params, steps), jax.tree.map(jnp.add, accumulated, steps)
-
-    def sync(inputs, carry):
-      mu, accumulated, exchange = carry
-      _, denominators, _, sent = local_step(inputs, mu, accumulated)
-      payload, exchange = compression.exchange(jax.tree.map(jnp.multiply, sent, denominators), exchange, communicator)
-      # The local step again, from its inputs: the barrier keeps XLA from holding the values above across the
-      # exchange (temporaries of their own) instead of recomputing them.
-      payload, inputs, mu, accumulated = jax.lax.optimization_barrier((payload, inputs, mu, accumulated))
-      _, nu, params = inputs
-      mu, denominators, new_params, accumulated = local_step(inputs, mu, accumulated)
-      mean = _onebit.apply_mask(compression.decode_like(payload, params), momentum_mask, nu, mask_zero_variance)
-      # DeepSpeed divides by lr_sum unguarded; with a zero learning rate since the last sync, keep m instead.
-      mu = jax.tree.map(lambda w, m: jnp.where(lr_sum > 0, -w / lr_sum, m), mean, mu)
-      # (new params - accumulated: the params at the last sync.)
-      synced = jax.tree.map(lambda p1, u, w, d: p1 - u + w / d, new_params, accumulated, mean, denominators)
-      return per_rank(mu), per_rank(jax.tree.map(jnp.subtract, synced, params)), exchange
+    # A sync sends this rank's accumulated update, this step's local step included, times sqrt(v) + eps, in one
+    # compressed exchange; its payload takes the place of the pre-freeze exchange's, which is never due with it. Only
+    # the exchange's input is computed here: the pass at the end does the rest of the step.
+    def sync_exchange(inputs, carry):
+      grads, mu, nu, params, accumulated = inputs
+      denominators = denominators_of(nu)
+      steps = adam_step(jax.tree.map(jnp.divide, _common.tree_moment_update(mu, grads, beta1), denominators), params)
+      sent = jax.tree.map(lambda u, s, d: (u + s) * d, _current(accumulated, state.lr_sum), steps, denominators)
+      return compression.exchange(sent, carry[1], communicator)
 
     sync_due = jnp.logical_and(frozen, t % state.local_step_interval == 0)
-    (grads, nu, params), (mu, accumulated, exchange) = _onebit.run_if(
-        sync_due, sync, (grads, nu, params), (mu, accumulated_before, exchange))
+    (grads, mu, nu, params, accumulated), (compressed, exchange) = _onebit.run_if(
+        sync_due, sync_exchange, (grads, mu, nu, params, accumulated_before), (compressed, exchange))
 
-    # One pass over the leaves. The moment: a variance step or a sync keeps its m; before the freeze the other steps
-    # add the compressed mean, after it (a local step) this rank's own gradients. The step follows from the new m.
+    # One pass over the leaves. The moment: a variance step keeps its m; before the freeze the other steps add the
+    # compressed mean, after it this rank's own gradients (a local step, and a sync's fallback below).
     mean = _onebit.apply_mask(compression.decode_like(compressed, grads), momentum_mask, nu, mask_zero_variance)
     source = jax.tree.map(lambda g, m: jnp.where(frozen, g, m), grads, mean)
-    kept = jnp.logical_or(variance_due, sync_due)
-    mu = per_rank(jax.tree.map(lambda m, s: jnp.where(kept, m, _common.moment_update(m, s, beta1)), mu, source))
-    _, steps = adam_step(mu, nu, params)
-    # A sync keeps its update of the params in `accumulated` and sets lr_sum to 0, which makes that buffer count as 0
-    # from the next step on: zeroed here, the buffer would be read by two passes (the update and the new u), one of
-    # them overwriting it, and XLA then copies the whole donated buffer every step.
-    accumulated = per_rank(jax.tree.map(
-        lambda u, c, s: jnp.where(sync_due, u, jnp.where(frozen, c + s, c)),
-        accumulated, _current(accumulated, state.lr_sum), steps))
-    new_updates = jax.tree.map(lambda u, s, p, g: jnp.where(sync_due, u, (p + s) - p).astype(g.dtype),
-                               accumulated, steps, params, updates)
+    mu = jax.tree.map(lambda m, s: jnp.where(variance_due, m, _common.moment_update(m, s, beta1)), mu, source)
+    # A sync: ``m = -w / lr_sum`` (DeepSpeed divides unguarded; with a zero learning rate since the last sync, keep m).
+    mu = per_rank(jax.tree.map(lambda w, m: jnp.where(jnp.logical_and(sync_due, lr_sum > 0), -w / lr_sum, m),
+                               mean, mu))
+    # One division per element serves every phase: a sync's ``w / (sqrt(v) + eps)``, with w read back from the new m
+    # as ``-m * lr_sum`` (within an ulp of w; 0 where lr_sum is 0, so that a sync after a zero learning rate moves
+    # nothing), and the Adam direction otherwise. Read from m, w is decoded from its sign bits once per step, not twice.
+    directions = jax.tree.map(lambda m, d: jnp.where(sync_due, -m * lr_sum, m) / d, mu, denominators_of(nu))
+    steps = adam_step(directions, params)
+    # A sync leaves `accumulated` as it is and sets lr_sum to 0, which makes the buffer count as 0 from the next step
+    # on. (Each donated buffer's old value must be read by the one pass that overwrites it, and every other pass read
+    # its new value: XLA copies the whole buffer otherwise, every step.)
+    accumulated_now = _current(accumulated, state.lr_sum)
+    accumulated = per_rank(jax.tree.map(lambda u, s, c: jnp.where(sync_due, u, jnp.where(frozen, c + s, c)),
+                                        accumulated, steps, accumulated_now))
+    # A sync's params: those at the last sync (this rank's params less its accumulated update, which the sync left
+    # in place) plus w / (sqrt(v) + eps).
+    new_updates = jax.tree.map(
+        lambda p, u, r, s, g: jnp.where(sync_due, ((p - u) + r) - p, (p + s) - p).astype(g.dtype),
+        params, _current(accumulated, state.lr_sum), directions, steps, updates)
     lr_sum = jnp.where(sync_due, 0.0, lr_sum)
 
     # Interval schedules, with the phase this step ran in.

@@ -452,18 +452,21 @@ def test_run_if_runs_the_body_once_when_due_and_never_otherwise():
     assert float(operands) == 2.0 and (float(carry[0]), int(carry[1])) == expected, due
 
 
-@pytest.mark.parametrize("name, bound", [("onebit_adam", 1.25), ("zero_one_adam", 1.25)])
-def test_donated_step_copies_no_state_and_keeps_temporaries_small(name, bound):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+@pytest.mark.parametrize("name", ["onebit_adam", "zero_one_adam"])
+def test_donated_step_copies_no_state_and_keeps_temporaries_small(name, weight_decay):
   """A donated training step (two ranks simulated; one program for every phase) compiles with no copy of a
-  parameter-sized buffer outside the phases' loops, and with XLA temporaries of at most `bound` times the parameter
-  bytes (the flattened buffer the exchange needs, and 0/1 Adam's sync). On XLA:CPU temporaries are allocated afresh
-  on every call. With a `lax.cond` around the phases, XLA copied the state that the branch taken leaves unchanged:
-  2.5-7 times the parameter bytes per step. With 0/1 Adam's accumulated update zeroed at the sync (not lazily), XLA
-  copied it too (measured: 1.53 times the parameter bytes of temporaries, against 1.09 now)."""
+  parameter-sized buffer anywhere, the phases' loops included, and with XLA temporaries of at most 1.1 times the
+  parameter bytes (the flattened buffer the exchange needs). On XLA:CPU temporaries are allocated afresh on every
+  call. With a `lax.cond` around the phases, XLA copied the state that the branch taken leaves unchanged: 2.5-7
+  times the parameter bytes per step. XLA also copies a donated buffer whose old value two passes read while one of
+  them overwrites it: with 0/1 Adam's accumulated update zeroed at the sync (not lazily), 1.53 times the parameter
+  bytes of temporaries; with its sync computing the local step twice around the exchange, a copy of the buffer in
+  the sync's loop (measured: 1.09 times, against 1.03 now)."""
   rng = np.random.default_rng(0)
   params = {f"w{i}": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32) for i in range(4)}
   params.update({f"b{i}": jnp.zeros(256, jnp.float32) for i in range(8)})
-  tx = OPTIMIZERS[name][0](1e-3, optax_lamb16.comm.SimulatedRanks(2))
+  tx = OPTIMIZERS[name][0](1e-3, optax_lamb16.comm.SimulatedRanks(2), weight_decay=weight_decay)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def train_step(params, state, grads):
@@ -471,8 +474,8 @@ def test_donated_step_copies_no_state_and_keeps_temporaries_small(name, bound):
     return optax.apply_updates(params, updates), state
 
   compiled = train_step.lower(params, tx.init(params), params).compile()
-  entry = compiled.as_text().split("\nENTRY ")[1]
-  copies = [line for line in entry.splitlines() if " copy(" in line and "f32[256,256]" in line.split(" copy(")[0]]
+  module = compiled.as_text()
+  copies = [line for line in module.splitlines() if " copy(" in line and "f32[256,256]" in line.split(" copy(")[0]]
   assert not copies, copies
   param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
-  assert compiled.memory_analysis().temp_size_in_bytes <= bound * param_bytes
+  assert compiled.memory_analysis().temp_size_in_bytes <= 1.1 * param_bytes

@@ -33,18 +33,21 @@ def test_matches_numpy_oracle_through_all_phases(world, weight_decay):
   sync_steps = [t + 2 for t, kind in enumerate(log) if kind == "local+sync"]
   assert np.diff(sync_steps).max() == 4, sync_steps  # interval widened up to the clipper
   h.assert_close_to_oracle(got, trajectory, world)
-  # A sync zeroes the accumulated update lazily: it sets lr_sum to 0, which makes the buffer count as 0, and the buffer
-  # keeps that sync's update of the params; local steps accumulate again from 0.
+  # A sync zeroes the accumulated update lazily: it sets lr_sum to 0, which makes the buffer count as 0 whatever it
+  # holds, and the first local step after it accumulates from 0 again: the buffer then holds that step's movement.
+  after_sync = [t for t, kind in enumerate(log) if kind == "local" and t and log[t - 1] == "local+sync"]
+  assert after_sync, log
   for t, kind in enumerate(log):
     lr_sum = states.lr_sum[:, t]
     if kind == "local+sync":
       assert (lr_sum == 0).all(), (t, lr_sum)
-      for n in h.NAMES:
-        moved = got[n][:, t] - (got[n][:, t - 1] if t else params[n])
-        stored = states.accumulated_update[n][:, t].reshape(moved.shape)
-        np.testing.assert_allclose(stored, moved, rtol=1e-5, atol=1e-7 * np.abs(got[n][:, t]).max())
     elif kind == "local":
       assert (lr_sum > 0).all(), (t, lr_sum)
+      if t in after_sync:
+        for n in h.NAMES:
+          moved = got[n][:, t] - got[n][:, t - 1]
+          stored = states.accumulated_update[n][:, t].reshape(moved.shape)
+          np.testing.assert_allclose(stored, moved, rtol=1e-5, atol=1e-7 * np.abs(got[n][:, t]).max())
   # Parameters differ per rank between syncs and agree again (to rounding) at sync steps.
   for t, kind in enumerate(log):
     spread = max(np.abs(got[n][:, t] - got[n][0, t]).max() for n in h.NAMES)
@@ -109,3 +112,39 @@ def test_sharded_init_with_a_0d_param_matches_numpy_oracle_through_all_phases():
   phases = h.zero_one_adam_phases(jax.tree.map(lambda *a: np.stack(a)[None], *schedule))  # leaves (1, T)
   assert phases == oracle.log and {"variance", "compressed", "local", "local+sync"} <= set(phases), (phases,
                                                                                                      oracle.log)
+
+
+def test_sync_after_a_zero_learning_rate_keeps_m_and_moves_nothing():
+  """With a zero learning rate on every step since the last sync, `lr_sum` is 0 at the sync: DeepSpeed would set
+  ``m = -w / 0``. The library keeps m (the local step's) and leaves every rank's params where they are."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  freeze = 4
+  schedule = lambda count: jnp.where(count < freeze, 0.01, 0.0)  # learning rate 0 from the first local step on
+  tx = optax_lamb16.zero_one_adam(schedule, comm="data", var_freeze_step=freeze, local_step_scaler=1,
+                                  local_step_clipper=4)
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32), "b": jnp.zeros((2, 7), jnp.float32)}
+
+  def step(params, state, grads):
+    updates, new_state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), new_state
+
+  run = jax.jit(jax.vmap(step, axis_name="data"))
+  state = jax.vmap(tx.init, axis_name="data")(params)
+  syncs = 0
+  for t in range(16):
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+    new_params, new_state = jax.block_until_ready(run(params, state, grads))
+    if bool(state.frozen[0]) and int(new_state.lr_sum[0]) == 0 and float(state.lr_sum[0]) == 0:
+      if int(state.count[0] + 1) % int(state.local_step_interval[0]) == 0:  # a sync with lr_sum 0
+        syncs += 1
+        for n in params:
+          np.testing.assert_array_equal(new_params[n], params[n])
+          local_m = 0.9 * np.asarray(state.mu[n], np.float64) + 0.1 * np.asarray(grads[n], np.float64)
+          np.testing.assert_allclose(new_state.mu[n], local_m, rtol=1e-6)
+          assert np.isfinite(np.asarray(new_state.mu[n])).all()
+    params, state = new_params, new_state
+  assert syncs >= 2, syncs
