@@ -11,8 +11,9 @@ no network. `optax.adam`'s step on the same tree is timed alongside, in interlea
 Prints a markdown table and writes JSON (with the device named, and each step's page faults per call). Each call is
 a training step without the gradient: ``params, state -> apply_updates(params, update(grads, state, params)), new
 state``, with params and state donated as a training loop donates them (without donation XLA:CPU allocates and
-faults in fresh output buffers every call, and unchanged state cannot stay in place). Every call starts from copies
-of the same params and state, made before the clock starts, so every call runs the phase named in its row. `STEPS`
+faults in fresh output buffers every call, and unchanged state cannot stay in place). Every call continues from the
+previous call's outputs, as a training loop does, with the step counters and phase flags set back to those of the
+phase named in its row, so that every call runs that phase (`Continuing`). `STEPS`
 (the configurations) and `measure` are shared with `link_bench.py`, which times the same steps over real (throttled)
 links.
 """
@@ -110,6 +111,25 @@ def fresh_copy(tree):
   return jax.block_until_ready(jax.tree.map(lambda x: x.copy(), tree))
 
 
+class Continuing:
+  """The (params, state) of successive timed calls of one phase: each call takes the previous call's outputs, as a
+  training loop does, with the 0-d leaves (step counters, phase flags, 0/1 Adam's lr_sum) set back to those of the
+  phase, so that every call runs it. (Calls from fresh copies of the same arrays instead measure a step after a
+  copy of the whole state, which evicts the caches and slows the steps that read many buffers.)"""
+
+  def __init__(self, inputs):
+    self.phase, self.current = inputs, fresh_copy(inputs)  # the phase's own buffers are never donated
+
+  def take(self):
+    """The next call's (params, state), ready before the clock starts; pass its outputs to `give`."""
+    inputs, self.current = self.current, None
+    return jax.block_until_ready(jax.tree.map(lambda phase, now: phase.copy() if phase.ndim == 0 else now,
+                                              self.phase, inputs))
+
+  def give(self, outputs):
+    self.current = outputs
+
+
 class Runner:
   """Times one configuration's training step on one device, every call from donated copies of the same params and
   state."""
@@ -127,15 +147,15 @@ class Runner:
     # XLA's temporary buffers of one step: on XLA:CPU every call allocates them afresh, and above glibc's largest
     # mmap threshold (32 MiB) each call maps new pages and faults them in.
     self.temp_bytes = self.step.memory_analysis().temp_size_in_bytes
-    self.params, self.state = bring_into_phase(name, step, self.step, fresh_copy(params), state, grads)
+    self.inputs = Continuing(bring_into_phase(name, step, self.step, fresh_copy(params), state, grads))
     self.times, self.faults = [], []
     self.run(3, record=False)
 
   def run(self, calls, record=True):
     for _ in range(calls):
-      params, state = fresh_copy((self.params, self.state))
+      params, state = self.inputs.take()
       faults, start = minor_page_faults(), time.perf_counter()
-      jax.block_until_ready(self.step(params, state, self.grads))
+      self.inputs.give(jax.block_until_ready(self.step(params, state, self.grads)))
       if record:
         self.times.append(time.perf_counter() - start)
         self.faults.append(minor_page_faults() - faults)

@@ -135,15 +135,15 @@ def worker(args) -> None:
       # Params and state donated, as a training loop donates them (see `exchange_compute`).
       self.step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(param_spec, specs, P(data)),
                                         out_specs=(param_spec, specs)), donate_argnums=(0, 1))
-      self.params, self.state = exchange_compute.bring_into_phase(name, step, self.step, self.params, state,
-                                                                  global_grads)
+      self.inputs = exchange_compute.Continuing(exchange_compute.bring_into_phase(
+          name, step, self.step, self.params, state, global_grads))
 
     def call(self):
-      """One step from copies of the same params and state, made before the clock starts; returns its seconds and
-      this process's page faults."""
-      params, state = exchange_compute.fresh_copy((self.params, self.state))
+      """One step of this phase, from the previous step's outputs (`exchange_compute.Continuing`); returns its
+      seconds and this process's page faults."""
+      params, state = self.inputs.take()
       faults, start = exchange_compute.minor_page_faults(), time.perf_counter()
-      jax.block_until_ready(self.step(params, state, global_grads))
+      self.inputs.give(jax.block_until_ready(self.step(params, state, global_grads)))
       return time.perf_counter() - start, exchange_compute.minor_page_faults() - faults
 
     def time(self, link, steps):

@@ -119,7 +119,7 @@ def check_exchange(communicator: comm_lib.Communicator, exchange: compression.Co
   argument.
   """
   world = comm_lib.world_size(communicator)
-  compression.check_state(exchange, compression.tree_size(tree), world, comm_lib.ranks_per_host(communicator))
+  compression.check_state(exchange, compression.leaf_sizes(tree), world, comm_lib.ranks_per_host(communicator))
   return world
 
 

@@ -35,11 +35,15 @@ class CompressedAllReduceState(NamedTuple):
   """Per-rank error feedback of the compressed all-reduce (zeros at the start).
 
   Attributes:
-    worker_error: float32 (N_pad,), what this rank's sign compression left out so far.
+    worker_error: what this rank's sign compression left out so far: SPEC.md's float32 (N_pad,) buffer, kept as a
+      tuple of float32 vectors whose concatenation it is: one per group of leaves of the exchanged tree
+      (`error_groups`: each large leaf alone, each run of small ones together), then one for the padding. The
+      error of a large leaf then updates in place, and of its values only the sign bits are concatenated. Over a
+      `comm.TwoLevel` grid one vector, the shard's; for an element count n, (n, N_pad - n).
     server_error: float32 (N_pad / P,), what the compression of the chunk this rank averages left out so far.
-  With one rank (or an empty input) both are empty: the exchange is the identity.
+  With one rank (or an empty input) each is one empty vector: the exchange is the identity.
   """
-  worker_error: jax.Array
+  worker_error: tuple[jax.Array, ...]
   server_error: jax.Array
 
   # Fields that differ per rank (read by `sharding.state_partition_specs`).
@@ -71,17 +75,51 @@ def check_leaves(name: str, tree: Any) -> None:
 
 
 def tree_size(tree: Any) -> int:
-  return sum(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
+  return sum(leaf_sizes(tree))
 
 
-def error_buffer_lengths(n: int, world: int, ranks_per_host: int = 1) -> tuple[int, int]:
-  """Lengths of (worker_error, server_error) for exchanging `n` elements among `world` ranks, `ranks_per_host` to a
-  host: each rank compresses a shard of ``N_pad / L`` elements among the H hosts (both empty where H is 1)."""
-  hosts = world // ranks_per_host
-  if hosts == 1:
-    return 0, 0
-  shard = padded_length(n, world, ranks_per_host) // ranks_per_host
-  return shard, shard // hosts
+# A leaf of at least this many elements keeps its worker error in a vector of its own; smaller ones share one with
+# their neighbours. Each vector costs a buffer in every loop that carries the state (about 10 us per loop on
+# XLA:CPU), and a shared one a concatenation of its leaves (about as much for 2^16 elements).
+OWN_ERROR_VECTOR = 1 << 16
+
+
+def error_groups(sizes: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  """The ``[start, stop)`` ranges of leaves (of `sizes` elements, in tree-flatten order) whose worker errors share
+  one vector: a leaf of at least `OWN_ERROR_VECTOR` elements alone, consecutive smaller ones together until they
+  reach that size."""
+  groups, start, run = [], 0, 0
+  for index, size in enumerate(sizes):
+    if size >= OWN_ERROR_VECTOR and index > start:  # close the run of small leaves before it
+      groups.append((start, index))
+      start, run = index, 0
+    run += size
+    if run >= OWN_ERROR_VECTOR:
+      groups.append((start, index + 1))
+      start, run = index + 1, 0
+  if start < len(sizes):
+    groups.append((start, len(sizes)))
+  return tuple(groups)
+
+
+def error_buffer_lengths(sizes: tuple[int, ...], world: int,
+                         ranks_per_host: int = 1) -> tuple[tuple[int, ...], int]:
+  """Lengths of (the worker_error vectors, server_error) for exchanging leaves of `sizes` elements among
+  `world` ranks, `ranks_per_host` to a host: one worker vector per group of leaves (`error_groups`) plus the
+  padding's (L = 1), or each rank's shard of ``N_pad / L`` elements, compressed among the H hosts (L > 1);
+  everything empty where H is 1 or there is nothing to exchange."""
+  hosts, n = world // ranks_per_host, sum(sizes)
+  if hosts == 1 or n == 0:
+    return (0,), 0
+  n_pad = padded_length(n, world, ranks_per_host)
+  if ranks_per_host > 1:
+    return (n_pad // ranks_per_host,), n_pad // world
+  return (*(sum(sizes[start:stop]) for start, stop in error_groups(sizes)), n_pad - n), n_pad // world
+
+
+def leaf_sizes(tree: Any) -> tuple[int, ...]:
+  """Element counts of `tree`'s leaves, in tree-flatten order."""
+  return tuple(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
 
 def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllReduceState:
@@ -94,45 +132,63 @@ def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllRe
   if isinstance(tree_or_length, (int, np.integer)):
     if tree_or_length < 0:
       raise ValueError(f"`tree_or_length` must be a pytree or a non-negative element count, got {tree_or_length}.")
-    n, axes = int(tree_or_length), ()
+    sizes, axes = (int(tree_or_length),), ()
   else:
     check_leaves("tree_or_length", tree_or_length)
     # Varying over the data axis, and over the other axes the tree varies over (a "model" axis that shards it).
-    n, axes = tree_size(tree_or_length), comm_lib.other_axes(communicator, tree_or_length)
+    sizes, axes = leaf_sizes(tree_or_length), comm_lib.other_axes(communicator, tree_or_length)
   zeros = lambda length: comm_lib.mark_varying(
       comm_lib.mark_per_rank(communicator, jnp.zeros([length], jnp.float32)), axes)
-  return CompressedAllReduceState(*(zeros(length) for length in error_buffer_lengths(n, world, local)))
+  worker, server = error_buffer_lengths(sizes, world, local)
+  return CompressedAllReduceState(tuple(zeros(length) for length in worker), zeros(server))
 
 
-def check_state(state: CompressedAllReduceState, n: int, world: int, ranks_per_host: int = 1) -> None:
-  """Raises ValueError unless `state` holds the error buffers of an `n`-element exchange at world size `world`
-  (`ranks_per_host` to a host).
+def check_state(state: CompressedAllReduceState, sizes: tuple[int, ...], world: int, ranks_per_host: int = 1,
+                any_split: bool = False) -> None:
+  """Raises ValueError unless `state` holds the error buffers of an exchange of leaves of `sizes` elements at world
+  size `world` (`ranks_per_host` to a host). With `any_split` (a flat buffer, which `exchange_flat` splits as the
+  state's worker vectors are split) only the worker vectors' total length must fit.
 
   A state made for another world size (e.g. restored from a run on a different number of ranks) or for another
   model would otherwise mix up error feedback silently, or fail later with an error that names no argument.
   """
-  n_pad, chunk = error_buffer_lengths(n, world, ranks_per_host)
-  expected = ((n_pad,), (chunk,))
-  got = (jnp.shape(state.worker_error), jnp.shape(state.server_error))
-  if got == expected:
+  worker, chunk = error_buffer_lengths(sizes, world, ranks_per_host)
+  got_worker = tuple(int(math.prod(jnp.shape(w))) for w in state.worker_error) if isinstance(
+      state.worker_error, tuple) else None
+  got_server = jnp.shape(state.server_error)
+  well_formed = got_worker is not None and all(jnp.ndim(w) == 1 for w in state.worker_error)
+  if well_formed and got_server == (chunk,) and (
+      got_worker == worker or (any_split and sum(got_worker) == sum(worker))):
     return
-  made_for = ""
+  if not well_formed:
+    raise ValueError(
+        f"The compressed all-reduce state's `worker_error` must be a tuple of 1-d float32 vectors (one per group of "
+        f"leaves and one for the padding), got {jax.tree.map(jnp.shape, state.worker_error)}. Re-create the state "
+        f"with `init` (the optimizer's, or `init_compressed_allreduce`).")
+  total, n_pad, server = sum(got_worker), sum(worker), int(math.prod(got_server))
   grid = f" ({world // ranks_per_host} hosts of {ranks_per_host} ranks)" if ranks_per_host > 1 else ""
-  if got == ((0,), (0,)):
+  if (total, got_server) == (n_pad, (chunk,)):  # the right world size, split for other leaves
+    raise ValueError(
+        f"The compressed all-reduce state does not fit the leaves: its worker_error vectors have lengths "
+        f"{got_worker}, but leaves of {sizes} elements need {worker} (`error_groups`, then the padding). Make the "
+        f"state with `init_compressed_allreduce` from the tree you exchange (or an optimizer's `init` from the "
+        f"params), not from another tree or an element count.")
+  made_for = ""
+  if total == 0 and server == 0:
     made_for = " (it looks made for 1 rank, e.g. comm=None)"
-  elif ranks_per_host == 1 and len(got[0]) == 1 and len(got[1]) == 1 and got[1][0] and got[0][0] % got[1][0] == 0:
-    ranks = got[0][0] // got[1][0]
+  elif ranks_per_host == 1 and len(got_server) == 1 and server and total % server == 0:
+    ranks = total // server
     if ranks != world:
       made_for = f" (it looks made for {ranks} ranks)"
-    elif got[0][0] == world * n_pad:
+    elif total == world * n_pad:
       made_for = (" (these look like the global arrays of all ranks: give each rank its own part, with the specs "
                   "of `state_partition_specs`)")
   raise ValueError(
-      f"The compressed all-reduce state does not fit: its error buffers (worker_error, server_error) have shapes "
-      f"{got[0]} and {got[1]}, but {n} elements at world size {world}{grid} need {expected[0]} and {expected[1]}"
-      f"{made_for}. The state was made for another world size or another model: re-create it with `init` (the "
-      f"optimizer's, or `init_compressed_allreduce`) where `comm` spans the current ranks. This restarts the error "
-      f"feedback from zero, as DeepSpeed does on every checkpoint load.")
+      f"The compressed all-reduce state does not fit: its error buffers (worker_error, server_error) hold {total} "
+      f"and {server} elements, but {sum(sizes)} elements at world size {world}{grid} need {n_pad} and "
+      f"{chunk}{made_for}. The state was made for another world size or another model: re-create it with `init` "
+      f"(the optimizer's, or `init_compressed_allreduce`) where `comm` spans the current ranks. This restarts the "
+      f"error feedback from zero, as DeepSpeed does on every checkpoint load.")
 
 
 def signs(x: jax.Array) -> jax.Array:
@@ -140,8 +196,11 @@ def signs(x: jax.Array) -> jax.Array:
   return jnp.where(x < 0, -1.0, 1.0).astype(jnp.float32)
 
 
-def pack_signs(x: jax.Array) -> jax.Array:
-  """One bit per element, 1 for sgn(x) = +1, eight to a byte, most significant bit first."""
+def pack_signs(x: jax.Array | list[jax.Array]) -> jax.Array:
+  """One bit per element, 1 for sgn(x) = +1, eight to a byte, most significant bit first. A list of vectors is
+  packed as their concatenation, of which only the bits are formed (a quarter of the floats' bytes)."""
+  if isinstance(x, list):
+    return jnp.packbits(jnp.concatenate([jnp.logical_not(part < 0) for part in x]), bitorder="big")
   return jnp.packbits(jnp.logical_not(x < 0), axis=-1, bitorder="big")
 
 
@@ -169,8 +228,10 @@ def _split_scale(rows: jax.Array) -> tuple[jax.Array, jax.Array]:
   return rows[:, :-4], jax.lax.bitcast_convert_type(rows[:, -4:], jnp.float32)
 
 
-def _rms(x: jax.Array) -> jax.Array:
-  return jnp.linalg.norm(x) / jnp.sqrt(jnp.float32(x.size))
+def _rms(parts: list[jax.Array]) -> jax.Array:
+  """The RMS of the concatenation of `parts`, reduced part by part (nothing concatenated)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(part)) for part in parts)) / jnp.sqrt(
+      jnp.float32(sum(part.size for part in parts)))
 
 
 class SignPayload(NamedTuple):
@@ -215,26 +276,32 @@ def exchange_flat(x: jax.Array, state: CompressedAllReduceState,
   if x.ndim != 1 or (world > 1 and x.shape[0] != padded_length(x.shape[0], world, local)):
     raise ValueError(f"`x` must be a flat buffer padded to `padded_length(n, {world}, {local})`, got shape "
                      f"{x.shape}; `compressed_allreduce` pads pytrees itself.")
-  check_state(state, x.shape[0], world, local)
+  check_state(state, x.shape, world, local, any_split=True)
   if x.size == 0:
     return _empty_result(x), state
   if world == 1:  # the identity, typed as replicated (see `compressed_allreduce`)
     return communicator.mean(x), state
-  if local == 1:
-    return _sign_exchange(x.astype(jnp.float32) + state.worker_error, state.server_error, communicator, world)
-  return _two_level_exchange(x.astype(jnp.float32), state, communicator)
+  if local > 1:
+    return _two_level_exchange(x.astype(jnp.float32), state, communicator)
+  parts, offset = [], 0
+  for error in state.worker_error:  # split as the state is (by the groups of leaves of the tree it was made for)
+    parts.append(x[offset:offset + error.shape[0]].astype(jnp.float32) + error)
+    offset += error.shape[0]
+  return _sign_exchange(parts, state.server_error, communicator, world)
 
 
-def _sign_exchange(corrected: jax.Array, server_error: jax.Array, communicator: comm_lib.Communicator,
+def _sign_exchange(corrected: list[jax.Array], server_error: jax.Array, communicator: comm_lib.Communicator,
                    world: int) -> tuple[SignPayload, CompressedAllReduceState]:
   """SPEC.md section 3, steps 1-5, among the `world` ranks of `communicator`, from step 1's sum `corrected` (the
-  padded float32 buffer plus the worker error)."""
-  chunk = corrected.shape[0] // world
-  # 1-2. Worker: compress the buffer plus its residual to sign bits and one scale.
+  padded float32 buffer plus the worker error) in the parts its worker-error vectors split it into."""
+  chunk = sum(part.shape[0] for part in corrected) // world
+  # 1-2. Worker: compress the buffer plus its residual to sign bits and one scale. Part by part, so that each
+  # vector's error is written over its old value and only the bits are concatenated (a quarter of the floats' bytes).
   worker_scale = _rms(corrected)
-  worker_error = corrected - worker_scale * signs(corrected)
+  worker_error = tuple(part - worker_scale * signs(part) for part in corrected)
+  bits = pack_signs(corrected)
   # 3. Rank r receives chunk r of every rank, each followed by its sender's scale (one round, not two).
-  received = communicator.all_to_all(_with_scale(pack_signs(corrected).reshape(world, chunk // 8), worker_scale))
+  received = communicator.all_to_all(_with_scale(bits.reshape(world, chunk // 8), worker_scale))
   received_bits, worker_scales = _split_scale(received)
   # 4. Server: average the chunk this rank owns, sequentially over ranks (a fixed order, like the oracle).
   received_signs = unpack_signs(received_bits)
@@ -242,7 +309,7 @@ def _sign_exchange(corrected: jax.Array, server_error: jax.Array, communicator: 
   for rank in range(world):
     averaged = averaged + (worker_scales[rank] / world) * received_signs[rank]
   averaged = averaged + server_error
-  server_scale = _rms(averaged)
+  server_scale = _rms([averaged])
   server_error = averaged - server_scale * signs(averaged)
   # 5. Everyone gathers every server's bits and scale (one round); `decode` gives the same values on every rank.
   all_bits, server_scales = _split_scale(communicator.all_gather(_with_scale(pack_signs(averaged), server_scale)))
@@ -262,7 +329,7 @@ def _two_level_exchange(x: jax.Array, state: CompressedAllReduceState,
   if hosts == 1:  # one host: exact, and typed replicated over the slow axis
     return grid.fast.all_gather(grid.slow.mean(shard)).reshape(-1), state
   # 2. Shard l is compressed among the ranks (h, l) of all hosts: the same bytes decode on every host.
-  payload, state = _sign_exchange(shard + state.worker_error, state.server_error, grid.slow, hosts)
+  payload, state = _sign_exchange([shard + state.worker_error[0]], state.server_error, grid.slow, hosts)
   # 3. The ranks of a host gather their shards' bits and scales (one round, 1/32 of the shards' floats): shards in
   # rank order, each its hosts' chunks in order.
   gathered = grid.fast.all_gather(_with_scale(payload.bits, payload.scales))
@@ -297,7 +364,7 @@ def exchange(tree: Any, state: CompressedAllReduceState,
   world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
   check_leaves("tree", tree)
   n = tree_size(tree)
-  check_state(state, n, world, local)
+  check_state(state, leaf_sizes(tree), world, local)
   if n == 0:
     return _empty_result(tree), state
   if world == 1:  # the identity; a mean over one rank also gives it the replicated type a mesh axis expects
@@ -306,7 +373,10 @@ def exchange(tree: Any, state: CompressedAllReduceState,
     payload, state = exchange_flat(jnp.pad(flatten(tree), (0, padded_length(n, world, local) - n)), state,
                                    communicator)
     return (payload if isinstance(payload, SignPayload) else unflatten_like(payload[:n], tree)), state
-  return _sign_exchange(_flatten_onto(tree, state.worker_error), state.server_error, communicator, world)
+  leaves = [jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
+  corrected = [jnp.concatenate(leaves[start:stop]) + error for (start, stop), error in
+               zip(error_groups(leaf_sizes(tree)), state.worker_error)]
+  return _sign_exchange([*corrected, state.worker_error[-1]], state.server_error, communicator, world)
 
 
 def decode_like(payload: SignPayload | Any, tree: Any) -> Any:
@@ -314,18 +384,6 @@ def decode_like(payload: SignPayload | Any, tree: Any) -> Any:
   if not isinstance(payload, SignPayload):
     return payload
   return unflatten_like(decode(payload)[:tree_size(tree)], tree)
-
-
-def _flatten_onto(tree: Any, buffer: jax.Array) -> jax.Array:
-  """``buffer + flatten(tree)`` zero-padded to the buffer's length, each leaf adding its slice of `buffer` before
-  the concatenation: XLA then writes the concatenation into `buffer`'s own memory where that is donated (the
-  worker error), while the sum of a flat copy of the tree and the buffer needs a second tree-sized temporary."""
-  parts, offset = [], 0
-  for leaf in jax.tree.leaves(tree):
-    size = math.prod(jnp.shape(leaf))
-    parts.append(jnp.ravel(leaf).astype(jnp.float32) + buffer[offset:offset + size])
-    offset += size
-  return jnp.concatenate([*parts, buffer[offset:]])
 
 
 def compressed_allreduce(tree: Any, state: CompressedAllReduceState,

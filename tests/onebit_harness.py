@@ -264,6 +264,12 @@ class Stepper:
     return (jax.tree.map(lambda a: a[None], local) if self.per_rank_params else local), state
 
 
+def flat_errors(state: optax_lamb16.CompressedAllReduceState) -> optax_lamb16.CompressedAllReduceState:
+  """`state` with its worker_error vectors concatenated on their last axis as NumPy: SPEC.md's one buffer (of one
+  rank, or stacked over ranks and calls), as the oracles keep it."""
+  return state._replace(worker_error=np.concatenate([np.asarray(w) for w in state.worker_error], axis=-1))
+
+
 def same_bits(a, b) -> bool:
   """Bitwise equality of two pytrees of (global) arrays, on the shards this process holds."""
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

@@ -246,18 +246,29 @@ def test_onebit_lamb_padding_tail_of_another_world_size_is_rejected():
 
 def test_state_sharded_for_2_ranks_used_on_4_inside_shard_map_is_rejected():
   """The realistic case: a state laid out by `sharded_init` on 2 devices, fed to a step on a 4-device mesh."""
-  params = {"w": jnp.ones((5, 7)), "b": jnp.ones(5)}
   tx = optax_lamb16.onebit_adam(0.01, comm="data", freeze_step=2)
-  state = optax_lamb16.sharded_init(tx, params, make_mesh(2), "data")
-  specs = optax_lamb16.state_partition_specs(state, "data")
-  step = jax.jit(jax.shard_map(lambda p, s: tx.update(p, s, p)[0], mesh=make_mesh(4), in_specs=(P(), specs),
-                               out_specs=P()))
-  with pytest.raises(ValueError, match=r"at world size 4 need \(64,\) and \(16,\)"):
+
+  def state_and_step(params):  # the state laid out for 2 ranks, the step for 4
+    state = optax_lamb16.sharded_init(tx, params, make_mesh(2), "data")
+    specs = optax_lamb16.state_partition_specs(state, "data")
+    return state, jax.jit(jax.shard_map(lambda p, s: tx.update(p, s, p)[0], mesh=make_mesh(4),
+                                        in_specs=(P(), specs), out_specs=P()))
+
+  params = {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}  # each rank's error vectors: 40 (b and w) and 8 (padding)
+  state, step = state_and_step(params)
+  with pytest.raises(ValueError, match=r"hold 24 and 12 elements, but 40 elements at world size 4 need 64 and 16 "
+                                       r"\(it looks made for 2 ranks\)"):
     step(params, state)
+  # Vectors that do not split into 4 ranks' parts: `shard_map` itself names them before the update runs.
+  odd = {"w": jnp.ones((5, 7))}  # 35 elements, padded to 48: vectors of 35 and 13 per rank
+  state, step = state_and_step(odd)
+  with pytest.raises(ValueError, match=r"exchange\.worker_error\[0\] of shape float32\[70\].*4 does not evenly "
+                                       r"divide 70"):
+    step(odd, state)
   # The global arrays passed to a rank whole (no per-rank specs) are recognised as such.
   with pytest.raises(ValueError, match=r"look like the global arrays of all ranks.*`state_partition_specs`"):
     jax.jit(jax.shard_map(lambda p, s: tx.update(p, s, p)[0], mesh=make_mesh(2), in_specs=P(), out_specs=P(),
-                          check_vma=False))(params, state)
+                          check_vma=False))(odd, state)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -284,7 +295,7 @@ def test_compressed_mean_rejects_grads_unlike_its_init_or_params():
   with pytest.raises(ValueError, match=r"Leaf \['w'\] has shape \(2, 2\) in `updates` but \(2, 3\) in `params`"):
     tx.update({"w": jnp.ones((2, 2)), "b": jnp.ones(3)}, state, params)
   bigger = {"w": jnp.ones((20, 3)), "b": jnp.ones(3)}  # 63 elements: the error buffers were made for 9
-  with pytest.raises(ValueError, match=r"63 elements at world size 2 need \(64,\).*another model"):
+  with pytest.raises(ValueError, match=r"63 elements at world size 2 need 64 and 32.*another model"):
     tx.update(bigger, state)
 
 
@@ -325,7 +336,8 @@ def test_non_float_leaves_are_rejected_by_the_building_blocks(dtype):
   with pytest.raises(ValueError, match=r"`tree_or_length` must be a pytree or a non-negative element count, got -1"):
     optax_lamb16.init_compressed_allreduce(-1, None)
   # A NumPy integer is an element count, not a one-element tree.
-  assert optax_lamb16.init_compressed_allreduce(np.int64(40), IdenticalRanks(2)).worker_error.shape == (48,)
+  assert [w.shape for w in optax_lamb16.init_compressed_allreduce(np.int64(40), IdenticalRanks(2)).worker_error] == [
+      (40,), (8,)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

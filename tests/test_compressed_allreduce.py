@@ -1,5 +1,7 @@
 """The error-feedback 1-bit compressed all-reduce against the NumPy oracle of SPEC.md section 3, and its invariants."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +42,7 @@ def run_calls(inputs, comm="data", all_states=False):
   f = jax.jit(jax.shard_map(per_rank, mesh=make_mesh(world), in_specs=P("data"), out_specs=(P("data"), state_specs)))
   outs, state = f(jnp.asarray(inputs))
   shape = (world, inputs.shape[1], -1) if all_states else (world, -1)
-  return np.asarray(outs), jax.tree.map(lambda x: np.asarray(x).reshape(shape), state)
+  return np.asarray(outs), jax.tree.map(lambda x: np.asarray(x).reshape(shape), h.flat_errors(state))
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
@@ -124,9 +126,10 @@ def test_compressed_mean_transform_in_a_chain_keeps_replicas_identical():
   tx = optax.chain(optax_lamb16.compressed_mean("data"), optax_lamb16.lamb16(0.01))
   state = optax_lamb16.sharded_init(tx, params, mesh, "data")
   specs = optax_lamb16.state_partition_specs(state, "data")
-  assert specs[0] == optax_lamb16.CompressedAllReduceState(P("data"), P("data"))
+  assert specs[0] == optax_lamb16.CompressedAllReduceState((P("data"),) * 2, P("data"))
   assert all(s == P() for s in jax.tree.leaves(specs[1], is_leaf=lambda x: isinstance(x, P)))
-  assert state[0].worker_error.shape == (world * car.padded_length(35, world),)
+  # One error vector for the two small leaves, then the padding's (per rank, laid out over the data axis).
+  assert [w.shape for w in state[0].worker_error] == [(world * 35,), (world * (car.padded_length(35, world) - 35),)]
 
   def local_step(params, state, x):
     grads = jax.grad(lambda p: jnp.sum((x[0] @ p["w"] + p["b"]) ** 2))(optax_lamb16.local_view(params, "data"))
@@ -143,7 +146,42 @@ def test_compressed_mean_transform_in_a_chain_keeps_replicas_identical():
   for leaf in jax.tree.leaves(local):
     for r in range(1, world):
       np.testing.assert_array_equal(leaf[r], leaf[0])
-  assert float(jnp.abs(state[0].worker_error).sum()) > 0  # error feedback is being kept per rank
+  assert float(jnp.abs(h.flat_errors(state[0]).worker_error).sum()) > 0  # error feedback is being kept per rank
+
+
+def test_large_leaves_keep_their_own_error_vectors_and_the_exchange_is_unchanged():
+  """A leaf of at least `OWN_ERROR_VECTOR` elements keeps its worker error in a vector of its own, runs of smaller
+  ones share one, then the padding's: their concatenation is SPEC.md's buffer, and three calls over a tree of both
+  kinds match the oracle on the flattened tree, outputs bitwise the same on both ranks."""
+  big = car.OWN_ERROR_VECTOR
+  shapes = {"a": (300,), "b_big": (2, big // 2 + 100), "c": (40,), "d": (7,), "e_big": (big,)}
+  sizes = tuple(math.prod(s) for s in shapes.values())
+  assert car.error_groups(sizes) == ((0, 1), (1, 2), (2, 4), (4, 5))
+  world, calls, n = 2, 3, sum(sizes)
+  rng = np.random.default_rng(0)
+  inputs = [{k: rng.standard_normal((world, *s)).astype(np.float32) for k, s in shapes.items()} for _ in range(calls)]
+
+  def per_rank(trees):  # trees: this rank's inputs of each call (a named `jax.vmap` axis simulates the ranks)
+    state = optax_lamb16.init_compressed_allreduce(trees[0], "data")
+    outs = []
+    for tree in trees:
+      out, state = optax_lamb16.compressed_allreduce(tree, state, "data")
+      outs.append(out)
+    return outs, state
+
+  outs, state = jax.jit(jax.vmap(per_rank, axis_name="data"))(inputs)
+  pad = car.padded_length(n, world) - n
+  assert [w.shape for w in state.worker_error] == [(world, 300), (world, big + 200), (world, 47), (world, big),
+                                                   (world, pad)]
+  oracle = reference.CompressedAllReduceReference(n, world)
+  flat = lambda tree, r: np.concatenate([np.ravel(np.asarray(tree[k][r])) for k in shapes])
+  for t in range(calls):
+    want = oracle([flat(inputs[t], r) for r in range(world)])
+    np.testing.assert_array_equal(flat(outs[t], 0), flat(outs[t], 1))
+    np.testing.assert_allclose(flat(outs[t], 0), want, rtol=2e-6, atol=1e-6, err_msg=f"call {t}")
+  errors = h.flat_errors(state).worker_error
+  for r in range(world):
+    np.testing.assert_allclose(errors[r], oracle.worker_error[r], rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_comm_type_is_rejected():
@@ -158,7 +196,7 @@ def test_unbound_axis_name_is_a_clear_error():
 
 def test_state_of_another_world_size_is_rejected():
   mesh = make_mesh(4)
-  state_for_2 = optax_lamb16.CompressedAllReduceState(jnp.zeros(car.padded_length(100, 2)),
+  state_for_2 = optax_lamb16.CompressedAllReduceState((jnp.zeros(100), jnp.zeros(car.padded_length(100, 2) - 100)),
                                                       jnp.zeros(car.padded_length(100, 2) // 2))
 
   def f(x):

@@ -456,13 +456,15 @@ def test_run_if_runs_the_body_once_when_due_and_never_otherwise():
 @pytest.mark.parametrize("name", ["onebit_adam", "zero_one_adam"])
 def test_donated_step_copies_no_state_and_keeps_temporaries_small(name, weight_decay):
   """A donated training step (two ranks simulated; one program for every phase) compiles with no copy of a
-  parameter-sized buffer anywhere, the phases' loops included, and with XLA temporaries of at most 1.1 times the
-  parameter bytes (the flattened buffer the exchange needs). On XLA:CPU temporaries are allocated afresh on every
-  call. With a `lax.cond` around the phases, XLA copied the state that the branch taken leaves unchanged: 2.5-7
-  times the parameter bytes per step. XLA also copies a donated buffer whose old value two passes read while one of
-  them overwrites it: with 0/1 Adam's accumulated update zeroed at the sync (not lazily), 1.53 times the parameter
-  bytes of temporaries; with its sync computing the local step twice around the exchange, a copy of the buffer in
-  the sync's loop (measured: 1.09 times, against 1.03 now)."""
+  parameter-sized buffer anywhere, the phases' loops included, and with XLA temporaries of at most 0.25 times the
+  parameter bytes for 1-bit Adam (each large leaf's worker error is updated in place, and only sign bits are
+  concatenated: with one flat error buffer the exchange needed a flattened copy of the tree, 1.03 times) and 1.1
+  times for 0/1 Adam (whose last pass keeps each leaf's direction for its three outputs). On XLA:CPU temporaries
+  are allocated afresh on every call. With a `lax.cond` around the phases, XLA copied the state that the branch
+  taken leaves unchanged: 2.5-7 times the parameter bytes per step. XLA also copies a donated buffer whose old value
+  two passes read while one of them overwrites it: with 0/1 Adam's accumulated update zeroed at the sync (not
+  lazily), 1.53 times the parameter bytes of temporaries; with its sync computing the local step twice around the
+  exchange, a copy of the buffer in the sync's loop (measured: 1.09 times, against 1.00 now)."""
   rng = np.random.default_rng(0)
   params = {f"w{i}": jnp.asarray(rng.normal(size=(256, 256)), jnp.float32) for i in range(4)}
   params.update({f"b{i}": jnp.zeros(256, jnp.float32) for i in range(8)})
@@ -478,4 +480,5 @@ def test_donated_step_copies_no_state_and_keeps_temporaries_small(name, weight_d
   copies = [line for line in module.splitlines() if " copy(" in line and "f32[256,256]" in line.split(" copy(")[0]]
   assert not copies, copies
   param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
-  assert compiled.memory_analysis().temp_size_in_bytes <= 1.1 * param_bytes
+  bound = {"onebit_adam": 0.25, "zero_one_adam": 1.1}[name]
+  assert compiled.memory_analysis().temp_size_in_bytes <= bound * param_bytes

@@ -52,7 +52,7 @@ def test_matches_numpy_oracle_for_12_calls(hosts, local):
   inputs = random_inputs(world, calls, n, seed=hosts * 10 + local)
   outs, states = jax.tree.map(np.asarray, exchange_fn(hosts, local, n)(jnp.asarray(inputs)))
   oracle = reference.TwoLevelCompressedAllReduceReference(n, hosts, local)
-  per_rank_states = jax.tree.map(lambda a: a.reshape(world, calls, -1), states)
+  per_rank_states = jax.tree.map(lambda a: a.reshape(world, calls, -1), h.flat_errors(states))
   for t in range(calls):
     if t > 0 and hosts > 1:  # start this call from the error feedback the JAX code carried
       for r in range(world):
@@ -66,7 +66,7 @@ def test_matches_numpy_oracle_for_12_calls(hosts, local):
         np.testing.assert_allclose(per_rank_states.server_error[r, t], server, rtol=1e-5, atol=1e-5)
   if hosts == 1:  # one host: the exact mean, and no error feedback to keep
     np.testing.assert_allclose(outs[0], inputs.mean(axis=0), rtol=1e-5, atol=1e-6)
-    assert states.worker_error.size == 0
+    assert [w.size for w in states.worker_error] == [0]
 
 
 @pytest.mark.parametrize("hosts,local", [(2, 2), (2, 3)])
@@ -83,9 +83,10 @@ def test_error_buffers_are_one_shard_long():
   n, hosts, local = 1000, 2, 4
   n_pad = car.padded_length(n, hosts * local, local)
   assert n_pad % (local * hosts * 8) == 0 and n_pad >= n
-  assert car.error_buffer_lengths(n, hosts * local, local) == (n_pad // local, n_pad // (local * hosts))
+  assert car.error_buffer_lengths((n,), hosts * local, local) == ((n_pad // local,), n_pad // (local * hosts))
+  assert car.error_buffer_lengths((600, 400), hosts * local, local) == ((n_pad // local,), n_pad // (local * hosts))
   _, states = exchange_fn(hosts, local, n)(jnp.zeros((hosts * local, 1, n)))
-  assert states.worker_error.shape == (hosts * local, 1, n_pad // local)
+  assert [w.shape for w in states.worker_error] == [(hosts * local, 1, n_pad // local)]
 
 
 def test_grid_collectives_match_the_flat_axis_pair():
@@ -161,7 +162,7 @@ def test_onebit_optimizers_over_the_grid_match_their_oracles(name):
 def test_state_of_a_flat_layout_is_rejected_on_the_grid():
   """Error buffers made for 4 ranks in one level (N_pad long) do not fit 2 hosts x 2 ranks (N_pad / 2 long)."""
   n = 1000
-  flat_state = optax_lamb16.CompressedAllReduceState(jnp.zeros(car.padded_length(n, 4)),
+  flat_state = optax_lamb16.CompressedAllReduceState((jnp.zeros(n), jnp.zeros(car.padded_length(n, 4) - n)),
                                                      jnp.zeros(car.padded_length(n, 4) // 4))
   comm = grid_comm()
 
