@@ -20,7 +20,10 @@ their length depends on the world size. By default that is an error; ``on_world_
 continues the way DeepSpeed always does: error feedback (and 1-bit LAMB's padding tail) from zero, every other
 replicated leaf as saved, and other per-rank leaves (0/1 Adam's momentum and accumulated update, which differ
 between ranks only between syncs) taken from rank 0. Per-rank leaves are laid out rank by rank along their first
-axis (a 0-d per-rank leaf is one value, taken as saved); `target`'s must be laid out for `world_size` ranks.
+axis (a 0-d per-rank leaf is one value, taken as saved); `target`'s must be laid out for `world_size` ranks. The
+same option restores a checkpoint whose error buffers are laid out otherwise than `target`'s, everything else being
+the same (one written before the worker error was kept by groups of leaves): error feedback from zero, the rest as
+saved.
 
 Example:
   >>> import tempfile, jax.numpy as jnp, optax_lamb16
@@ -218,14 +221,14 @@ def _describe(tree: Any) -> tuple[list[dict], Any]:
            "role": role} for (path, leaf), role in zip(leaves, roles)], treedef
 
 
-def _split(leaves: list[Any], described: list[dict]) -> dict[str, dict[str, Any]]:
-  """Leaves grouped into items, replicated ones and those laid out by world size, keyed by their flat index (paths
-  are not file-name safe).
+def _split(leaves: list[Any], described: list[dict], indices: list[int] | None = None) -> dict[str, dict[str, Any]]:
+  """Leaves grouped into items, replicated ones and those laid out by world size, keyed by their flat index in the
+  saved tree (`indices`, default their own; paths are not file-name safe).
 
   Empty leaves (e.g. the error buffers of a single rank) carry no data and are left out: Orbax cannot store them.
   """
   items = {"replicated": {}, "by_world_size": {}}
-  for index, (leaf, info) in enumerate(zip(leaves, described)):
+  for index, leaf, info in zip(indices or range(len(leaves)), leaves, described):
     if math.prod(info["shape"]) == 0:
       continue
     items["replicated" if info["role"] == sharding.REPLICATED else "by_world_size"][f"{index:06d}"] = leaf
@@ -420,20 +423,38 @@ class Checkpointer:
           f"{world_size} (`world_size`). The error-feedback buffers are split by rank and cannot be re-split. Run "
           f"on {old_world} ranks, or pass `on_world_size_change=\"reset_error_feedback\"` to restart the "
           "error feedback from zero (as DeepSpeed does on every load) and keep everything else.")
-    _check_same_leaves(meta["leaves"], described, old_world, world_size)
+    saved = meta["leaves"]
+    # Which saved leaf each target leaf is restored from: the same one, or where only the error buffers' layout
+    # differs, each other leaf's own (the error buffers restart from zero).
+    relaid = _error_feedback_relaid(saved, described)
+    if relaid and on_world_size_change == "error":
+      raise ValueError(
+          f"checkpoint step {step} holds its error-feedback buffers in another layout than `target` (e.g. one "
+          f"written by an earlier optax_lamb16, which kept each rank's worker error as one buffer); everything else "
+          f"matches. Pass `on_world_size_change=\"reset_error_feedback\"` to restart the error feedback from zero "
+          f"(as DeepSpeed does on every load) and keep everything else.")
+    restarts = lambda info: relaid and info["role"] == sharding.ERROR_FEEDBACK
+    kept = [i for i, info in enumerate(described) if not restarts(info)]
+    source = dict(zip(kept, [i for i, info in enumerate(saved) if not restarts(info)]))
+    _check_same_leaves([saved[source[i]] for i in kept], [described[i] for i in kept], old_world, world_size)
 
     targets = [_abstract(leaf) for leaf in jax.tree.leaves(target)]
     abstract = targets
     if resized:
       # Leaves laid out by world size come back whole and replicated, then are re-laid out for this world size.
-      abstract = [leaf if info["role"] == sharding.REPLICATED else
-                  jax.ShapeDtypeStruct(tuple(saved["shape"]), leaf.dtype, sharding=_replicated_like(leaf))
-                  for leaf, info, saved in zip(targets, described, meta["leaves"])]
-    wanted = _split(abstract, described)
+      abstract = [leaf if info["role"] == sharding.REPLICATED or i not in source else
+                  jax.ShapeDtypeStruct(tuple(saved[source[i]]["shape"]), leaf.dtype, sharding=_replicated_like(leaf))
+                  for i, (leaf, info) in enumerate(zip(targets, described))]
+    # Saved error buffers that no target leaf takes are read all the same (Orbax reads whole items), then dropped.
+    dropped = [i for i in range(len(saved)) if i not in source.values()]
+    dropped_abstract = [jax.ShapeDtypeStruct(tuple(saved[i]["shape"]), saved[i]["dtype"],
+                                             sharding=_replicated_like(targets[0])) for i in dropped]
+    wanted = _split([abstract[i] for i in kept] + dropped_abstract,
+                    [described[i] for i in kept] + [saved[i] for i in dropped], [source[i] for i in kept] + dropped)
     restored = self._read(step, {name: ocp.args.StandardRestore(item) for name, item in wanted.items()})
     flat = {**restored.get("replicated", {}), **restored.get("by_world_size", {})}
-    leaves = [flat[f"{index:06d}"] if f"{index:06d}" in flat else _zeros(target_leaf)
-              for index, target_leaf in enumerate(targets)]
+    leaves = [flat[f"{source[i]:06d}"] if i in source and f"{source[i]:06d}" in flat else _zeros(target_leaf)
+              for i, target_leaf in enumerate(targets)]
     if resized:
       leaves = [_relayout(leaf, target_leaf, info["role"], old_world, world_size)
                 for leaf, target_leaf, info in zip(leaves, targets, described)]
@@ -488,6 +509,16 @@ def _per_rank_shape_problem(saved: list[int], wanted: list[int], role: str, old_
       return (f"does not hold {new_world} blocks of the saved per-rank shape {[block, *saved[1:]]} (`world_size` "
               f"is {new_world})")
   return None
+
+
+def _error_feedback_relaid(saved: list[dict], wanted: list[dict]) -> bool:
+  """Whether the two trees' error-feedback leaves differ (in paths or shapes) while their other leaves have the same
+  paths, dtypes and roles (their shapes, which a world-size change may change too, are checked leaf by leaf)."""
+  error_feedback = lambda leaves: [(leaf["path"], leaf["shape"]) for leaf in leaves
+                                   if leaf["role"] == sharding.ERROR_FEEDBACK]
+  others = lambda leaves: [(leaf["path"], leaf["dtype"], leaf["role"]) for leaf in leaves
+                           if leaf["role"] != sharding.ERROR_FEEDBACK]
+  return error_feedback(saved) != error_feedback(wanted) and others(saved) == others(wanted)
 
 
 def _check_same_leaves(saved: list[dict], wanted: list[dict], old_world: int, new_world: int) -> None:

@@ -80,6 +80,31 @@ def test_a_world_size_change_is_an_error_unless_error_feedback_is_reset(name, tm
   assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(params))
 
 
+def test_error_buffers_of_another_layout_restart_from_zero_only_when_asked(tmp_path):
+  """A checkpoint whose error buffers are laid out otherwise, everything else the same (as written by the version
+  that kept each rank's worker error as one flat buffer): an error naming the fix, and with it the error feedback
+  from zero and every other leaf as saved."""
+  saved = _trained("onebit_adam", 4, 9)  # in the compression phase: error buffers are non-zero
+  exchange = _exchange(saved.state)
+  flat = jnp.concatenate(exchange.worker_error)  # rank blocks differ in the flat layout, but one array all the same
+  old_layout = jax.tree.map(lambda node: node._replace(worker_error=flat)
+                            if isinstance(node, optax_lamb16.CompressedAllReduceState) else node, saved.state,
+                            is_leaf=lambda node: isinstance(node, optax_lamb16.CompressedAllReduceState))
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(9, {"opt_state": old_layout}, world_size=4)
+    with pytest.raises(ValueError, match=r"error-feedback buffers in another layout.*reset_error_feedback"):
+      checkpoints.restore({"opt_state": saved.state}, world_size=4)
+    restored = checkpoints.restore({"opt_state": saved.state}, world_size=4,
+                                   on_world_size_change="reset_error_feedback")["opt_state"]
+  roles = jax.tree.leaves(sharding.leaf_roles(restored))
+  for role, got, was in zip(roles, jax.tree.leaves(restored), jax.tree.leaves(saved.state)):
+    assert got.shape == was.shape and got.sharding == was.sharding
+    if role == sharding.ERROR_FEEDBACK:
+      assert not np.asarray(got).any()
+    else:
+      assert np.asarray(got).tobytes() == np.asarray(was).tobytes()
+
+
 def test_a_world_size_change_takes_other_per_rank_state_from_rank_0(tmp_path):
   saved = _trained("zero_one_adam", 4, 14, per_rank_params=True)  # between syncs: momenta differ per rank
   mu = np.asarray(saved.state.mu["w"]).reshape(4, -1, 12)
