@@ -131,8 +131,8 @@ class Continuing:
 
 
 class Runner:
-  """Times one configuration's training step on one device, every call from donated copies of the same params and
-  state."""
+  """Times one configuration's training step on one device, every call in the same phase (`Continuing`), params and
+  state donated."""
 
   def __init__(self, name, step, comm, params, grads):
     self.name, self.grads = name, grads
