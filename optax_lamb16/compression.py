@@ -74,13 +74,18 @@ def check_leaves(name: str, tree: Any) -> None:
           f"the optimizer with `optax.masked` / `optax.partition`.")
 
 
+def leaf_sizes(tree: Any) -> tuple[int, ...]:
+  """Element counts of `tree`'s leaves, in tree-flatten order."""
+  return tuple(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
+
+
 def tree_size(tree: Any) -> int:
   return sum(leaf_sizes(tree))
 
 
 # A leaf of at least this many elements keeps its worker error in a vector of its own; smaller ones share one with
-# their neighbours. Each vector costs a buffer in every loop that carries the state (about 10 us per loop on
-# XLA:CPU), and a shared one a concatenation of its leaves (about as much for 2^16 elements).
+# their neighbours: each vector is a buffer of every loop that carries the state, which XLA:CPU pays for in every
+# loop even when it does not run, while a shared vector costs a concatenation of its (small) leaves.
 OWN_ERROR_VECTOR = 1 << 16
 
 
@@ -115,11 +120,6 @@ def error_buffer_lengths(sizes: tuple[int, ...], world: int,
   if ranks_per_host > 1:
     return (n_pad // ranks_per_host,), n_pad // world
   return (*(sum(sizes[start:stop]) for start, stop in error_groups(sizes)), n_pad - n), n_pad // world
-
-
-def leaf_sizes(tree: Any) -> tuple[int, ...]:
-  """Element counts of `tree`'s leaves, in tree-flatten order."""
-  return tuple(math.prod(jnp.shape(leaf)) for leaf in jax.tree.leaves(tree))
 
 
 def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllReduceState:
