@@ -113,8 +113,8 @@ def fresh_copy(tree):
 
 class Continuing:
   """The (params, state) of successive timed calls of one phase: each call takes the previous call's outputs, as a
-  training loop does, with the 0-d leaves (step counters, phase flags, 0/1 Adam's lr_sum) set back to those of the
-  phase, so that every call runs it. (Calls from fresh copies of the same arrays measure a step right after a
+  training loop does, with every 0-d leaf (the step counters, phase flags and 0/1 Adam's lr_sum among them) set back
+  to the phase's, so that every call runs it. (Calls from fresh copies of the same arrays measure a step right after a
   copy of the whole state, which no training loop makes.)"""
 
   def __init__(self, inputs):

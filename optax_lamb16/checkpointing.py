@@ -221,14 +221,14 @@ def _describe(tree: Any) -> tuple[list[dict], Any]:
            "role": role} for (path, leaf), role in zip(leaves, roles)], treedef
 
 
-def _split(leaves: list[Any], described: list[dict], indices: list[int] | None = None) -> dict[str, dict[str, Any]]:
-  """Leaves grouped into items, replicated ones and those laid out by world size, keyed by their flat index in the
-  saved tree (`indices`, default their own; paths are not file-name safe).
+def _split(leaves: list[Any], described: list[dict]) -> dict[str, dict[str, Any]]:
+  """Leaves grouped into items, replicated ones and those laid out by world size, keyed by their flat index (paths
+  are not file-name safe).
 
   Empty leaves (e.g. the error buffers of a single rank) carry no data and are left out: Orbax cannot store them.
   """
   items = {"replicated": {}, "by_world_size": {}}
-  for index, leaf, info in zip(indices or range(len(leaves)), leaves, described):
+  for index, (leaf, info) in enumerate(zip(leaves, described)):
     if math.prod(info["shape"]) == 0:
       continue
     items["replicated" if info["role"] == sharding.REPLICATED else "by_world_size"][f"{index:06d}"] = leaf
@@ -424,19 +424,22 @@ class Checkpointer:
           f"on {old_world} ranks, or pass `on_world_size_change=\"reset_error_feedback\"` to restart the "
           "error feedback from zero (as DeepSpeed does on every load) and keep everything else.")
     saved = meta["leaves"]
-    # Which saved leaf each target leaf is restored from: the same one, or where only the error buffers' layout
-    # differs, each other leaf's own (the error buffers restart from zero).
-    relaid = _error_feedback_relaid(saved, described)
-    if relaid and on_world_size_change == "error":
-      raise ValueError(
-          f"checkpoint step {step} holds its error-feedback buffers in another layout than `target` (e.g. one "
-          f"written by an earlier optax_lamb16, which kept each rank's worker error as one buffer); everything else "
-          f"matches. Pass `on_world_size_change=\"reset_error_feedback\"` to restart the error feedback from zero "
-          f"(as DeepSpeed does on every load) and keep everything else.")
+    # Error buffers laid out otherwise than `target`'s (and only they) restart from zero; every other leaf is matched
+    # with its saved counterpart, in order.
+    relaid = _error_feedback_relaid(saved, described, resized)
     restarts = lambda info: relaid and info["role"] == sharding.ERROR_FEEDBACK
+    kept_saved = [i for i, info in enumerate(saved) if not restarts(info)]
     kept = [i for i, info in enumerate(described) if not restarts(info)]
-    source = dict(zip(kept, [i for i, info in enumerate(saved) if not restarts(info)]))
-    _check_same_leaves([saved[source[i]] for i in kept], [described[i] for i in kept], old_world, world_size)
+    _check_same_leaves([saved[i] for i in kept_saved], [described[i] for i in kept], old_world, world_size)
+    if relaid:
+      if on_world_size_change == "error":
+        raise ValueError(
+            f"checkpoint step {step} holds its error-feedback buffers in another layout than `target` (e.g. one "
+            f"written by an earlier optax_lamb16, which kept each rank's worker error as one buffer); everything "
+            f"else matches. Pass `on_world_size_change=\"reset_error_feedback\"` to restart the error feedback from "
+            f"zero (as DeepSpeed does on every load) and keep everything else.")
+      _check_laid_out_for(described, world_size, sharding.ERROR_FEEDBACK)
+    source = dict(zip(kept, kept_saved))  # target leaf -> the saved leaf it is restored from
 
     targets = [_abstract(leaf) for leaf in jax.tree.leaves(target)]
     abstract = targets
@@ -445,12 +448,13 @@ class Checkpointer:
       abstract = [leaf if info["role"] == sharding.REPLICATED or i not in source else
                   jax.ShapeDtypeStruct(tuple(saved[source[i]]["shape"]), leaf.dtype, sharding=_replicated_like(leaf))
                   for i, (leaf, info) in enumerate(zip(targets, described))]
-    # Saved error buffers that no target leaf takes are read all the same (Orbax reads whole items), then dropped.
-    dropped = [i for i in range(len(saved)) if i not in source.values()]
-    dropped_abstract = [jax.ShapeDtypeStruct(tuple(saved[i]["shape"]), saved[i]["dtype"],
-                                             sharding=_replicated_like(targets[0])) for i in dropped]
-    wanted = _split([abstract[i] for i in kept] + dropped_abstract,
-                    [described[i] for i in kept] + [saved[i] for i in dropped], [source[i] for i in kept] + dropped)
+    # Saved error buffers laid out otherwise are read all the same (Orbax reads whole items here), then dropped: split
+    # over the ranks as the target's error buffers are, where the world size is the same.
+    by_saved_index = [jax.ShapeDtypeStruct(tuple(info["shape"]), info["dtype"], sharding=_dropped_sharding(
+        info, targets, described, resized)) for info in saved]
+    for i, j in source.items():
+      by_saved_index[j] = abstract[i]
+    wanted = _split(by_saved_index, saved)
     restored = self._read(step, {name: ocp.args.StandardRestore(item) for name, item in wanted.items()})
     flat = {**restored.get("replicated", {}), **restored.get("by_world_size", {})}
     leaves = [flat[f"{source[i]:06d}"] if i in source and f"{source[i]:06d}" in flat else _zeros(target_leaf)
@@ -470,6 +474,17 @@ class Checkpointer:
 
 def _zeros(target: jax.ShapeDtypeStruct) -> jax.Array:
   return jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target.sharding)()
+
+
+def _dropped_sharding(info: dict, targets: list[jax.ShapeDtypeStruct], described: list[dict], resized: bool) -> Any:
+  """Where to read a saved leaf that no target leaf takes (an error buffer of another layout): over the ranks like
+  the target's first error buffer at the same world size (each device one rank's block), replicated otherwise."""
+  if not targets:
+    return None
+  like = next((t for t, d in zip(targets, described) if d["role"] == sharding.ERROR_FEEDBACK and d["shape"]), None)
+  if not resized and like is not None and isinstance(like.sharding, NamedSharding) and info["shape"]:
+    return like.sharding
+  return _replicated_like(targets[0])
 
 
 def _replicated_like(leaf: jax.ShapeDtypeStruct):
@@ -511,14 +526,28 @@ def _per_rank_shape_problem(saved: list[int], wanted: list[int], role: str, old_
   return None
 
 
-def _error_feedback_relaid(saved: list[dict], wanted: list[dict]) -> bool:
-  """Whether the two trees' error-feedback leaves differ (in paths or shapes) while their other leaves have the same
-  paths, dtypes and roles (their shapes, which a world-size change may change too, are checked leaf by leaf)."""
-  error_feedback = lambda leaves: [(leaf["path"], leaf["shape"]) for leaf in leaves
-                                   if leaf["role"] == sharding.ERROR_FEEDBACK]
+def _error_feedback_relaid(saved: list[dict], wanted: list[dict], resized: bool) -> bool:
+  """Whether the two trees' error-feedback leaves are laid out otherwise (other paths; or other shapes at the same
+  world size, where shapes cannot change) while their other leaves have the same paths, dtypes and roles (their
+  shapes are checked leaf by leaf)."""
+  error_feedback = lambda leaves, key: [key(leaf) for leaf in leaves if leaf["role"] == sharding.ERROR_FEEDBACK]
   others = lambda leaves: [(leaf["path"], leaf["dtype"], leaf["role"]) for leaf in leaves
                            if leaf["role"] != sharding.ERROR_FEEDBACK]
-  return error_feedback(saved) != error_feedback(wanted) and others(saved) == others(wanted)
+  path = lambda leaf: leaf["path"]
+  path_and_shape = lambda leaf: (leaf["path"], leaf["shape"])
+  moved = error_feedback(saved, path) != error_feedback(wanted, path) or (
+      not resized and error_feedback(saved, path_and_shape) != error_feedback(wanted, path_and_shape))
+  return moved and others(saved) == others(wanted)
+
+
+def _check_laid_out_for(described: list[dict], world_size: int, role: str) -> None:
+  """Raises ValueError naming the first leaf of `role` in `described` (the target) whose first axis does not split
+  into `world_size` ranks' blocks."""
+  for leaf in described:
+    if leaf["role"] == role and leaf["shape"] and leaf["shape"][0] % world_size:
+      raise ValueError(f"`target` leaf {leaf['path']} is {leaf['dtype']}{leaf['shape']} ({role}): it is not laid out "
+                       f"for {world_size} ranks (`world_size`): its first axis does not split into {world_size}. "
+                       f"Restore into a tree laid out for `world_size` ranks.")
 
 
 def _check_same_leaves(saved: list[dict], wanted: list[dict], old_world: int, new_world: int) -> None:

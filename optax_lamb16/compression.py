@@ -125,6 +125,10 @@ def error_buffer_lengths(sizes: tuple[int, ...], world: int,
 def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllReduceState:
   """Zero error buffers for exchanging `tree_or_length` (a pytree, abstract shapes fine, or an element count).
 
+  Made from the tree, the state keeps each large leaf's error in a vector of its own, which the exchange of that
+  tree updates in place. Made from an element count, it serves any tree or flat buffer of that many elements, which
+  the exchange then handles as one flattened buffer (a copy of the tree each call).
+
   Call it where `comm` is usable (inside `shard_map` for a mesh-axis name).
   """
   communicator = comm_lib.as_communicator(comm)
@@ -146,8 +150,9 @@ def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllRe
 def check_state(state: CompressedAllReduceState, sizes: tuple[int, ...], world: int, ranks_per_host: int = 1,
                 any_split: bool = False) -> None:
   """Raises ValueError unless `state` holds the error buffers of an exchange of leaves of `sizes` elements at world
-  size `world` (`ranks_per_host` to a host). With `any_split` (a flat buffer, which `exchange_flat` splits as the
-  state's worker vectors are split) only the worker vectors' total length must fit.
+  size `world` (`ranks_per_host` to a host). With `any_split` (for a buffer that the exchange splits as the state's
+  worker vectors are split: a flat one, or a tree given a state made from an element count) only the worker
+  vectors' total length must fit, over one level (a two-level grid's state is one vector).
 
   A state made for another world size (e.g. restored from a run on a different number of ranks) or for another
   model would otherwise mix up error feedback silently, or fail later with an error that names no argument.
@@ -158,7 +163,7 @@ def check_state(state: CompressedAllReduceState, sizes: tuple[int, ...], world: 
   got_server = jnp.shape(state.server_error)
   well_formed = got_worker is not None and all(jnp.ndim(w) == 1 for w in state.worker_error)
   if well_formed and got_server == (chunk,) and (
-      got_worker == worker or (any_split and sum(got_worker) == sum(worker))):
+      got_worker == worker or (any_split and ranks_per_host == 1 and sum(got_worker) == sum(worker))):
     return
   if not well_formed:
     raise ValueError(
@@ -167,12 +172,13 @@ def check_state(state: CompressedAllReduceState, sizes: tuple[int, ...], world: 
         f"with `init` (the optimizer's, or `init_compressed_allreduce`).")
   total, n_pad, server = sum(got_worker), sum(worker), int(math.prod(got_server))
   grid = f" ({world // ranks_per_host} hosts of {ranks_per_host} ranks)" if ranks_per_host > 1 else ""
-  if (total, got_server) == (n_pad, (chunk,)):  # the right world size, split for other leaves
+  if (total, got_server) == (n_pad, (chunk,)):  # the right world size, split otherwise
+    layout = ("one vector, this rank's shard of the two-level grid" if ranks_per_host > 1 else
+              "one per group of leaves (`error_groups`), then the padding's")
     raise ValueError(
-        f"The compressed all-reduce state does not fit the leaves: its worker_error vectors have lengths "
-        f"{got_worker}, but leaves of {sizes} elements need {worker} (`error_groups`, then the padding). Make the "
-        f"state with `init_compressed_allreduce` from the tree you exchange (or an optimizer's `init` from the "
-        f"params), not from another tree or an element count.")
+        f"The compressed all-reduce state does not fit: its worker_error vectors have lengths {got_worker}, but this "
+        f"exchange needs {worker} ({layout}). Make the state with `init_compressed_allreduce` from the tree you "
+        f"exchange (or the optimizer's `init` from the params), where `comm` is the communicator you exchange over.")
   made_for = ""
   if total == 0 and server == 0:
     made_for = " (it looks made for 1 rank, e.g. comm=None)"
@@ -276,7 +282,7 @@ def exchange_flat(x: jax.Array, state: CompressedAllReduceState,
   if x.ndim != 1 or (world > 1 and x.shape[0] != padded_length(x.shape[0], world, local)):
     raise ValueError(f"`x` must be a flat buffer padded to `padded_length(n, {world}, {local})`, got shape "
                      f"{x.shape}; `compressed_allreduce` pads pytrees itself.")
-  check_state(state, x.shape, world, local, any_split=True)
+  check_state(state, (x.shape[0],), world, local, any_split=True)
   if x.size == 0:
     return _empty_result(x), state
   if world == 1:  # the identity, typed as replicated (see `compressed_allreduce`)
@@ -363,19 +369,22 @@ def exchange(tree: Any, state: CompressedAllReduceState,
   communicator = comm_lib.as_communicator(comm)
   world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
   check_leaves("tree", tree)
-  n = tree_size(tree)
-  check_state(state, leaf_sizes(tree), world, local)
+  sizes = leaf_sizes(tree)
+  n = sum(sizes)
+  check_state(state, sizes, world, local, any_split=True)
   if n == 0:
     return _empty_result(tree), state
   if world == 1:  # the identity; a mean over one rank also gives it the replicated type a mesh axis expects
     return exact_mean(tree, communicator), state
-  if local > 1:
+  if local > 1 or tuple(error.shape[0] for error in state.worker_error) != error_buffer_lengths(sizes, world)[0]:
+    # One flat buffer: a two-level grid's (whose state is its shard's error), or one split as the state is split
+    # (a state made from an element count).
     payload, state = exchange_flat(jnp.pad(flatten(tree), (0, padded_length(n, world, local) - n)), state,
                                    communicator)
     return (payload if isinstance(payload, SignPayload) else unflatten_like(payload[:n], tree)), state
   leaves = [jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
   corrected = [jnp.concatenate(leaves[start:stop]) + error for (start, stop), error in
-               zip(error_groups(leaf_sizes(tree)), state.worker_error)]
+               zip(error_groups(sizes), state.worker_error)]
   return _sign_exchange([*corrected, state.worker_error[-1]], state.server_error, communicator, world)
 
 

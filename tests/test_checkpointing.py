@@ -94,6 +94,13 @@ def test_error_buffers_of_another_layout_restart_from_zero_only_when_asked(tmp_p
     checkpoints.save(9, {"opt_state": old_layout}, world_size=4)
     with pytest.raises(ValueError, match=r"error-feedback buffers in another layout.*reset_error_feedback"):
       checkpoints.restore({"opt_state": saved.state}, world_size=4)
+    # Another model: its leaves are named first, whatever the error buffers' layout.
+    params = h.make_problem(4, 1)[0]
+    wider = dict(params, w=np.zeros((params["w"].shape[0] + 1, params["w"].shape[1]), np.float32))
+    other = h.Stepper(lambda comm: make_optimizer("onebit_adam", comm), wider, _mesh(4)).state
+    for option in ("error", "reset_error_feedback"):
+      with pytest.raises(ValueError, match=r"\['w'\] is float32\[\d+, \d+\].*`target` has.*differs"):
+        checkpoints.restore({"opt_state": other}, world_size=4, on_world_size_change=option)
     restored = checkpoints.restore({"opt_state": saved.state}, world_size=4,
                                    on_world_size_change="reset_error_feedback")["opt_state"]
   roles = jax.tree.leaves(sharding.leaf_roles(restored))
@@ -145,6 +152,11 @@ def test_restore_checks_structure_shapes_and_arguments(tmp_path):
     assert _bits(restored) == _bits({"params": params, "opt_state": state})  # empty and bfloat16 leaves too
     with pytest.raises(ValueError, match="leaves only in one of them"):
       checkpoints.restore({"params": params}, world_size=1)
+    # A target with the saved leaves first and fewer or more after them.
+    with pytest.raises(ValueError, match="leaves only in one of them"):
+      checkpoints.restore({"opt_state": state}, world_size=1)
+    with pytest.raises(ValueError, match="leaves only in one of them"):
+      checkpoints.restore({"params": params, "opt_state": state, "z": jnp.ones(2)}, world_size=1)
     wider = {"w": jnp.ones((3, 3)), "empty": params["empty"], "half": params["half"]}
     with pytest.raises(ValueError, match=r"\['opt_state'\].mu\['w'\] is float8_e4m3fn\[3, 2\]"):
       checkpoints.restore({"params": wider, "opt_state": tx.init(wider)}, world_size=1)

@@ -161,8 +161,8 @@ def test_large_leaves_keep_their_own_error_vectors_and_the_exchange_is_unchanged
   rng = np.random.default_rng(0)
   inputs = [{k: rng.standard_normal((world, *s)).astype(np.float32) for k, s in shapes.items()} for _ in range(calls)]
 
-  def per_rank(trees):  # trees: this rank's inputs of each call (a named `jax.vmap` axis simulates the ranks)
-    state = optax_lamb16.init_compressed_allreduce(trees[0], "data")
+  def per_rank(trees, state=None):  # trees: this rank's inputs of each call (a named `jax.vmap` axis: the ranks)
+    state = optax_lamb16.init_compressed_allreduce(trees[0], "data") if state is None else state
     outs = []
     for tree in trees:
       out, state = optax_lamb16.compressed_allreduce(tree, state, "data")
@@ -182,6 +182,12 @@ def test_large_leaves_keep_their_own_error_vectors_and_the_exchange_is_unchanged
   errors = h.flat_errors(state).worker_error
   for r in range(world):
     np.testing.assert_allclose(errors[r], oracle.worker_error[r], rtol=1e-5, atol=1e-5)
+  # A state made from the element count (one vector, then the padding's) exchanges the same tree as one flat buffer.
+  from_count = lambda trees: per_rank(trees, optax_lamb16.init_compressed_allreduce(n, "data"))
+  outs_flat, state_flat = jax.jit(jax.vmap(from_count, axis_name="data"))(inputs)
+  assert [w.shape for w in state_flat.worker_error] == [(world, n), (world, pad)]
+  for t in range(calls):
+    np.testing.assert_allclose(flat(outs_flat[t], 0), flat(outs[t], 0), rtol=2e-6, atol=1e-6, err_msg=f"call {t}")
 
 
 def test_unknown_comm_type_is_rejected():
