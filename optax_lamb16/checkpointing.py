@@ -450,10 +450,13 @@ class Checkpointer:
                   for i, (leaf, info) in enumerate(zip(targets, described))]
     # Saved error buffers laid out otherwise are read all the same (Orbax reads whole items here), then dropped: split
     # over the ranks as the target's error buffers are, where the world size is the same.
-    by_saved_index = [jax.ShapeDtypeStruct(tuple(info["shape"]), info["dtype"], sharding=_dropped_sharding(
-        info, targets, described, resized)) for info in saved]
+    by_saved_index = [None] * len(saved)
     for i, j in source.items():
       by_saved_index[j] = abstract[i]
+    over_ranks, whole = _dropped_shardings(targets, described, resized)
+    by_saved_index = [jax.ShapeDtypeStruct(tuple(info["shape"]), info["dtype"],
+                                           sharding=over_ranks if info["shape"] else whole)
+                      if leaf is None else leaf for leaf, info in zip(by_saved_index, saved)]
     wanted = _split(by_saved_index, saved)
     restored = self._read(step, {name: ocp.args.StandardRestore(item) for name, item in wanted.items()})
     flat = {**restored.get("replicated", {}), **restored.get("by_world_size", {})}
@@ -476,15 +479,17 @@ def _zeros(target: jax.ShapeDtypeStruct) -> jax.Array:
   return jax.jit(lambda: jnp.zeros(target.shape, target.dtype), out_shardings=target.sharding)()
 
 
-def _dropped_sharding(info: dict, targets: list[jax.ShapeDtypeStruct], described: list[dict], resized: bool) -> Any:
-  """Where to read a saved leaf that no target leaf takes (an error buffer of another layout): over the ranks like
-  the target's first error buffer at the same world size (each device one rank's block), replicated otherwise."""
+def _dropped_shardings(targets: list[jax.ShapeDtypeStruct], described: list[dict], resized: bool) -> tuple[Any, Any]:
+  """Where to read the saved leaves that no target leaf takes (error buffers of another layout): (for those with a
+  first axis, for 0-d ones). Over the ranks like the target's first error buffer at the same world size (each
+  device one rank's block), replicated otherwise."""
   if not targets:
-    return None
+    return None, None
+  whole = _replicated_like(targets[0])
   like = next((t for t, d in zip(targets, described) if d["role"] == sharding.ERROR_FEEDBACK and d["shape"]), None)
-  if not resized and like is not None and isinstance(like.sharding, NamedSharding) and info["shape"]:
-    return like.sharding
-  return _replicated_like(targets[0])
+  if not resized and like is not None and isinstance(like.sharding, NamedSharding):
+    return like.sharding, whole
+  return whole, whole
 
 
 def _replicated_like(leaf: jax.ShapeDtypeStruct):
@@ -517,13 +522,17 @@ def _per_rank_shape_problem(saved: list[int], wanted: list[int], role: str, old_
   if not wanted or role == sharding.WORLD_SIZED:  # 0-d: one value; world-sized leaves restart from zero
     return None
   if wanted[0] % new_world:
-    return f"is not laid out for {new_world} ranks (`world_size`): its first axis does not split into {new_world}"
+    return _not_laid_out_for(new_world)
   if role == sharding.PER_RANK:
     block = saved[0] // old_world
     if saved[0] % old_world or [block * new_world, *saved[1:]] != wanted:
       return (f"does not hold {new_world} blocks of the saved per-rank shape {[block, *saved[1:]]} (`world_size` "
               f"is {new_world})")
   return None
+
+
+def _not_laid_out_for(world_size: int) -> str:
+  return f"is not laid out for {world_size} ranks (`world_size`): its first axis does not split into {world_size}"
 
 
 def _error_feedback_relaid(saved: list[dict], wanted: list[dict], resized: bool) -> bool:
@@ -545,8 +554,8 @@ def _check_laid_out_for(described: list[dict], world_size: int, role: str) -> No
   into `world_size` ranks' blocks."""
   for leaf in described:
     if leaf["role"] == role and leaf["shape"] and leaf["shape"][0] % world_size:
-      raise ValueError(f"`target` leaf {leaf['path']} is {leaf['dtype']}{leaf['shape']} ({role}): it is not laid out "
-                       f"for {world_size} ranks (`world_size`): its first axis does not split into {world_size}. "
+      raise ValueError(f"`target` leaf {leaf['path']} is {leaf['dtype']}{leaf['shape']} ({role}): it "
+                       f"{_not_laid_out_for(world_size)}. "
                        f"Restore into a tree laid out for `world_size` ranks.")
 
 
