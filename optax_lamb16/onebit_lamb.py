@@ -245,8 +245,8 @@ def _compression_phase(grads: Any, params: Any, nu: Any, mu: Any, nu_fresh: Any,
   else:
     n = compression.tree_size(scaled)
     buffer = jnp.concatenate([compression.flatten(scaled), padding_tail])
-    decoded, exchange = compression.compressed_allreduce_flat(buffer, exchange, communicator)
-    averaged, padding_tail = compression.unflatten_like(decoded[:n], scaled), decoded[n:]
+    payload, exchange = compression.exchange_flat(buffer, exchange, communicator)
+    averaged, padding_tail = compression.decode_like(payload, (scaled, padding_tail))
   mu_prev, mu = mu, jax.tree.map(lambda m, s: jnp.where(s > 0, m / s, 0.0), averaged, scaling)
   mu = _onebit.apply_mask(mu, momentum_mask, nu, mask_zero_variance)
 

@@ -103,6 +103,38 @@ def test_sign_bits_are_packed_most_significant_first():
   np.testing.assert_array_equal(car.signs(x), reference.sgn(np.asarray(x)))
 
 
+@pytest.mark.parametrize("lengths", [(3, 5, 16), (0, 13, 0, 64, 7, 1, 26, 2), (1,) * 24, (20, 100, 4, 5, 3, 0, 27)])
+def test_parts_are_packed_as_their_concatenation(lengths):
+  """The exchange packs a buffer kept in parts part by part; parts that do not start or end on a byte boundary
+  share bytes with their neighbours."""
+  rng = np.random.default_rng(len(lengths))
+  parts = [jnp.asarray(rng.standard_normal(n), jnp.float32) for n in lengths]
+  whole = np.concatenate([np.asarray(part) for part in parts])
+  np.testing.assert_array_equal(jax.jit(car.pack_signs)(parts), np.packbits(whole >= 0))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 24])
+def test_decoding_leaf_by_leaf_is_bitwise_the_decoded_buffer(rows):
+  """`decode_like` decodes each leaf from its own range of the payload (leaves inside one chunk, across one
+  boundary, across more than 8, empty and 0-d): bitwise the slices of the whole decoded buffer."""
+  chunk = 64
+  rng = np.random.default_rng(rows)
+  payload = car.SignPayload(jnp.asarray(rng.integers(0, 256, (rows, chunk // 8)), jnp.uint8),
+                            jnp.asarray(rng.uniform(0.5, 2.0, rows), jnp.float32))
+  total = rows * chunk
+  sizes = []
+  for size in (5, 0, 1, 59, chunk + 3, 9 * chunk + 1):  # inside one chunk, empty, across 1, 1 and 9 boundaries
+    if sum(sizes) + size < total:
+      sizes.append(size)
+  tree = {f"leaf{i}": jnp.zeros(size, jnp.bfloat16 if i == 2 else jnp.float32) for i, size in enumerate(sizes)}
+  tree["scalar"], tree["rest"] = jnp.zeros([]), jnp.zeros((total - sum(sizes) - 1,))
+  got = jax.jit(car.decode_like)(payload, tree)
+  want = car.unflatten_like(car.decode(payload), tree)
+  for key in tree:
+    assert got[key].dtype == tree[key].dtype and got[key].shape == tree[key].shape, key
+    np.testing.assert_array_equal(np.asarray(got[key], np.float32), np.asarray(want[key], np.float32), err_msg=key)
+
+
 def test_error_feedback_makes_the_running_sum_converge():
   """sum_t out_t tracks sum_t mean_t with a bounded error (relative error ~ 1/T); without feedback it does not."""
   world, calls, n = 4, 256, 512
