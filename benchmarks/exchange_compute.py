@@ -6,14 +6,16 @@ so the time is what the exchange computes (packing, error feedback, unpacking, s
 no network. `optax.adam`'s step on the same tree is timed alongside, in interleaved rounds, as the yardstick.
 
   python benchmarks/exchange_compute.py [--size 4M] [--ranks 8] [--repeats 20] [--malloc reuse|system]
-                                       [--out docs/results/exchange_compute.json]
+                                       [--against REVISION] [--out docs/results/exchange_compute.json]
 
 Prints a markdown table and writes JSON (with the device named, and each step's page faults per call). Each call is
 a training step without the gradient: ``params, state -> apply_updates(params, update(grads, state, params)), new
 state``, with params and state donated as a training loop donates them (without donation XLA:CPU allocates and
 faults in fresh output buffers every call, and unchanged state cannot stay in place). Every call continues from the
 previous call's outputs, as a training loop does, with the step counters and phase flags set back to those of the
-phase named in its row, so that every call runs that phase (`Continuing`). `STEPS`
+phase named in its row, so that every call runs that phase (`Continuing`). `--against` times each step with the
+package of another git revision too, in the same rounds (`library_at`): this VM's speed moves between runs as much as
+many changes do, so compare a change with its base that way. `STEPS`
 (the configurations) and `measure` are shared with `link_bench.py`, which times the same steps over real (throttled)
 links.
 """
@@ -23,12 +25,18 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import importlib
 import json
 import pathlib
 import platform
+import re
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import types
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -52,7 +60,8 @@ def per_leaf_mean(comm):
 
 
 class Step(NamedTuple):
-  """One timed configuration: `make(comm)` builds the transform; `in_phase(state)` says whether the next update
+  """One timed configuration: `make(lib, comm)` builds the transform from the package `lib` (`optax_lamb16`, or
+  another revision's: `library_at`); `in_phase(state)` says whether the next update
   runs the phase the row names (None: one phase only; the runner steps until it holds); `per_rank_params`: the
   params differ per rank (0/1 Adam), so a multi-rank run lays them out per rank."""
   make: Callable[[Any], optax.GradientTransformation]
@@ -60,38 +69,37 @@ class Step(NamedTuple):
   per_rank_params: bool = False
 
 
-def _zero_one(comm, **kwargs):
-  return optax_lamb16.zero_one_adam(1e-3, comm=comm, **kwargs)
+def _zero_one(lib, comm, **kwargs):
+  return lib.zero_one_adam(1e-3, comm=comm, **kwargs)
 
 
 # After the freeze (t = 3) the sync interval doubles every local step (scaler 1) up to the clipper.
 _ZERO_ONE_FROZEN = dict(var_freeze_step=2, local_step_scaler=1)
 
 STEPS = {
-    "optax.adam": Step(lambda comm: optax.adam(1e-3)),
-    "exact per-leaf mean + optax.adam": Step(lambda comm: optax.chain(per_leaf_mean(comm), optax.adam(1e-3))),
-    "exact flat mean + optax.adam": Step(lambda comm: optax.chain(optax_lamb16.uncompressed_mean(comm),
-                                                                  optax.adam(1e-3))),
-    "compressed_mean": Step(optax_lamb16.compressed_mean),
-    "onebit_adam, warm-up": Step(lambda comm: optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=10),
+    "optax.adam": Step(lambda lib, comm: optax.adam(1e-3)),
+    "exact per-leaf mean + optax.adam": Step(lambda lib, comm: optax.chain(per_leaf_mean(comm), optax.adam(1e-3))),
+    "exact flat mean + optax.adam": Step(lambda lib, comm: optax.chain(lib.uncompressed_mean(comm),
+                                                                       optax.adam(1e-3))),
+    "compressed_mean": Step(lambda lib, comm: lib.compressed_mean(comm)),
+    "onebit_adam, warm-up": Step(lambda lib, comm: lib.onebit_adam(1e-3, comm=comm, freeze_step=10),
                                  lambda s: _next_t(s[0]) <= 10),
-    "onebit_adam, compression": Step(lambda comm: optax_lamb16.onebit_adam(1e-3, comm=comm, freeze_step=2),
+    "onebit_adam, compression": Step(lambda lib, comm: lib.onebit_adam(1e-3, comm=comm, freeze_step=2),
                                      lambda s: _next_t(s[0]) > 2),
     # Not frozen, and not a variance step (the variance interval doubles after every variance step: scaler 1).
     "zero_one_adam, compressed step": Step(
-        lambda comm: _zero_one(comm, var_freeze_step=100, var_update_scaler=1),
+        lambda lib, comm: _zero_one(lib, comm, var_freeze_step=100, var_update_scaler=1),
         lambda s: not bool(s.frozen) and _next_t(s) % int(s.var_interval) != 0, per_rank_params=True),
     "zero_one_adam, local step": Step(
-        lambda comm: _zero_one(comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
+        lambda lib, comm: _zero_one(lib, comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
         lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) != 0, per_rank_params=True),
     "zero_one_adam, sync step": Step(
-        lambda comm: _zero_one(comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
+        lambda lib, comm: _zero_one(lib, comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
         lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) == 0 and int(
             s.local_step_interval) > 1, per_rank_params=True),
-    "onebit_lamb, compression": Step(lambda comm: optax_lamb16.onebit_lamb(1e-3, comm=comm, freeze_step=2),
+    "onebit_lamb, compression": Step(lambda lib, comm: lib.onebit_lamb(1e-3, comm=comm, freeze_step=2),
                                      lambda s: _next_t(s) > 2),
-    "compressed_mean + lamb16": Step(lambda comm: optax.chain(optax_lamb16.compressed_mean(comm),
-                                                              optax_lamb16.lamb16(1e-3))),
+    "compressed_mean + lamb16": Step(lambda lib, comm: optax.chain(lib.compressed_mean(comm), lib.lamb16(1e-3))),
 }
 MAX_PHASE_STEPS = 64
 
@@ -134,9 +142,9 @@ class Runner:
   """Times one configuration's training step on one device, every call in the same phase (`Continuing`), params and
   state donated."""
 
-  def __init__(self, name, step, comm, params, grads):
+  def __init__(self, name, step, comm, params, grads, lib=optax_lamb16):
     self.name, self.grads = name, grads
-    tx = step.make(comm)
+    tx = step.make(lib, comm)
 
     def train_step(params, state, grads):
       updates, state = tx.update(grads, state, params)
@@ -193,13 +201,39 @@ def set_malloc(mode: str) -> bool:
   return True
 
 
-def measure(size, ranks, repeats, rounds):
+def library_at(revision: str) -> types.ModuleType:
+  """The `optax_lamb16` package as committed at git `revision`, imported beside the working tree's as
+  ``optax_lamb16_at_<commit>`` (its absolute imports of itself renamed to match): for timing a change against its
+  base in the same rounds, on a machine whose speed moves from run to run as much as many changes do."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  git = lambda *args: subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
+  commit = git("rev-parse", "--short", revision).strip()
+  name = f"optax_lamb16_at_{commit}"
+  if name not in sys.modules:
+    directory = pathlib.Path(tempfile.mkdtemp(prefix=name))
+    for path in git("ls-tree", "-r", "--name-only", commit, "optax_lamb16").split():
+      target = directory / name / pathlib.Path(path).relative_to("optax_lamb16")
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_text(re.sub(r"\boptax_lamb16\b", name, git("show", f"{commit}:{path}")))
+    sys.path.insert(0, str(directory))
+  return importlib.import_module(name)
+
+
+def measure(size, ranks, repeats, rounds, against=None):
   """Compute-only medians (seconds), XLA temporary bytes and mean page faults per call of every configuration in
-  `STEPS`, as one rank of `ranks`: ``(num_params, {name: seconds}, {name: bytes}, {name: faults})``."""
+  `STEPS`, as one rank of `ranks`: ``(num_params, {name: seconds}, {name: bytes}, {name: faults})``. With
+  `against` (a git revision), every configuration but `optax.adam` is timed with that revision's package too, in the
+  same rounds, named ``"<name> @ <commit>"``."""
   params = make_tree(SIZES[size], jax.random.key(0))
   grads = make_tree(SIZES[size], jax.random.key(1), scale=0.01)
   comm = optax_lamb16.comm.SimulatedRanks(ranks)
-  runners = [Runner(name, step, comm, params, grads) for name, step in STEPS.items()]
+  base = library_at(against) if against is not None else None
+  runners = []
+  for name, step in STEPS.items():
+    runners.append(Runner(name, step, comm, params, grads))
+    if base is not None and name != "optax.adam":
+      runners.append(Runner(f"{name} @ {base.__name__.removeprefix('optax_lamb16_at_')}", step,
+                            base.comm.SimulatedRanks(ranks), params, grads, base))
   for _ in range(rounds):
     for runner in runners:
       runner.run(max(1, repeats // rounds))
@@ -221,15 +255,18 @@ def main():
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--malloc", default="reuse", choices=MALLOC_CHOICES,
                       help="reuse: glibc keeps freed memory for reuse (see `set_malloc`); system: glibc's defaults")
+  parser.add_argument("--against", metavar="REVISION",
+                      help="also time every step with the package as committed at this git revision (e.g. HEAD~1), "
+                           "interleaved in the same rounds: a change's effect, free of the machine's drift")
   parser.add_argument("--out", default="docs/results/exchange_compute.json")
   args = parser.parse_args()
   set_malloc(args.malloc)
-  num_params, medians, temps, faults = measure(args.size, args.ranks, args.repeats, args.rounds)
+  num_params, medians, temps, faults = measure(args.size, args.ranks, args.repeats, args.rounds, args.against)
   adam = medians["optax.adam"]
   rows = [{"step": name, "median_seconds": seconds, "vs_adam": seconds / adam, "xla_temp_bytes": temps[name],
            "page_faults_per_call": faults[name]} for name, seconds in medians.items()]
   print(f"jax {jax.__version__}, {machine_name()}; {num_params / 1e6:.1f}M params, {args.ranks} simulated ranks, "
-        f"malloc {args.malloc}\n")
+        f"malloc {args.malloc}" + (f", against {args.against}" if args.against else "") + "\n")
   print("| step (one rank, compute only) | median ms | vs optax.adam | XLA temp MB | page faults per call |\n"
         "|---|---:|---:|---:|---:|")
   for r in rows:
@@ -238,7 +275,8 @@ def main():
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"jax": jax.__version__, "device": machine_name(), "num_params": num_params,
-                             "ranks": args.ranks, "malloc": args.malloc, "rows": rows}, indent=1))
+                             "ranks": args.ranks, "malloc": args.malloc, "against": args.against, "rows": rows},
+                            indent=1))
   print(f"\nwrote {out}")
 
 

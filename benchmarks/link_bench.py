@@ -116,7 +116,7 @@ def worker(args) -> None:
   class LinkRunner:
     def __init__(self, name, step):
       self.name, self.times, self.bytes, self.faults = name, {}, {}, {}
-      tx = step.make(comm)
+      tx = step.make(optax_lamb16, comm)
       per_rank = step.per_rank_params
       param_spec = P(data) if per_rank else P()
       self.params = put(jax.tree.map(lambda p: np.broadcast_to(p, (world, *p.shape)), params) if per_rank

@@ -88,3 +88,28 @@ def test_malloc_modes():
                         cwd=ROOT / "benchmarks", env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
                         text=True, check=True)
   assert took.stdout.split()[-1] == "True"
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="exchange_compute --against needs the git history")
+def test_a_step_is_timed_against_another_revision_of_the_package():
+  """`exchange_compute.library_at` imports the package of a git revision beside the working tree's, and a `Runner`
+  times a step built from it; the same update as the working tree's where the package did not change."""
+  import jax
+  import exchange_compute
+  import optax_lamb16
+  base = exchange_compute.library_at("HEAD")
+  assert base.__name__.startswith("optax_lamb16_at_") and base is not optax_lamb16
+  assert base.compression.__name__ == f"{base.__name__}.compression"  # its own modules, not the working tree's
+  params = exchange_compute.make_tree(exchange_compute.SIZES["tiny"], jax.random.key(0))
+  grads = exchange_compute.make_tree(exchange_compute.SIZES["tiny"], jax.random.key(1), scale=0.01)
+  step = exchange_compute.STEPS["onebit_adam, compression"]
+  runner = exchange_compute.Runner("at HEAD", step, base.comm.SimulatedRanks(2), params, grads, base)
+  runner.run(1)
+  assert len(runner.times) == 1
+  changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "optax_lamb16"], cwd=ROOT).returncode
+  if not changed:
+    def first_update(lib):
+      tx = step.make(lib, lib.comm.SimulatedRanks(2))
+      return tx.update(grads, tx.init(params), params)[0]
+    for mine, theirs in zip(jax.tree.leaves(first_update(optax_lamb16)), jax.tree.leaves(first_update(base))):
+      assert (mine == theirs).all()
