@@ -64,7 +64,7 @@ class Step(NamedTuple):
   another revision's: `library_at`); `in_phase(state)` says whether the next update
   runs the phase the row names (None: one phase only; the runner steps until it holds); `per_rank_params`: the
   params differ per rank (0/1 Adam), so a multi-rank run lays them out per rank."""
-  make: Callable[[Any], optax.GradientTransformation]
+  make: Callable[[Any, Any], optax.GradientTransformation]
   in_phase: Callable[[Any], bool] | None = None
   per_rank_params: bool = False
 

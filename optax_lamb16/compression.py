@@ -215,8 +215,8 @@ def _pack_parts(parts: list[jax.Array]) -> jax.Array:
   bytes that straddle parts (a few elements each side, or runs of short parts) from a concatenation.
 
   XLA:CPU fuses a concatenation into its consumer as a choice among the operands for every element: packing the
-  concatenation of a 4M-element buffer's five parts took 2-3x as long as concatenating the parts' packed bytes (1/32
-  of the floats' size).
+  concatenation of a 4M-element buffer's five parts took several times as long as concatenating the parts' packed
+  bytes (1/32 of the floats' size).
   """
   packed, straddling, offset = [], [], 0
 
@@ -293,15 +293,15 @@ def _decoded_slice(payload: SignPayload, start: int, size: int) -> jax.Array:
   """Elements ``[start, start + size)`` of `decode(payload)`, from the flat stream of sign bits and, for the scale,
   the chunk boundaries inside the range.
 
-  A slice of `decode`'s (R, C) product that straddles two chunks made XLA:CPU divide every position by C (3-4x
-  slower than a slice inside one chunk): up to 8 boundaries are compared with the position instead, and only more
+  A slice of `decode`'s (R, C) product that straddles two chunks made XLA:CPU divide every position by C (several
+  times slower than a slice inside one chunk): up to 8 boundaries are compared with the position instead, and only more
   are found by division.
   """
   chunk = payload.bits.shape[-1] * 8
   signs = unpack_signs(payload.bits.reshape(-1))[start:start + size]
-  first, last = start // chunk, (start + size - 1) // chunk
   if size == 0:
     return signs
+  first, last = start // chunk, (start + size - 1) // chunk
   if first == last:
     return payload.scales[first] * signs
   position = jnp.arange(start, start + size)

@@ -243,7 +243,6 @@ def _compression_phase(grads: Any, params: Any, nu: Any, mu: Any, nu_fresh: Any,
   if world == 1:  # the exchange is the identity and there is no tail: leaf by leaf (typed replicated on a mesh axis)
     averaged, exchange = compression.compressed_allreduce(scaled, exchange, communicator)
   else:
-    n = compression.tree_size(scaled)
     buffer = jnp.concatenate([compression.flatten(scaled), padding_tail])
     payload, exchange = compression.exchange_flat(buffer, exchange, communicator)
     averaged, padding_tail = compression.decode_like(payload, (scaled, padding_tail))
