@@ -23,6 +23,7 @@ links.
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import ctypes.util
 import importlib
@@ -31,6 +32,7 @@ import pathlib
 import platform
 import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,9 +55,10 @@ def _next_t(state):
   return int(state.count) + 1  # the step counter the next update runs with (SPEC.md section 2)
 
 
-def per_leaf_mean(comm):
-  """The exact mean as most data-parallel code writes it: one all-reduce per leaf (`lax.pmean` of the tree)."""
-  communicator = optax_lamb16.comm.as_communicator(comm)
+def per_leaf_mean(lib, comm):
+  """The exact mean as most data-parallel code writes it: one all-reduce per leaf (`lax.pmean` of the tree), over
+  the communicator of the package `lib`."""
+  communicator = lib.comm.as_communicator(comm)
   return optax.stateless(lambda updates, params=None: jax.tree.map(communicator.mean, updates))
 
 
@@ -78,7 +81,8 @@ _ZERO_ONE_FROZEN = dict(var_freeze_step=2, local_step_scaler=1)
 
 STEPS = {
     "optax.adam": Step(lambda lib, comm: optax.adam(1e-3)),
-    "exact per-leaf mean + optax.adam": Step(lambda lib, comm: optax.chain(per_leaf_mean(comm), optax.adam(1e-3))),
+    "exact per-leaf mean + optax.adam": Step(lambda lib, comm: optax.chain(per_leaf_mean(lib, comm),
+                                                                           optax.adam(1e-3))),
     "exact flat mean + optax.adam": Step(lambda lib, comm: optax.chain(lib.uncompressed_mean(comm),
                                                                        optax.adam(1e-3))),
     "compressed_mean": Step(lambda lib, comm: lib.compressed_mean(comm)),
@@ -206,15 +210,23 @@ def library_at(revision: str) -> types.ModuleType:
   ``optax_lamb16_at_<commit>`` (its absolute imports of itself renamed to match): for timing a change against its
   base in the same rounds, on a machine whose speed moves from run to run as much as many changes do."""
   root = pathlib.Path(__file__).resolve().parents[1]
-  git = lambda *args: subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout
-  commit = git("rev-parse", "--short", revision).strip()
+  git = lambda *args: subprocess.run(["git", *args], cwd=root, check=True, capture_output=True).stdout
+  commit = git("rev-parse", "--short", revision).decode().strip()
   name = f"optax_lamb16_at_{commit}"
   if name not in sys.modules:
+    paths = [path.decode() for path in git("ls-tree", "-r", "-z", "--name-only", commit, "optax_lamb16").split(b"\0")
+             if path]
+    if not paths:
+      raise SystemExit(f"--against {revision}: commit {commit} has no optax_lamb16/ package to time.")
     directory = pathlib.Path(tempfile.mkdtemp(prefix=name))
-    for path in git("ls-tree", "-r", "--name-only", commit, "optax_lamb16").split():
-      target = directory / name / pathlib.Path(path).relative_to("optax_lamb16")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    for path in paths:
+      content = git("show", f"{commit}:{path}")
+      if path.endswith(".py"):
+        content = re.sub(rb"\boptax_lamb16\b", name.encode(), content)
+      target = directory / name / pathlib.PurePosixPath(path).relative_to("optax_lamb16")
       target.parent.mkdir(parents=True, exist_ok=True)
-      target.write_text(re.sub(r"\boptax_lamb16\b", name, git("show", f"{commit}:{path}")))
+      target.write_bytes(content)
     sys.path.insert(0, str(directory))
   return importlib.import_module(name)
 

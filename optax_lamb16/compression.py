@@ -203,8 +203,8 @@ def signs(x: jax.Array) -> jax.Array:
 
 
 def pack_signs(x: jax.Array | list[jax.Array]) -> jax.Array:
-  """One bit per element, 1 for sgn(x) = +1, eight to a byte, most significant bit first. A list of vectors (of a
-  total length that is a multiple of 8) is packed as their concatenation, which is never formed (`_pack_parts`)."""
+  """One bit per element, 1 for sgn(x) = +1, eight to a byte, most significant bit first (the last byte padded with
+  zero bits). A list of vectors is packed as their concatenation, which is never formed (`_pack_parts`)."""
   if isinstance(x, list):
     return _pack_parts(x)
   return jnp.packbits(jnp.logical_not(x < 0), axis=-1, bitorder="big")
@@ -235,7 +235,7 @@ def _pack_parts(parts: list[jax.Array]) -> jax.Array:
     straddling.append(part[head + whole:])
     offset += part.shape[0]
   pack_straddling()
-  return jnp.concatenate(packed)
+  return jnp.concatenate(packed) if packed else jnp.zeros([0], jnp.uint8)
 
 
 def unpack_signs(packed: jax.Array) -> jax.Array:
@@ -298,7 +298,8 @@ def _decoded_slice(payload: SignPayload, start: int, size: int) -> jax.Array:
   are found by division.
   """
   chunk = payload.bits.shape[-1] * 8
-  signs = unpack_signs(payload.bits.reshape(-1))[start:start + size]
+  # Only the bytes that hold the range are unpacked (the whole payload per leaf, outside `jit`, would cost O(N) each).
+  signs = unpack_signs(payload.bits.reshape(-1)[start // 8:-(-(start + size) // 8)])[start % 8:start % 8 + size]
   if size == 0:
     return signs
   first, last = start // chunk, (start + size - 1) // chunk
@@ -452,9 +453,10 @@ def decode_like(payload: SignPayload | Any, tree: Any) -> Any:
   buffer). Each leaf is decoded from its own range of the payload, so that it fuses into its consumer."""
   if isinstance(payload, SignPayload):
     return _leaves_from(lambda start, size: _decoded_slice(payload, start, size), tree)
-  if isinstance(payload, jax.Array):  # an exact mean: a flat buffer's, or a tree's of one leaf
-    return unflatten_like(jnp.ravel(payload), tree)
-  return payload
+  of_tree_itself = isinstance(tree, (jax.Array, np.ndarray)) and tree.shape == jnp.shape(payload)
+  if isinstance(payload, jax.Array) and not of_tree_itself:  # an exact mean of a flat buffer
+    return unflatten_like(payload, tree)
+  return payload  # an exact mean of `tree` itself
 
 
 def compressed_allreduce(tree: Any, state: CompressedAllReduceState,

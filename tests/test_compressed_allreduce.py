@@ -103,7 +103,8 @@ def test_sign_bits_are_packed_most_significant_first():
   np.testing.assert_array_equal(car.signs(x), reference.sgn(np.asarray(x)))
 
 
-@pytest.mark.parametrize("lengths", [(3, 5, 16), (0, 13, 0, 64, 7, 1, 26, 2), (1,) * 24, (20, 100, 4, 5, 3, 0, 27)])
+@pytest.mark.parametrize("lengths", [(3, 5, 16), (0, 13, 0, 64, 7, 1, 26, 2), (1,) * 24, (20, 100, 4, 5, 3, 0, 27),
+                                     (0, 0)])
 def test_parts_are_packed_as_their_concatenation(lengths):
   """The exchange packs a buffer kept in parts part by part; parts that do not start or end on a byte boundary
   share bytes with their neighbours."""
