@@ -342,10 +342,8 @@ def exchange_flat(x: jax.Array, state: CompressedAllReduceState,
     return communicator.mean(x), state
   if local > 1:
     return _two_level_exchange(x.astype(jnp.float32), state, communicator)
-  parts, offset = [], 0
-  for error in state.worker_error:  # split as the state is (by the groups of leaves of the tree it was made for)
-    parts.append(x[offset:offset + error.shape[0]].astype(jnp.float32) + error)
-    offset += error.shape[0]
+  # Split as the state is (by the groups of leaves of the tree it was made for).
+  parts = [part + error for part, error in zip(unflatten_like(x, state.worker_error), state.worker_error)]
   return _sign_exchange(parts, state.server_error, communicator, world)
 
 
