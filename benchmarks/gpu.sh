@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, as one prepared script (under 5 minutes on one H100/H200): the LAMB16 update against optax.lamb
 # (time, compiled peak memory, memory traffic and its fraction of the GPU's peak bandwidth) and the compute cost of
-# the 1-bit compressed exchange and of the 1-bit optimizers' steps on one device.
+# the 1-bit compressed exchange and of the 1-bit optimizers' steps on one device. What the GPU programs contain
+# (native float8 conversions, no loops, the 1-bit exchange's collectives and bytes) is checked without a GPU, from
+# programs lowered for "cuda": tests/test_cuda_lowering.py.
 #
 # Needs an installed jax with CUDA, optax, flax and orbax; no network, no pip. From the repository root:
 #   bash benchmarks/gpu.sh [OUT_DIR]        (default OUT_DIR: docs/results/gpu)

@@ -11,9 +11,9 @@ optimizer state and 1-bit communication together.
 With `--checkpoint-dir DIR` it saves params and the whole optimizer state every `--checkpoint-every` steps and, when
 DIR holds a checkpoint, resumes from it exactly: after a crash, rerun the same command.
 
-The pattern to copy: replicated params (spec P()), per-rank optimizer state laid out by `sharded_init` /
-`state_partition_specs`, gradients taken with respect to `local_view(params)` so that they stay local. 0/1 Adam's
-params drift per rank between syncs, so for it the params are kept per rank too (spec P("data")).
+The pattern to copy: `optax_lamb16.data_parallel(loss_fn, tx, mesh)` builds the step (shard_map over "data", each
+rank's own gradients, the optimizer's communication, the per-rank state's layout, donation); its `init` lays out the
+params and state (0/1 Adam's params are kept one copy per rank: they drift apart between syncs).
 """
 
 from __future__ import annotations
@@ -54,9 +54,7 @@ def train(name: str, args, mesh, data, log=print) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec as P
 
   import dp_common
   import mnist_common
@@ -71,41 +69,18 @@ def train(name: str, args, mesh, data, log=print) -> dict:
     total_steps = min(total_steps, args.max_steps)
   tx = dp_common.make_optimizer(name, "data", args.lr, total_steps, args.freeze_fraction, args.weight_decay,
                                 mask_zero_variance=not args.faithful, eps=args.eps)
-  per_rank = dp_common.params_are_per_rank(name)
-
   graphdef, params = nnx.split(mnist_common.ReferenceConvNet(nnx.Rngs(args.seed)), nnx.Param)
   num_params = mnist_common.count_params(params)
-  if per_rank:  # one copy per rank, stacked on a leading axis sharded over "data"
-    params = jax.tree.map(lambda p: jnp.broadcast_to(p, (world, *p.shape)), params)
-  param_spec = P("data") if per_rank else P()
-  params = jax.device_put(params, NamedSharding(mesh, param_spec))
 
-  def unstack(p):  # inside shard_map: this rank's params
-    return jax.tree.map(lambda a: a[0], p) if per_rank else p
+  def loss_fn(params, batch):  # one rank's slice of the batch
+    return jnp.mean(mnist_common.cross_entropy(nnx.merge(graphdef, params)(batch["x"]), batch["y"]))
 
-  def init(params):
-    return tx.init(unstack(params))
-  specs = optax_lamb16.state_partition_specs(
-      jax.eval_shape(jax.shard_map(init, mesh=mesh, in_specs=param_spec, out_specs=P(), check_vma=False), params),
-      "data")
-  opt_state = jax.jit(jax.shard_map(init, mesh=mesh, in_specs=param_spec, out_specs=specs))(params)
+  # The step: shard_map over "data", gradients of each rank's own slice, the optimizer's communication, donation.
+  dp = optax_lamb16.data_parallel(loss_fn, tx, mesh, "data")
+  params, opt_state = dp.init(params)  # 0/1 Adam: one copy of the params per rank
 
-  def local_step(params, opt_state, x, y):
-    mine = unstack(params)
-    loss_fn = lambda p: jnp.mean(mnist_common.cross_entropy(nnx.merge(graphdef, p)(x), y))
-    # local_view: gradients of this rank's batch only (no hidden float32 all-reduce in the backward pass).
-    loss, grads = jax.value_and_grad(loss_fn)(mine if per_rank else optax_lamb16.local_view(mine, "data"))
-    updates, opt_state = tx.update(grads, opt_state, mine)
-    mine = optax.apply_updates(mine, updates)
-    new_params = jax.tree.map(lambda a: a[None], mine) if per_rank else mine
-    return new_params, opt_state, jax.lax.pmean(loss, "data")
-
-  step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(param_spec, specs, P("data"), P("data")),
-                               out_specs=(param_spec, specs, P())), donate_argnums=(0, 1))
-  batch_sharding = NamedSharding(mesh, P("data"))
-
-  def put(array):
-    return jax.make_array_from_callback(array.shape, batch_sharding, lambda index: array[index])
+  def put(array):  # each process's part of the global batch (the whole of it in a one-process job)
+    return jax.make_array_from_callback(array.shape, dp.batch_sharding, lambda index: array[index])
 
   evaluate = mnist_common.make_evaluator(graphdef)
   checkpoints, step_count = None, 0
@@ -122,7 +97,8 @@ def train(name: str, args, mesh, data, log=print) -> dict:
       continue
     if step_count >= total_steps:
       break
-    params, opt_state, loss = step(params, opt_state, put(data["x_train"][index]), put(data["y_train"][index]))
+    batch = {"x": put(data["x_train"][index]), "y": put(data["y_train"][index])}
+    params, opt_state, loss = dp.step(params, opt_state, batch)
     losses.append(float(jax.block_until_ready(loss)))  # one step at a time: CPU collectives must not overlap
     step_count += 1
     if checkpoints and step_count % args.checkpoint_every == 0:
@@ -136,7 +112,7 @@ def train(name: str, args, mesh, data, log=print) -> dict:
   if jax.process_count() > 1:  # gather what other processes hold
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
-  eval_params = jax.tree.map(lambda a: np.asarray(a)[0], params) if per_rank else jax.tree.map(np.asarray, params)
+  eval_params = jax.tree.map(np.asarray, dp.unstack_params(params))
   test_loss, test_accuracy = evaluate(eval_params, data["x_test"], data["y_test"])
   if args.save_params and jax.process_index() == 0:
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -51,11 +51,6 @@ def make_optimizer(name: str, comm: Any, lr: float, total_steps: int, freeze_fra
   raise ValueError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
 
 
-def params_are_per_rank(name: str) -> bool:
-  """0/1 Adam's parameters differ per rank between syncs; the others stay replicated."""
-  return name.startswith("zero_one_adam")
-
-
 def exchange_bytes(num_params: int, world: int) -> dict[str, float]:
   """Bytes one rank sends for one exchange (bandwidth-optimal algorithms; `benchmarks/comm_volume.py` reads the same
   numbers off the compiled HLO)."""

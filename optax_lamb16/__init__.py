@@ -6,6 +6,7 @@ LAMB16 keeps LAMB's moments in float8 (2 bytes of optimizer state per parameter 
 
 from optax_lamb16 import comm
 from optax_lamb16.comm import Communicator, as_communicator
+from optax_lamb16.data_parallel import DataParallel, data_parallel
 from optax_lamb16.compression import CompressedAllReduceState, compressed_allreduce, init_compressed_allreduce
 from optax_lamb16.gradient_mean import compressed_mean, uncompressed_mean
 from optax_lamb16.lamb16 import (
@@ -30,6 +31,8 @@ __all__ = [
     "DamagedCheckpointError",
     "Communicator",
     "CompressedAllReduceState",
+    "DataParallel",
+    "data_parallel",
     "apply_if_finite",
     "as_communicator",
     "comm",

@@ -1,4 +1,5 @@
-"""Small pieces every optimizer here shares: the moment EMA, hyperparameters at a step, tuple-tree unzipping.
+"""Small pieces every optimizer here shares: the moment EMA, hyperparameters at a step, the arithmetic dtype of a
+leaf, tuple-tree unzipping.
 
 One implementation each, so that the building blocks and the fused or communicating optimizers cannot drift apart.
 """
@@ -26,9 +27,31 @@ def init_schedule_state(*hyperparameters: Any) -> optax.OptState:
   return optax.EmptyState()
 
 
-def value_at(hyperparameter: Any, count: jax.Array | None) -> jax.Array:
-  """A constant or scheduled hyperparameter at step `count`, as a float32 scalar (all arithmetic here is float32)."""
-  return jnp.asarray(hyperparameter(count) if callable(hyperparameter) else hyperparameter, jnp.float32)
+def arithmetic_dtype(dtype: Any) -> np.dtype:
+  """The dtype the arithmetic on a leaf of `dtype` runs in: float32 for float32 and narrower (bfloat16, float16),
+  float64 for float64 (only with ``jax_enable_x64``): never less than float32, never less than the leaf."""
+  dtype = jax.dtypes.canonicalize_dtype(dtype)
+  return dtype if dtype == jnp.float64 else np.dtype(jnp.float32)
+
+
+def widest_arithmetic_dtype(tree: Any) -> np.dtype:
+  """The widest `arithmetic_dtype` of `tree`'s leaves (float32 for a tree without leaves): the dtype of the
+  scalars that several leaves share (hyperparameters at a step, sums over leaves)."""
+  dtypes = {arithmetic_dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf))
+            for leaf in jax.tree.leaves(tree)}
+  return np.dtype(jnp.float64) if np.dtype(jnp.float64) in dtypes else np.dtype(jnp.float32)
+
+
+def scalar_in(value: Any, dtype: Any) -> Any:
+  """A scalar hyperparameter for arithmetic in `dtype`: an array (or NumPy scalar) cast to it; a Python number as
+  it is (weakly typed, it takes the dtype of the array it meets, and ``1 - 0.9`` stays a double-precision number)."""
+  return value.astype(dtype) if hasattr(value, "astype") else value
+
+
+def value_at(hyperparameter: Any, count: jax.Array | None, dtype: Any = jnp.float32) -> jax.Array:
+  """A constant or scheduled hyperparameter at step `count`, as a scalar of `dtype` (float32 unless the params
+  are float64)."""
+  return jnp.asarray(hyperparameter(count) if callable(hyperparameter) else hyperparameter, dtype)
 
 
 def schedule_count(state: optax.OptState) -> jax.Array | None:
@@ -43,26 +66,29 @@ def advance_schedule_state(state: optax.OptState) -> optax.OptState:
 
 
 class Decay(NamedTuple):
-  """A moment decay rate ``b`` and its complement ``1 - b``, float32 scalars."""
+  """A moment decay rate ``b`` and its complement ``1 - b``, scalars of one dtype (float32, or float64)."""
   rate: jax.Array
   complement: jax.Array
+
+  def astype(self, dtype: Any) -> "Decay":
+    return Decay(self.rate.astype(dtype), self.complement.astype(dtype))
 
 
 def _is_static_number(hyperparameter: Any) -> bool:
   return isinstance(hyperparameter, (numbers.Real, np.ndarray, np.generic)) and not isinstance(hyperparameter, bool)
 
 
-def decay_at(hyperparameter: Any, count: jax.Array | None) -> Decay:
-  """`value_at` for a decay rate, with its complement.
+def decay_at(hyperparameter: Any, count: jax.Array | None, dtype: Any = jnp.float32) -> Decay:
+  """`value_at` for a decay rate, with its complement, scalars of `dtype` (float32 unless the params are float64).
 
-  For a static number (Python or NumPy) ``1 - b`` is formed in double precision and rounded once to float32, as the
+  For a static number (Python or NumPy) ``1 - b`` is formed in double precision and rounded once to `dtype`, as the
   references do (PyTorch's ``alpha=1 - beta``): ``1 - float32(0.999)`` in float32 is 0.00099998713, 1.3e-5 away
   from 0.001, enough to flip float8 roundings of LAMB16's v within a few steps. A schedule or a traced value (under
-  `optax.inject_hyperparams`) is float32 only, and its complement is formed in float32.
+  `optax.inject_hyperparams`) has only its own precision, and its complement is formed in `dtype`.
   """
-  rate = value_at(hyperparameter, count)
+  rate = value_at(hyperparameter, count, dtype)
   if _is_static_number(hyperparameter):
-    return Decay(rate, jnp.float32(1.0 - np.float64(hyperparameter)))
+    return Decay(rate, jnp.asarray(1.0 - np.float64(hyperparameter), dtype))
   return Decay(rate, 1 - rate)
 
 
@@ -70,8 +96,9 @@ def moment_update(moment: jax.Array, value: jax.Array, decay: Decay, order: int 
   """The exponential moving average of the moments: ``b * moment + (1 - b) * value**order`` for ``decay = (b, 1-b)``.
 
   The product is formed left to right, ``(1 - b) * value * value`` for the second moment, as the references'
-  ``addcmul`` does. All operands are float32.
+  ``addcmul`` does. `moment` and `value` have one dtype (float32, or float64), and the decay is cast to it.
   """
+  decay = decay.astype(moment.dtype)
   weighted = decay.complement * value
   if order == 2:
     weighted = weighted * value

@@ -1,5 +1,10 @@
 """What the 1-bit optimizers share: argument checks, DeepSpeed's step counter, hyperparameters at a step, the warm-up
-moments, masks, the per-rank state layout, and dtype-preserving weight-decay and learning-rate blocks."""
+moments, masks, the per-rank state layout, and dtype-preserving weight-decay and learning-rate blocks.
+
+Arithmetic dtype: each leaf's moments, state and arithmetic are in `_common.arithmetic_dtype` of its param: float32
+for float32, bfloat16 and float16 params, float64 for float64 params (with ``jax_enable_x64``); the hyperparameters
+of a step are evaluated in the widest such dtype of the tree and cast to each leaf's. The compressed exchange stays
+float32 (`compression`); the exact mean runs in each leaf's arithmetic dtype."""
 
 from __future__ import annotations
 
@@ -62,24 +67,26 @@ def next_count(count: jax.Array) -> jax.Array:
   return optax.safe_increment(count)
 
 
-def hyperparameters_at(count: jax.Array, *hyperparameters: Any) -> tuple[jax.Array, ...]:
-  """Constants or schedules as float32 scalars for the update that `count` (DeepSpeed's, 1 after `init`) starts:
-  a schedule sees the number of updates so far, ``count - 1``, as optax's schedules do."""
-  return tuple(_common.value_at(h, count - 1) for h in hyperparameters)
+def hyperparameters_at(count: jax.Array, *hyperparameters: Any, dtype: Any = jnp.float32) -> tuple[jax.Array, ...]:
+  """Constants or schedules as scalars of `dtype` (the tree's `_common.widest_arithmetic_dtype`) for the update
+  that `count` (DeepSpeed's, 1 after `init`) starts: a schedule sees the number of updates so far, ``count - 1``, as
+  optax's schedules do."""
+  return tuple(_common.value_at(h, count - 1, dtype) for h in hyperparameters)
 
 
-def decays_at(count: jax.Array, *decay_rates: Any) -> tuple[_common.Decay, ...]:
+def decays_at(count: jax.Array, *decay_rates: Any, dtype: Any = jnp.float32) -> tuple[_common.Decay, ...]:
   """`hyperparameters_at` for decay rates (`_common.decay_at`: ``1 - b`` in double precision where b is static)."""
-  return tuple(_common.decay_at(b, count - 1) for b in decay_rates)
+  return tuple(_common.decay_at(b, count - 1, dtype) for b in decay_rates)
 
 
 def zeros_like(tree: Any, communicator: comm_lib.Communicator) -> Any:
-  """float32 zeros shaped like each leaf (abstract shapes fine), laid out like it on an Explicit mesh, and typed
-  replicated over the data axis inside `shard_map` even where the leaf is per rank (`jnp.zeros_like` would type it
-  varying), but varying over the other axes the leaves vary over (a "model" axis: `comm.other_axes`)."""
+  """Zeros shaped like each leaf (abstract shapes fine) in its `_common.arithmetic_dtype` (float32; float64 for a
+  float64 leaf), laid out like it on an Explicit mesh, and typed replicated over the data axis inside `shard_map`
+  even where the leaf is per rank (`jnp.zeros_like` would type it varying), but varying over the other axes the
+  leaves vary over (a "model" axis: `comm.other_axes`)."""
   axes = comm_lib.other_axes(communicator, tree)
   return jax.tree.map(lambda p: comm_lib.mark_varying(
-      jnp.zeros(jnp.shape(p), jnp.float32, out_sharding=jax.typeof(p).sharding), axes), tree)
+      jnp.zeros(jnp.shape(p), _common.arithmetic_dtype(p.dtype), out_sharding=jax.typeof(p).sharding), axes), tree)
 
 
 def skipped_exchange(tree: Any, communicator: comm_lib.Communicator) -> Any:
@@ -95,20 +102,21 @@ def skipped_exchange(tree: Any, communicator: comm_lib.Communicator) -> Any:
 
 
 def check_update_args(updates: Any, like: Any, params: Any, params_required: bool = True) -> tuple[Any, Any]:
-  """Validates `update`'s arguments; returns float32 views of the gradients and the params (None if not given
-  where not `params_required`)."""
+  """Validates `update`'s arguments; returns the gradients and the params (None if not given where not
+  `params_required`) in the dtypes of `like`'s leaves (the state's moments: each param's arithmetic dtype)."""
   if params is None and params_required:
     raise ValueError("The 1-bit optimizers need `params`: call `update(grads, state, params)`.")
-  compression.check_leaves("updates", updates)
+  _checks.check_float_leaves("updates", updates)
   _checks.check_same_structure("updates", updates, "optimizer state (from init)", like)
   if params is None:
-    return as_float32(updates), None
+    return as_dtypes_of(updates, like), None
   _checks.check_same_structure("updates", updates, "params", params)
-  return as_float32(updates), as_float32(params)
+  return as_dtypes_of(updates, like), as_dtypes_of(params, like)
 
 
-def as_float32(tree: Any) -> Any:
-  return jax.tree.map(lambda x: x.astype(jnp.float32), tree)
+def as_dtypes_of(tree: Any, like: Any) -> Any:
+  """`tree` with each leaf cast to the dtype of `like`'s leaf."""
+  return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
 def check_exchange(communicator: comm_lib.Communicator, exchange: compression.CompressedAllReduceState,
@@ -125,8 +133,10 @@ def check_exchange(communicator: comm_lib.Communicator, exchange: compression.Co
 
 def checked_inputs(updates: Any, state: Any, params: Any, communicator: comm_lib.Communicator,
                    params_required: bool = True) -> tuple[Any, Any, int]:
-  """What every 1-bit update starts with: float32 grads and params, checked against the state's `nu` (laid out like
-  the params in every 1-bit state), and the world size its exchange state fits."""
+  """What every 1-bit update starts with: the grads and params in the state's dtypes, checked against the state's
+  `nu` (laid out like the params in every 1-bit state, in each param's arithmetic dtype), and the world size its
+  exchange state fits."""
+  comm_lib.check_local_gradients(communicator, updates)
   grads, params = check_update_args(updates, state.nu, params, params_required)
   return grads, params, check_exchange(communicator, state.exchange, grads)
 
@@ -198,7 +208,7 @@ def apply_mask(tree: optax.Updates, mask: Any, nu: optax.Updates, mask_zero_vari
   their parameters up.
   """
   if mask is not None:
-    tree = jax.tree.map(lambda x, m: x * jnp.asarray(m, jnp.float32), tree, mask)
+    tree = jax.tree.map(lambda x, m: x * jnp.asarray(m, x.dtype), tree, mask)
   if mask_zero_variance:
     tree = jax.tree.map(lambda x, v: jnp.where(v > 0, x, 0.0), tree, nu)
   return tree
@@ -218,12 +228,12 @@ def from_per_rank_layout(tree: Any, like: Any) -> Any:
 # Dtype-preserving weight decay and learning rate. `optax.add_decayed_weights` and `optax.scale_by_learning_rate`
 # multiply by the hyperparameter as given: under `optax.inject_hyperparams` that is a float32 array, which turns
 # bfloat16 updates into float32 ones (or raises under strict dtype promotion), and a Python float is rounded to the
-# updates' dtype first. These compute in float32 (the 1-bit family's arithmetic) and round once, to the updates'
-# dtype; in float32 they are bitwise optax's ``g + wd * p`` and ``-lr * g``.
+# updates' dtype first. These compute in each leaf's arithmetic dtype (float32, float64 for float64 leaves) and round
+# once, to the updates' dtype; in float32 they are bitwise optax's ``g + wd * p`` and ``-lr * g``.
 
 def add_decayed_weights(weight_decay: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
-  """``updates + weight_decay * params`` (DeepSpeed's decoupled form, added to the Adam direction), in float32,
-  returned in the updates' dtype. A schedule sees the number of updates so far."""
+  """``updates + weight_decay * params`` (DeepSpeed's decoupled form, added to the Adam direction), in each leaf's
+  arithmetic dtype, returned in the updates' dtype. A schedule sees the number of updates so far."""
   check_weight_decay(weight_decay)
 
   def init_fn(params):
@@ -236,17 +246,21 @@ def add_decayed_weights(weight_decay: optax.ScalarOrSchedule) -> optax.GradientT
                        "params)`.")
     if is_static_zero(weight_decay):  # do not read the params at all
       return updates, state
-    decay = _common.value_at(weight_decay, _common.schedule_count(state))
-    updates = jax.tree.map(lambda g, p: (g.astype(jnp.float32) + decay * p.astype(jnp.float32)).astype(g.dtype),
-                           updates, params)
+    decay = _common.value_at(weight_decay, _common.schedule_count(state), _common.widest_arithmetic_dtype(updates))
+
+    def leaf(g, p):
+      dtype = _common.arithmetic_dtype(g.dtype)
+      return (g.astype(dtype) + decay.astype(dtype) * p.astype(dtype)).astype(g.dtype)
+
+    updates = jax.tree.map(leaf, updates, params)
     return updates, _common.advance_schedule_state(state)
 
   return _common.extra_args_transform(init_fn, update_fn)
 
 
 def scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
-  """``-learning_rate * updates`` in float32, returned in the updates' dtype. A schedule sees the number of
-  updates so far."""
+  """``-learning_rate * updates`` in each leaf's arithmetic dtype, returned in the updates' dtype. A schedule sees
+  the number of updates so far."""
   _checks.check_learning_rate(learning_rate)
 
   def init_fn(params):
@@ -255,8 +269,14 @@ def scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> optax.Gradi
 
   def update_fn(updates, state, params=None):
     del params
-    step_size = -_common.value_at(learning_rate, _common.schedule_count(state))
-    updates = jax.tree.map(lambda g: (step_size * g.astype(jnp.float32)).astype(g.dtype), updates)
+    step_size = -_common.value_at(learning_rate, _common.schedule_count(state),
+                                  _common.widest_arithmetic_dtype(updates))
+
+    def leaf(g):
+      dtype = _common.arithmetic_dtype(g.dtype)
+      return (step_size.astype(dtype) * g.astype(dtype)).astype(g.dtype)
+
+    updates = jax.tree.map(leaf, updates)
     return updates, _common.advance_schedule_state(state)
 
   return _common.extra_args_transform(init_fn, update_fn)

@@ -33,7 +33,7 @@ class Communicator(Protocol):
     """Number of data-parallel ranks (a static Python int)."""
 
   def mean(self, x: jax.Array) -> jax.Array:
-    """Exact float32 mean of `x` over ranks, identical on every rank."""
+    """Exact mean of `x` over ranks (float32 arithmetic, float64 for float64 `x`), identical on every rank."""
 
   def all_to_all(self, x: jax.Array) -> jax.Array:
     """`x` has shape (size, ...): row i goes to rank i; returns (size, ...) whose row j came from rank j."""
@@ -100,7 +100,9 @@ class MeshAxis:
       raise ValueError(
           f"comm={self.axis_name!r} names a mesh axis that is not bound here. Call `init` and `update` inside "
           f"`jax.shard_map(..., mesh=mesh)` over a mesh with an axis {self.axis_name!r} (or `jax.pmap(..., "
-          f"axis_name={self.axis_name!r})`), or pass comm=None for a single device.") from error
+          f"axis_name={self.axis_name!r})`); `optax_lamb16.data_parallel(loss_fn, tx, mesh, {self.axis_name!r})` "
+          f"builds that step for you from plain `jax.jit` code. comm=None is for one device: under `jax.jit` with a "
+          f"sharded batch it would train with a float32 all-reduce and no compression.") from error
 
   def mean(self, x):
     return jax.lax.pmean(x, self.axis_name)
@@ -229,7 +231,8 @@ class MPI:
     from mpi4py import MPI as _MPI
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"MPI.mean needs a floating array, got {x.dtype}")
-    total = mpi4jax.allreduce(x.astype(jnp.float32), op=_MPI.SUM, comm=self.comm)
+    wide = jnp.float64 if x.dtype == jnp.float64 else jnp.float32  # mpi4jax has no float16 / bfloat16
+    total = mpi4jax.allreduce(x.astype(wide), op=_MPI.SUM, comm=self.comm)
     return (total / self.size).astype(x.dtype)
 
   def all_to_all(self, x):
@@ -282,7 +285,9 @@ def mark_per_rank(comm: Communicator, x: jax.Array) -> jax.Array:
 
 def varying_axes(x: Any) -> frozenset:
   """The manual mesh axes that `x` (an array or an abstract value) is typed varying over inside `shard_map`."""
-  manual = getattr(jax.typeof(x), "manual_axis_type", None)
+  # An abstract value (`jax.ShapeDtypeStruct`) carries the type itself; `jax.typeof` of one fails under a
+  # `shard_map` that leaves some mesh axes automatic.
+  manual = getattr(x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x), "manual_axis_type", None)
   return frozenset(manual.varying) if manual is not None else frozenset()
 
 
@@ -313,6 +318,53 @@ def other_axes(comm: Communicator, tree: Any) -> tuple[str, ...]:
         f"axes other than the data axis. Give each kind its own optimizer with `optax.partition` (e.g. "
         f"model-sharded leaves and replicated ones).")
   return tuple(sorted(next(iter(found)))) if found else ()
+
+
+def _invariant_leaf(comm: Communicator, tree: Any) -> tuple[str, tuple[str, ...]] | None:
+  """The path of the first floating leaf of `tree` typed the same on every rank of the communicator's `shard_map`
+  axes, with those axes; None when there is none or no such axis is manual and type-checked here (outside
+  `shard_map`, with ``check_vma=False``, under `jax.pmap` or a named `jax.vmap`, or with a non-mesh communicator)."""
+  axes = tuple(sorted(_own_axes(comm) & frozenset(jax.sharding.get_abstract_mesh().manual_axes)))
+  # Under `shard_map(..., check_vma=False)` nothing is typed varying, not even the rank's own index: no verdict.
+  if not axes or not all(axis in varying_axes(jax.lax.axis_index(axis)) for axis in axes):
+    return None
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and not set(axes) <= varying_axes(leaf):
+      return jax.tree_util.keystr(path) or "<root>", axes
+  return None
+
+
+def check_local_gradients(comm: Communicator, updates: Any) -> None:
+  """Raises when a communicating transform is given gradients that are already the same on every rank.
+
+  Inside `shard_map`, the gradient with respect to replicated params comes out of autodiff summed over the axis
+  (a float32 all-reduce in the backward pass), typed invariant: exchanging it again would train, but with the very
+  all-reduce this library removes, and nothing would look wrong.
+  """
+  found = _invariant_leaf(comm, updates)
+  if found:
+    path, axes = found
+    raise ValueError(
+        f"`updates` leaf {path} is the same on every rank of {axes} (typed invariant): these gradients were already "
+        f"summed over the ranks by autodiff, a float32 all-reduce in the backward pass, because they were taken with "
+        f"respect to replicated params. Take them with respect to `optax_lamb16.local_view(params, {_axis_arg(axes)})` "
+        f"so that each rank's own gradients reach the optimizer, or let `optax_lamb16.data_parallel` build the step.")
+
+
+def check_per_rank_params(comm: Communicator, params: Any) -> None:
+  """Raises when an optimizer whose params differ per rank (0/1 Adam) is given params replicated over the axis."""
+  found = _invariant_leaf(comm, params)
+  if found:
+    path, axes = found
+    raise ValueError(
+        f"`params` leaf {path} is replicated over {axes}, but 0/1 Adam's params drift apart per rank between syncs, "
+        f"so they must be per rank: keep one copy per rank stacked on a leading axis with spec "
+        f"P({_axis_arg(axes)}) and pass this rank's copy to `update` (`optax_lamb16.data_parallel` lays them out "
+        f"for you). Replicated params (spec P()) cannot hold them.")
+
+
+def _axis_arg(axes: tuple[str, ...]) -> str:
+  return repr(axes[0]) if len(axes) == 1 else repr(axes)
 
 
 def mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:

@@ -13,10 +13,13 @@ ranks of each host gather the shards' sign bits and scales. `exchange` stops the
 Bytes sent per rank and call: about ``2 (P-1)/P * N_pad / 8`` plus O(P) scale bytes, 1/32 of a float32 ring
 all-reduce. The error buffers are per-rank state: never replicate or average them (see `sharding`).
 
-All arithmetic and every payload is float32 (SPEC.md). Leaves of lower precision (bfloat16, float16) are widened
-and the results cast back; float64 leaves (possible only with ``jax_enable_x64``) are rejected with a TypeError
-rather than silently rounded to float32. The optax transforms built on this exchange (`compressed_mean`,
-`uncompressed_mean`) live in `gradient_mean`.
+The compressed exchange is float32 throughout (SPEC.md section 3): its input is rounded to float32, its error
+feedback is float32 and every payload is sign bits plus float32 scales; the estimate comes back in each leaf's dtype
+(bfloat16 and float16 rounded, float64 widened exactly). Float64 error feedback would change nothing that matters:
+the estimate of a mean of signs times a scale is a coarse one, and what each call leaves out is fed back whatever its
+precision. The exact mean (`exact_mean`) runs in each leaf's arithmetic dtype: float32 (bfloat16 and float16
+widened), or float64 for float64 leaves (possible only with ``jax_enable_x64``). The optax transforms built on these
+exchanges (`compressed_mean`, `uncompressed_mean`) live in `gradient_mean`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_lamb16 import _checks, comm as comm_lib
+from optax_lamb16 import _checks, _common, comm as comm_lib
 
 
 class CompressedAllReduceState(NamedTuple):
@@ -59,19 +62,6 @@ def padded_length(n: int, world_size: int, ranks_per_host: int = 1) -> int:
   hosts = world_size // ranks_per_host
   quantum = ranks_per_host * hosts * math.lcm(hosts, 8)
   return -(-n // quantum) * quantum
-
-
-def check_leaves(name: str, tree: Any) -> None:
-  """Raises TypeError unless every leaf of `tree` is a real floating array that the float32 exchange represents:
-  float64 leaves (``jax_enable_x64``) would be rounded to float32 without a word, so they are rejected."""
-  _checks.check_float_leaves(name, tree)
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if jax.dtypes.canonicalize_dtype(leaf.dtype) == jnp.float64:
-      raise TypeError(
-          f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} is float64, but the 1-bit exchange and "
-          f"optimizers compute and communicate in float32 (SPEC.md), so its extra precision would be lost silently. "
-          f"Cast it to float32 (e.g. `jax.tree.map(lambda x: x.astype(jnp.float32), tree)`), or keep it out of "
-          f"the optimizer with `optax.masked` / `optax.partition`.")
 
 
 def leaf_sizes(tree: Any) -> tuple[int, ...]:
@@ -138,7 +128,7 @@ def init_compressed_allreduce(tree_or_length: Any, comm: Any) -> CompressedAllRe
       raise ValueError(f"`tree_or_length` must be a pytree or a non-negative element count, got {tree_or_length}.")
     sizes, axes = (int(tree_or_length),), ()
   else:
-    check_leaves("tree_or_length", tree_or_length)
+    _checks.check_float_leaves("tree_or_length", tree_or_length)
     # Varying over the data axis, and over the other axes the tree varies over (a "model" axis that shards it).
     sizes, axes = leaf_sizes(tree_or_length), comm_lib.other_axes(communicator, tree_or_length)
   zeros = lambda length: comm_lib.mark_varying(
@@ -331,7 +321,7 @@ def exchange_flat(x: jax.Array, state: CompressedAllReduceState,
   one host, where the mean is exact, the decoded buffer itself) and the new error feedback."""
   communicator = comm_lib.as_communicator(comm)
   world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
-  check_leaves("x", x)
+  _checks.check_float_leaves("x", x)
   if x.ndim != 1 or (world > 1 and x.shape[0] != padded_length(x.shape[0], world, local)):
     raise ValueError(f"`x` must be a flat buffer padded to `padded_length(n, {world}, {local})`, got shape "
                      f"{x.shape}; `compressed_allreduce` pads pytrees itself.")
@@ -393,12 +383,12 @@ def _two_level_exchange(x: jax.Array, state: CompressedAllReduceState,
   return SignPayload(*_split_scale(gathered.reshape(local * hosts, -1))), state
 
 
-def flatten(tree: Any) -> jax.Array:
-  """All leaves as one float32 vector, in tree-flatten order."""
+def flatten(tree: Any, dtype: Any = jnp.float32) -> jax.Array:
+  """All leaves as one vector of `dtype` (float32 by default), in tree-flatten order."""
   leaves = jax.tree.leaves(tree)
   if not leaves:
-    return jnp.zeros([0], jnp.float32)
-  return jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves])
+    return jnp.zeros([0], dtype)
+  return jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
 
 
 def unflatten_like(flat: jax.Array, tree: Any) -> Any:
@@ -425,7 +415,7 @@ def exchange(tree: Any, state: CompressedAllReduceState,
   itself, a tree like `tree`. For callers that run the exchange in a loop or `lax.cond` and decode outside it."""
   communicator = comm_lib.as_communicator(comm)
   world, local = comm_lib.world_size(communicator), comm_lib.ranks_per_host(communicator)
-  check_leaves("tree", tree)
+  _checks.check_float_leaves("tree", tree)
   sizes = leaf_sizes(tree)
   n = sum(sizes)
   check_state(state, sizes, world, local, any_split=True)
@@ -492,10 +482,23 @@ def compressed_allreduce(tree: Any, state: CompressedAllReduceState,
 
 
 def exact_mean(tree: Any, comm: Any) -> Any:
-  """The exact float32 mean over ranks of a per-rank pytree, as one all-reduce of the flattened tree."""
+  """The exact mean over ranks of a per-rank pytree, in each leaf's arithmetic dtype (`_common.arithmetic_dtype`:
+  float32, or float64 for float64 leaves), returned in the leaves' dtypes: one all-reduce of the flattened leaves
+  of each arithmetic dtype (one for a tree of float32, bfloat16 and float16 leaves)."""
   communicator = comm_lib.as_communicator(comm)
   if isinstance(communicator, comm_lib.SingleDevice):
     return tree
   if tree_size(tree) == 0:
     return _empty_result(tree)
-  return unflatten_like(communicator.mean(flatten(tree)), tree)
+  leaves, treedef = jax.tree.flatten(tree)
+  by_dtype = {}
+  for index, leaf in enumerate(leaves):
+    by_dtype.setdefault(_common.arithmetic_dtype(leaf.dtype), []).append(index)
+  means = list(leaves)
+  for dtype, indices in by_dtype.items():
+    group = [leaves[index] for index in indices]
+    mean = (unflatten_like(communicator.mean(flatten(group, dtype)), group) if tree_size(group) else
+            _empty_result(group))
+    for index, leaf in zip(indices, mean):
+      means[index] = leaf
+  return jax.tree.unflatten(treedef, means)

@@ -1,8 +1,10 @@
-"""Data-parallel gradient averaging as optax transforms: the 1-bit compressed mean and its exact float32 baseline.
+"""Data-parallel gradient averaging as optax transforms: the 1-bit compressed mean and its exact baseline.
 
 Put one first in a chain to train any optax optimizer data-parallel from each rank's LOCAL gradients, e.g.
 ``optax.chain(compressed_mean("data"), optax_lamb16.lamb16(1e-3))`` inside `jax.shard_map`. The exchanges
-themselves (`compression.compressed_allreduce`, `compression.exact_mean`) are written once in `compression`.
+themselves (`compression.compressed_allreduce`, `compression.exact_mean`) are written once in `compression`. Both
+return updates in the updates' dtypes; the compressed exchange is float32 for every dtype, the exact mean float32, or
+float64 for float64 leaves (with ``jax_enable_x64``).
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ def compressed_mean(comm: Any) -> optax.GradientTransformationExtraArgs:
   comm_lib.as_communicator(comm)  # reject unknown types early
 
   def init_fn(params):
-    compression.check_leaves("params", params)
+    _checks.check_float_leaves("params", params)
     return compression.init_compressed_allreduce(params, comm)
 
   def update_fn(updates, state, params=None):
-    compression.check_leaves("updates", updates)
+    _checks.check_float_leaves("updates", updates)
+    comm_lib.check_local_gradients(comm_lib.as_communicator(comm), updates)
     if params is not None:
       _checks.check_same_structure("updates", updates, "params", params)
     return compression.compressed_allreduce(updates, state, comm)
@@ -50,8 +53,9 @@ def compressed_mean(comm: Any) -> optax.GradientTransformationExtraArgs:
 
 
 def uncompressed_mean(comm: Any) -> optax.GradientTransformationExtraArgs:
-  """The exact float32 counterpart of `compressed_mean`: each rank's local updates -> their mean over ranks (one
-  all-reduce of the flattened tree). Stateless; the baseline that `compressed_mean` saves 31/32 of the bytes of.
+  """The exact counterpart of `compressed_mean`: each rank's local updates -> their mean over ranks (one all-reduce
+  of the flattened tree, in float32; float64 leaves in a float64 one of their own). Stateless; the baseline that
+  `compressed_mean` saves 31/32 of the bytes of (float32 leaves).
 
   Args:
     comm: A mesh-axis name, an mpi4py communicator, None, or a `comm.Communicator`.
@@ -63,7 +67,8 @@ def uncompressed_mean(comm: Any) -> optax.GradientTransformationExtraArgs:
 
   def update_fn(updates, state, params=None):
     del params
-    compression.check_leaves("updates", updates)
+    _checks.check_float_leaves("updates", updates)
+    comm_lib.check_local_gradients(comm_lib.as_communicator(comm), updates)
     return compression.exact_mean(updates, comm), state
 
   return _common.extra_args_transform(lambda params: optax.EmptyState(), update_fn)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_lamb16 import _common, _onebit, comm as comm_lib, compression
+from optax_lamb16 import _checks, _common, _onebit, comm as comm_lib, compression
 
 
 class ScaleByOnebitAdamState(NamedTuple):
@@ -26,8 +26,9 @@ class ScaleByOnebitAdamState(NamedTuple):
 
   Attributes:
     count: int32, DeepSpeed's step counter: 1 after `init` (its set-up call), so the first update runs with t = 2.
-    mu: first moments (float32, like params), identical on all ranks.
-    nu: second moments (float32), identical on all ranks, frozen after `freeze_step`.
+    mu: first moments (like params, in their arithmetic dtype: float32, float64 for float64 params), identical on
+      all ranks.
+    nu: second moments (the same dtypes), identical on all ranks, frozen after `freeze_step`.
     exchange: the compressed all-reduce's error feedback: PER RANK.
   """
   count: jax.Array
@@ -64,15 +65,15 @@ def scale_by_onebit_adam(comm: Any, freeze_step: int = 100000, b1: optax.ScalarO
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `ScaleByOnebitAdamState` (``exchange`` is per
-    rank). Its updates have the gradients' dtype (computed in float32). A schedule for `b1`, `b2` or `eps` sees
-    the number of updates so far.
+    rank). Its updates have the gradients' dtype (computed in float32, or in float64 for float64 params; the
+    compressed exchange is float32 either way). A schedule for `b1`, `b2` or `eps` sees the number of updates so far.
   """
   communicator = comm_lib.as_communicator(comm)
   _onebit.check_moment_hyperparameters(b1, b2, eps)
   freeze_step = _onebit.check_freeze_step(freeze_step)
 
   def init_fn(params):
-    compression.check_leaves("params", params)
+    _checks.check_float_leaves("params", params)
     return ScaleByOnebitAdamState(count=_onebit.initial_count(), mu=_onebit.zeros_like(params, communicator),
                                   nu=_onebit.zeros_like(params, communicator),
                                   exchange=compression.init_compressed_allreduce(params, communicator))
@@ -80,8 +81,9 @@ def scale_by_onebit_adam(comm: Any, freeze_step: int = 100000, b1: optax.ScalarO
   def update_fn(updates, state, params=None):
     grads, _, _ = _onebit.checked_inputs(updates, state, params, communicator, params_required=False)
     t = _onebit.next_count(state.count)
-    beta1, beta2 = _onebit.decays_at(state.count, b1, b2)
-    (epsilon,) = _onebit.hyperparameters_at(state.count, eps)
+    dtype = _common.widest_arithmetic_dtype(state.nu)
+    beta1, beta2 = _onebit.decays_at(state.count, b1, b2, dtype=dtype)
+    (epsilon,) = _onebit.hyperparameters_at(state.count, eps, dtype=dtype)
 
     warm = t <= freeze_step
     # Warm-up: the exact mean of the ranks' gradients updates m and v.
@@ -100,7 +102,8 @@ def scale_by_onebit_adam(comm: Any, freeze_step: int = 100000, b1: optax.ScalarO
         (_onebit.skipped_exchange(grads, communicator), state.exchange))
     averaged = _onebit.apply_mask(compression.decode_like(payload, mu), momentum_mask, nu, mask_zero_variance)
     mu = jax.tree.map(lambda m, a: jnp.where(warm, m, a), mu, averaged)
-    directions = jax.tree.map(lambda m, v, g: (m / (jnp.sqrt(v) + epsilon)).astype(g.dtype), mu, nu, updates)
+    directions = jax.tree.map(lambda m, v, g: (m / (jnp.sqrt(v) + epsilon.astype(v.dtype))).astype(g.dtype), mu, nu,
+                              updates)
     return directions, ScaleByOnebitAdamState(t, mu, nu, exchange)
 
   return _common.extra_args_transform(init_fn, update_fn)
@@ -118,7 +121,9 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
   run where `comm` is usable (inside `shard_map` for a mesh-axis name).
 
   The chain ``optax.chain(scale_by_onebit_adam(comm, freeze_step, b1, b2, eps, ...), weight decay, -learning_rate)``
-  (the last two dtype-preserving: computed in float32, rounded once to the updates' dtype). In float32 it is
+  (the last two dtype-preserving: computed in each leaf's arithmetic dtype, rounded once to the updates' dtype).
+  float64 params (with ``jax_enable_x64``) get float64 moments and arithmetic; the compressed exchange is float32
+  for every dtype (1 bit per element plus float32 scales, float32 error feedback). In float32 it is
   bitwise ``-lr * (m / (sqrt(v) + eps) + weight_decay * p)``; with bfloat16 params each block rounds its output to
   bfloat16, as the blocks of `optax.adamw` do.
 

@@ -31,13 +31,14 @@ class OnebitLambState(NamedTuple):
 
   Attributes:
     count: int32, DeepSpeed's step counter (1 after `init`; the first update runs with t = 2).
-    mu: first moments (float32), identical on all ranks.
-    nu: second moments (float32), frozen after `freeze_step`.
+    mu: first moments (in the params' arithmetic dtype: float32, float64 for float64 params), identical on all ranks.
+    nu: second moments (the same dtypes), frozen after `freeze_step`.
     nu_fresh: second moments rebuilt from the averaged momentum during compression.
-    lamb_coeff_freeze: float32 scalar per leaf, running average of the warm-up trust ratios.
-    last_factor: float32 scalar per leaf, the previous step's factor (1 at first).
-    scaling_coeff: float32 scalar per leaf, momentum scaling fixed at the first compression step (1 before; 0 for a
-      leaf that had no momentum then).
+    lamb_coeff_freeze: scalar per leaf (in its arithmetic dtype, as the three below), running average of the warm-up
+      trust ratios.
+    last_factor: scalar per leaf, the previous step's factor (1 at first).
+    scaling_coeff: scalar per leaf, momentum scaling fixed at the first compression step (1 before; 0 for a leaf
+      that had no momentum then).
     padding_tail: float32 (N_pad - N,), the padding positions of the previous exchange's output: DeepSpeed keeps
       one persistent padded buffer, so they feed the next worker scale. Identical on all ranks.
     exchange: the compressed all-reduce's error feedback: PER RANK.
@@ -61,7 +62,8 @@ def _norm(x: jax.Array) -> jax.Array:
 
 
 class _Hyper(NamedTuple):
-  """The hyperparameters of one update, as the phases use them."""
+  """The hyperparameters of one update, as the phases use them: arrays of the params' widest arithmetic dtype, or
+  Python numbers."""
   lr: jax.Array
   b1: _common.Decay
   b2: _common.Decay
@@ -73,6 +75,10 @@ class _Hyper(NamedTuple):
   factor_max: Any
   factor_min: Any
   factor_threshold: Any
+
+  def at(self, dtype: Any) -> "_Hyper":
+    """These hyperparameters for a leaf whose arithmetic runs in `dtype` (`_common.scalar_in`)."""
+    return _Hyper(*(h.astype(dtype) if isinstance(h, _common.Decay) else _common.scalar_in(h, dtype) for h in self))
 
 
 def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step: int = 100000,
@@ -113,7 +119,8 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `OnebitLambState`. Its updates have the gradients'
-    dtype (computed in float32, rounded once).
+    dtype (computed in float32, or in float64 for float64 params, rounded once); the compressed exchange is float32
+    for every dtype.
 
   Static under `optax.inject_hyperparams`: `comm`, `freeze_step`; the numeric hyperparameters may be injected, and
   ``learning_rate, b1, b2, eps, weight_decay`` may be schedules (which see the number of updates so far).
@@ -144,11 +151,11 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
                       fix="They bound the compression-phase factor: pass factor_min <= factor_max (defaults 0.5, 4.0).")
 
   def init_fn(params):
-    compression.check_leaves("params", params)
+    _checks.check_float_leaves("params", params)
     # Every float leaf varies over the axes the params vary over besides the data axis (e.g. "model").
     axes = comm_lib.other_axes(communicator, params)
-    full = lambda shape, value: comm_lib.mark_varying(jnp.full(shape, value, jnp.float32), axes)
-    scalars = lambda value: jax.tree.map(lambda _: full([], value), params)
+    full = lambda shape, value, dtype=jnp.float32: comm_lib.mark_varying(jnp.full(shape, value, dtype), axes)
+    scalars = lambda value: jax.tree.map(lambda p: full([], value, _common.arithmetic_dtype(p.dtype)), params)
     zeros = lambda: _onebit.zeros_like(params, communicator)
     n = compression.tree_size(params)
     return OnebitLambState(
@@ -166,8 +173,9 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
                        f"{world} needs ({tail},): the state was made for another world size. Re-create it with "
                        f"`init` where `comm` spans the current ranks.")
     t = _onebit.next_count(state.count)
-    lr, epsilon, decay = _onebit.hyperparameters_at(state.count, learning_rate, eps, weight_decay)
-    beta1, beta2 = _onebit.decays_at(state.count, b1, b2)
+    dtype = _common.widest_arithmetic_dtype(state.nu)
+    lr, epsilon, decay = _onebit.hyperparameters_at(state.count, learning_rate, eps, weight_decay, dtype=dtype)
+    beta1, beta2 = _onebit.decays_at(state.count, b1, b2, dtype=dtype)
     hyper = _Hyper(lr, beta1, beta2, epsilon, decay, max_coeff, min_coeff, coeff_beta, factor_max, factor_min,
                    factor_threshold)
     # Each phase runs only when due (`_onebit.run_if`), updating the state it changes in place, and leaves each
@@ -183,8 +191,8 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
             mask_zero_variance),
         (grads, params, nu), (mu, nu_fresh, state.last_factor, state.scaling_coeff, state.padding_tail,
                               state.exchange, coefficient))
-    steps = jax.tree.map(lambda c, m, v, p, g: (-hyper.lr * c * _adam_update(m, v, p, hyper)[2]).astype(g.dtype),
-                         coefficient, mu, nu, params, updates)
+    steps = jax.tree.map(lambda c, m, v, p, g: (-hyper.lr.astype(m.dtype) * c * _adam_update(m, v, p, hyper)[2]
+                                                ).astype(g.dtype), coefficient, mu, nu, params, updates)
     return steps, OnebitLambState(
         count=t, mu=mu, nu=nu, nu_fresh=nu_fresh, lamb_coeff_freeze=coeff_freeze, last_factor=last_factor,
         scaling_coeff=scaling, padding_tail=padding_tail, exchange=exchange)
@@ -200,6 +208,7 @@ def _padding(n: int, communicator: comm_lib.Communicator) -> int:
 
 def _adam_update(m: jax.Array, v: jax.Array, p: jax.Array, hyper: _Hyper) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``d = sqrt(v) + eps``, the direction ``m / d`` and the update ``m / d + wd * p`` of one leaf."""
+  hyper = hyper.at(m.dtype)
   denominator = jnp.sqrt(v) + hyper.eps
   direction = m / denominator
   return denominator, direction, direction + hyper.weight_decay * p
@@ -212,11 +221,12 @@ def _warmup_phase(grads: Any, params: Any, mu: Any, nu: Any, nu_fresh: Any, coef
   mu, nu = _onebit.warmup_moments(grads, mu, nu, hyper.b1, hyper.b2, communicator)
 
   def leaf(m, v, v_fresh, p, coeff_freeze):
-    _, _, update = _adam_update(m, v, p, hyper)
+    hyper_ = hyper.at(m.dtype)
+    _, _, update = _adam_update(m, v, p, hyper_)
     update_norm, param_norm = _norm(update), _norm(p)
     trust = jnp.where((param_norm > 0) & (update_norm > 0),
-                      jnp.clip(param_norm / update_norm, hyper.min_coeff, hyper.max_coeff), 1.0)
-    coeff_freeze = jnp.where(trust != 1.0, hyper.coeff_beta * coeff_freeze + (1 - hyper.coeff_beta) * trust,
+                      jnp.clip(param_norm / update_norm, hyper_.min_coeff, hyper_.max_coeff), 1.0)
+    coeff_freeze = jnp.where(trust != 1.0, hyper_.coeff_beta * coeff_freeze + (1 - hyper_.coeff_beta) * trust,
                              coeff_freeze)
     return jnp.where(t == freeze_step, v, v_fresh), coeff_freeze, trust
 
@@ -233,11 +243,12 @@ def _compression_phase(grads: Any, params: Any, nu: Any, mu: Any, nu_fresh: Any,
   # At the first compression step, scale every leaf's momentum to the mean RMS of all leaves. A leaf with no momentum
   # then (never had a gradient, or empty) gets scaling 0, not DeepSpeed's mean_rms / 0 = inf: it is sent as zeros
   # and its averaged momentum is kept at 0, as a momentum mask would.
-  rms = jax.tree.map(lambda m: _norm(m) / jnp.sqrt(jnp.float32(max(m.size, 1))), mu)
-  rms_leaves = jax.tree.leaves(rms)
-  mean_rms = sum(rms_leaves) / len(rms_leaves) if rms_leaves else jnp.float32(1)
-  scaling = jax.tree.map(lambda r, s: jnp.where(t == freeze_step + 1, jnp.where(r > 0, mean_rms / r, 0.0), s),
-                         rms, scaling)
+  rms = jax.tree.map(lambda m: _norm(m) / jnp.sqrt(jnp.asarray(max(m.size, 1), m.dtype)), mu)
+  rms_leaves = [r.astype(hyper.lr.dtype) for r in jax.tree.leaves(rms)]  # summed in the widest dtype
+  mean_rms = sum(rms_leaves) / len(rms_leaves) if rms_leaves else jnp.ones([], hyper.lr.dtype)
+  scaling = jax.tree.map(
+      lambda r, s: jnp.where(t == freeze_step + 1, jnp.where(r > 0, mean_rms.astype(r.dtype) / r, 0.0), s),
+      rms, scaling)
   # One exchange of the whole model, followed by the padding tail the previous exchange left (SPEC.md section 6).
   scaled = jax.tree.map(lambda m, g, s: _common.moment_update(m, g, hyper.b1) * s, mu, grads, scaling)
   if world == 1:  # the exchange is the identity and there is no tail: leaf by leaf (typed replicated on a mesh axis)
@@ -250,16 +261,18 @@ def _compression_phase(grads: Any, params: Any, nu: Any, mu: Any, nu_fresh: Any,
   mu = _onebit.apply_mask(mu, momentum_mask, nu, mask_zero_variance)
 
   def leaf(m, m_prev, v, v_fresh, p, coeff_freeze, last_factor):
-    denominator, direction, update = _adam_update(m, v, p, hyper)
-    rebuilt = (m - hyper.b1.rate * m_prev) / hyper.b1.complement
-    v_fresh = _common.moment_update(v_fresh, rebuilt, hyper.b2, order=2)
-    ratios = denominator / (jnp.sqrt(v_fresh) + hyper.eps)
-    factor = jnp.max(ratios) if ratios.size else jnp.float32(1)
+    hyper_ = hyper.at(m.dtype)
+    denominator, direction, update = _adam_update(m, v, p, hyper_)
+    rebuilt = (m - hyper_.b1.rate * m_prev) / hyper_.b1.complement
+    v_fresh = _common.moment_update(v_fresh, rebuilt, hyper_.b2, order=2)
+    ratios = denominator / (jnp.sqrt(v_fresh) + hyper_.eps)
+    factor = jnp.max(ratios) if ratios.size else jnp.ones([], m.dtype)
     update_norm = _norm(update)
     blend = jnp.where(update_norm > 0, jnp.minimum(1.0, _norm(direction) / update_norm), 1.0)
-    factor = jnp.where(hyper.weight_decay > 0, factor * blend + (1 - blend), factor)
-    factor = jnp.clip(factor, hyper.factor_min, hyper.factor_max)
-    factor = jnp.clip(factor, last_factor * (1 - hyper.factor_threshold), last_factor * (1 + hyper.factor_threshold))
+    factor = jnp.where(hyper_.weight_decay > 0, factor * blend + (1 - blend), factor)
+    factor = jnp.clip(factor, hyper_.factor_min, hyper_.factor_max)
+    factor = jnp.clip(factor, last_factor * (1 - hyper_.factor_threshold),
+                      last_factor * (1 + hyper_.factor_threshold))
     return v_fresh, factor, coeff_freeze * factor
 
   nu_fresh, last_factor, coefficient = _common.unzip(

@@ -117,6 +117,12 @@ def sharded_init(tx: optax.GradientTransformation, params: Any, mesh: Mesh, axis
   Returns:
     The global optimizer state; `state_partition_specs(state, axis_name)` gives its specs for the train step.
   """
+  names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+  missing = [name for name in names if name not in mesh.axis_names]
+  if missing:
+    raise ValueError(f"sharded_init: axis_name={axis_name!r} names axis {missing[0]!r}, which the mesh lacks (its "
+                     f"axes: {tuple(mesh.axis_names)}). Pass the mesh's data-parallel axis, as given to the "
+                     f"optimizer's `comm`.")
   # Trace init once without output checks, only to learn the state's structure (and so its specs).
   structure_only = jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=PartitionSpec(),
                                  check_vma=False)

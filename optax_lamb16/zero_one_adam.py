@@ -30,13 +30,14 @@ class ZeroOneAdamState(NamedTuple):
 
   Attributes:
     count: int32, DeepSpeed's step counter (1 after `init`; the first update runs with t = 2).
-    mu: first moments (float32): PER RANK after the freeze (local steps), identical on all ranks before. Like every
-      per-rank leaf, laid out at least 1-d: the moment of a 0-d parameter has shape (1,).
-    nu: second moments (float32), identical on all ranks, frozen after `var_freeze_step`.
+    mu: first moments (in the params' arithmetic dtype: float32, float64 for float64 params): PER RANK after the
+      freeze (local steps), identical on all ranks before. Like every per-rank leaf, laid out at least 1-d: the
+      moment of a 0-d parameter has shape (1,).
+    nu: second moments (the same dtypes), identical on all ranks, frozen after `var_freeze_step`.
     accumulated_update: PER RANK, the sum of this rank's updates since the last sync (``u``); at least 1-d too.
       While `lr_sum` is 0 it counts as 0: a sync leaves it as it was (zeroed lazily, which spares XLA a copy of the
       whole buffer every step), so read it as ``where(lr_sum > 0, u, 0)``.
-    lr_sum: float32, the sum of the learning rates since the last sync.
+    lr_sum: the sum of the learning rates since the last sync (float32, float64 if a param is float64).
     var_interval: int32, v is updated on steps t with ``t % var_interval == 0`` (1 at first).
     var_counter: int32, variance updates since the interval last doubled.
     local_step_interval: int32, ranks sync on steps t with ``t % local_step_interval == 0`` (1 at first).
@@ -57,6 +58,8 @@ class ZeroOneAdamState(NamedTuple):
   exchange: compression.CompressedAllReduceState
 
   PER_RANK_FIELDS = ("mu", "accumulated_update", "exchange")
+  # The params themselves differ per rank between syncs (`optax_lamb16.data_parallel` keeps one copy per rank).
+  PARAMS_PER_RANK = True
 
 
 VAR_FREEZE_FIX = (
@@ -100,7 +103,8 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `ZeroOneAdamState`. Its updates have the
-    gradients' dtype (computed in float32, rounded once).
+    gradients' dtype (computed in float32, or in float64 for float64 params, rounded once); the compressed
+    exchanges are float32 for every dtype.
 
   Static under `optax.inject_hyperparams`: `comm` and the four integer schedule arguments; numeric
   ``learning_rate, b1, b2, eps, weight_decay`` may be injected or be schedules (which see the number of updates so
@@ -133,20 +137,24 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
   store = lambda tree: _onebit.to_per_rank_layout(per_rank(tree))
 
   def init_fn(params):
-    compression.check_leaves("params", params)
+    _checks.check_float_leaves("params", params)
     zeros = lambda: _onebit.zeros_like(params, communicator)
     # Every leaf its own buffer, so that the whole state can be donated to a jitted step.
     return ZeroOneAdamState(
         count=_onebit.initial_count(), mu=store(zeros()), nu=zeros(), accumulated_update=store(zeros()),
-        lr_sum=jnp.zeros([], jnp.float32), var_interval=jnp.ones([], jnp.int32), var_counter=jnp.zeros([], jnp.int32),
-        local_step_interval=jnp.ones([], jnp.int32), local_step_counter=jnp.zeros([], jnp.int32),
-        frozen=jnp.zeros([], jnp.bool_), exchange=compression.init_compressed_allreduce(params, communicator))
+        lr_sum=jnp.zeros([], _common.widest_arithmetic_dtype(params)), var_interval=jnp.ones([], jnp.int32),
+        var_counter=jnp.zeros([], jnp.int32), local_step_interval=jnp.ones([], jnp.int32),
+        local_step_counter=jnp.zeros([], jnp.int32), frozen=jnp.zeros([], jnp.bool_),
+        exchange=compression.init_compressed_allreduce(params, communicator))
 
   def update_fn(updates, state, params=None):
+    comm_lib.check_per_rank_params(communicator, params)
     grads, params, _ = _onebit.checked_inputs(updates, state, params, communicator)
     t = _onebit.next_count(state.count)
-    beta1, beta2 = _onebit.decays_at(state.count, b1, b2)
-    epsilon, decay, lr = _onebit.hyperparameters_at(state.count, eps, weight_decay, learning_rate)
+    dtype = state.lr_sum.dtype  # the widest arithmetic dtype of the params: every scalar below, cast to each leaf's
+    beta1, beta2 = _onebit.decays_at(state.count, b1, b2, dtype=dtype)
+    epsilon, decay, lr = _onebit.hyperparameters_at(state.count, eps, weight_decay, learning_rate, dtype=dtype)
+    at = lambda scalar, x: scalar.astype(x.dtype)
     frozen = state.frozen
     mu_before = _onebit.from_per_rank_layout(state.mu, params)
     accumulated_before = _onebit.from_per_rank_layout(state.accumulated_update, params)
@@ -169,12 +177,12 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     _, exchange = _onebit.run_if(freezes, lambda _, buffers: jax.tree.map(jnp.zeros_like, buffers), (), exchange)
 
     # The Adam step on this rank's params, from its direction ``m / (sqrt(v) + eps)``.
-    denominators_of = lambda nu: jax.tree.map(lambda v: jnp.sqrt(v) + epsilon, nu)
+    denominators_of = lambda nu: jax.tree.map(lambda v: jnp.sqrt(v) + at(epsilon, v), nu)
 
     def adam_step(directions, params):
       if no_weight_decay:  # then the step does not read the params: XLA can update them in place
-        return jax.tree.map(lambda r: -lr * r, directions)
-      return jax.tree.map(lambda r, p: -lr * (r + decay * p), directions, params)
+        return jax.tree.map(lambda r: -at(lr, r) * r, directions)
+      return jax.tree.map(lambda r, p: -at(lr, r) * (r + at(decay, p) * p), directions, params)
 
     lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
 
@@ -198,12 +206,12 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     source = jax.tree.map(lambda g, m: jnp.where(frozen, g, m), grads, mean)
     mu = jax.tree.map(lambda m, s: jnp.where(variance_due, m, _common.moment_update(m, s, beta1)), mu, source)
     # A sync: ``m = -w / lr_sum`` (DeepSpeed divides unguarded; with a zero learning rate since the last sync, keep m).
-    mu = per_rank(jax.tree.map(lambda w, m: jnp.where(jnp.logical_and(sync_due, lr_sum > 0), -w / lr_sum, m),
+    mu = per_rank(jax.tree.map(lambda w, m: jnp.where(jnp.logical_and(sync_due, lr_sum > 0), -w / at(lr_sum, w), m),
                                mean, mu))
     # One division per element serves every phase: a sync's ``w / (sqrt(v) + eps)``, with w read back from the new m
     # as ``-m * lr_sum`` (within an ulp of w; 0 where lr_sum is 0, so that a sync after a zero learning rate moves
     # nothing), and the Adam direction otherwise. Read from m, w is decoded from its sign bits once per step, not twice.
-    directions = jax.tree.map(lambda m, d: jnp.where(sync_due, -m * lr_sum, m) / d, mu, denominators_of(nu))
+    directions = jax.tree.map(lambda m, d: jnp.where(sync_due, -m * at(lr_sum, m), m) / d, mu, denominators_of(nu))
     steps = adam_step(directions, params)
     # A sync leaves `accumulated` as it is and sets lr_sum to 0, which makes the buffer count as 0 from the next step
     # on. (Each donated buffer's old value must be read by the one pass that overwrites it, and every other pass read

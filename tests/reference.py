@@ -1,6 +1,8 @@
 """Slow NumPy re-implementations of SPEC.md, written from the spec alone, used as test oracles.
 
-Nothing here imports optax_lamb16 or JAX: float8 rounding comes from ml_dtypes, arithmetic is float32 NumPy.
+Nothing here imports optax_lamb16 or JAX: float8 rounding comes from ml_dtypes, arithmetic is float32 NumPy (the
+1-bit optimizers' oracles take `dtype=np.float64` for float64 params: sections 4-6 in float64, the compressed
+exchange of section 3 in float32 as ever).
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import numpy as np
 F32 = np.float32
 
 
-def complement(b: float) -> np.float32:
+def complement(b: float, dtype=F32) -> np.floating:
   """``1 - b`` as the references form it: in double precision from the Python number, rounded once to float32
-  (PyTorch's ``alpha=1 - beta``), not ``1 - float32(b)``."""
-  return F32(1.0 - float(b))
+  (PyTorch's ``alpha=1 - beta``), not ``1 - float32(b)``; or to `dtype`."""
+  return dtype(1.0 - float(b))
 
 
 def exact_sum(x: np.ndarray) -> np.float32:
@@ -259,8 +261,8 @@ def on_grid(oracle, hosts: int):
   return oracle
 
 
-def _flat(leaves: list[np.ndarray]) -> np.ndarray:
-  return np.concatenate([np.ravel(x).astype(F32) for x in leaves]) if leaves else np.zeros(0, F32)
+def _flat(leaves: list[np.ndarray], dtype=F32) -> np.ndarray:
+  return np.concatenate([np.ravel(x).astype(dtype) for x in leaves]) if leaves else np.zeros(0, dtype)
 
 
 def _unflat(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
@@ -271,19 +273,20 @@ def _unflat(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
   return out
 
 
-def _exact_mean(per_rank: list[list[np.ndarray]]) -> list[np.ndarray]:
-  """Float32 mean over ranks, leaf by leaf (ranks summed in order, then divided)."""
-  total = [np.zeros_like(x, F32) for x in per_rank[0]]
+def _exact_mean(per_rank: list[list[np.ndarray]], dtype=F32) -> list[np.ndarray]:
+  """Mean over ranks in `dtype` (float32 by default), leaf by leaf (ranks summed in order, then divided)."""
+  total = [np.zeros_like(x, dtype) for x in per_rank[0]]
   for leaves in per_rank:
-    total = [a + b for a, b in zip(total, leaves)]
-  return [(a / F32(len(per_rank))).astype(F32) for a in total]
+    total = [a + np.asarray(b, dtype) for a, b in zip(total, leaves)]
+  return [(a / dtype(len(per_rank))).astype(dtype) for a in total]
 
 
-def rounding_to(dtype):
-  """x -> x rounded to `dtype` (e.g. ml_dtypes.bfloat16) and back to float32; the identity for None (float32)."""
+def rounding_to(dtype, arithmetic=F32):
+  """x -> x rounded to `dtype` (e.g. ml_dtypes.bfloat16) and back to `arithmetic` (float32 by default); the identity
+  for None (the params are of the arithmetic dtype)."""
   if dtype is None:
-    return lambda x: np.asarray(x, F32)
-  return lambda x: np.asarray(x, F32).astype(dtype).astype(F32)
+    return lambda x: np.asarray(x, arithmetic)
+  return lambda x: np.asarray(x, arithmetic).astype(dtype).astype(arithmetic)
 
 
 class OnebitAdamReference:
@@ -292,17 +295,20 @@ class OnebitAdamReference:
 
   `param_dtype` (None: float32): the params' dtype. The update ``-lr * (m / (sqrt(v) + eps) + wd * p)`` is then
   formed as optax chains form it, each stage rounded to that dtype (the direction, plus the weight decay, times
-  -lr), and ``p + update`` is rounded too; gradients are rounded by the caller (`onebit_harness.run_oracle`)."""
+  -lr), and ``p + update`` is rounded too; gradients are rounded by the caller (`onebit_harness.run_oracle`).
+  `dtype` (float32 by default; np.float64 for float64 params): the arithmetic's dtype, of m, v and the exact mean;
+  the compressed exchange takes m rounded to float32."""
 
   def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, mask=None,
-               mask_zero_variance=False, param_dtype=None):
-    self.round = rounding_to(param_dtype)
-    self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
+               mask_zero_variance=False, param_dtype=None, dtype=F32):
+    F = self.F = dtype
+    self.round = rounding_to(param_dtype, F)
+    self.world, self.freeze_step, self.lr = world, freeze_step, F(lr)
     self.mask_zero_variance = mask_zero_variance
-    self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
-    self.c1, self.c2 = complement(b1), complement(b2)
-    self.m = [np.zeros(p.shape, F32) for p in params]
-    self.v = [np.zeros(p.shape, F32) for p in params]
+    self.b1, self.b2, self.eps, self.wd = F(b1), F(b2), F(eps), F(weight_decay)
+    self.c1, self.c2 = complement(b1, F), complement(b2, F)
+    self.m = [np.zeros(p.shape, F) for p in params]
+    self.v = [np.zeros(p.shape, F) for p in params]
     self.mask = mask
     self.car = CompressedAllReduceReference(sum(p.size for p in params), world)
     self.t = 1  # DeepSpeed's set-up call
@@ -310,18 +316,18 @@ class OnebitAdamReference:
   def step(self, per_rank_params, local_grads):
     params = per_rank_params[0]  # identical on every rank
     self.t += 1
-    b1, b2, c1, c2 = self.b1, self.b2, self.c1, self.c2
+    F, b1, b2, c1, c2 = self.F, self.b1, self.b2, self.c1, self.c2
     if self.t <= self.freeze_step:
-      g = _exact_mean(local_grads)
+      g = _exact_mean(local_grads, F)
       self.m = [b1 * m + c1 * gi for m, gi in zip(self.m, g)]
       self.v = [b2 * v + c2 * gi * gi for v, gi in zip(self.v, g)]
     else:
-      local_m = [_flat([b1 * m + c1 * gi for m, gi in zip(self.m, grads)]) for grads in local_grads]
-      self.m = _unflat(self.car(local_m) if self.world > 1 else local_m[0], self.m)
+      local_m = [_flat([b1 * m + c1 * gi for m, gi in zip(self.m, grads)], F) for grads in local_grads]
+      self.m = _unflat((self.car(local_m) if self.world > 1 else local_m[0]).astype(F), self.m)
       if self.mask is not None:
-        self.m = [m * F32(k) for m, k in zip(self.m, self.mask)]
+        self.m = [m * F(k) for m, k in zip(self.m, self.mask)]
       if self.mask_zero_variance:
-        self.m = [np.where(v > 0, m, F32(0)) for m, v in zip(self.m, self.v)]
+        self.m = [np.where(v > 0, m, F(0)) for m, v in zip(self.m, self.v)]
     r = self.round
     new_params = []
     for p, m, v in zip(params, self.m, self.v):
@@ -334,23 +340,25 @@ class ZeroOneAdamReference:
   """SPEC.md sections 2 and 5 for P ranks: per-rank params, m and u; shared v, lr sum and schedules.
 
   `param_dtype` (None: float32): the params' dtype; each rank's step ``new - p`` is rounded to it, and so is
-  ``p + step``."""
+  ``p + step``. `dtype` (float32 by default; np.float64 for float64 params): the arithmetic's dtype; the compressed
+  exchanges take their inputs rounded to float32."""
 
   def __init__(self, params, world, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, var_freeze_step=100000,
                var_update_scaler=16, local_step_scaler=32678, local_step_clipper=16, mask=None,
-               mask_zero_variance=False, param_dtype=None):
-    self.param_dtype, self.round = param_dtype, rounding_to(param_dtype)
-    self.world, self.lr = world, F32(lr)
+               mask_zero_variance=False, param_dtype=None, dtype=F32):
+    F = self.F = dtype
+    self.param_dtype, self.round = param_dtype, rounding_to(param_dtype, F)
+    self.world, self.lr = world, F(lr)
     self.mask_zero_variance = mask_zero_variance
-    self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
-    self.c1, self.c2 = complement(b1), complement(b2)
+    self.b1, self.b2, self.eps, self.wd = F(b1), F(b2), F(eps), F(weight_decay)
+    self.c1, self.c2 = complement(b1, F), complement(b2, F)
     self.var_freeze_step, self.var_update_scaler = var_freeze_step, var_update_scaler
     self.local_step_scaler, self.local_step_clipper = local_step_scaler, local_step_clipper
     self.mask = mask
-    self.m = [[np.zeros(p.shape, F32) for p in params] for _ in range(world)]
-    self.u = [[np.zeros(p.shape, F32) for p in params] for _ in range(world)]
-    self.v = [np.zeros(p.shape, F32) for p in params]
-    self.lrs = F32(0)
+    self.m = [[np.zeros(p.shape, F) for p in params] for _ in range(world)]
+    self.u = [[np.zeros(p.shape, F) for p in params] for _ in range(world)]
+    self.v = [np.zeros(p.shape, F) for p in params]
+    self.lrs = F(0)
     self.var_interval, self.var_counter = 1, 0
     self.local_step_interval, self.local_step_counter = 1, 0
     self.frozen = False
@@ -360,22 +368,22 @@ class ZeroOneAdamReference:
     self.log = []
 
   def _car(self, per_rank_leaves):
-    like = per_rank_leaves[0]
-    out = self.car([_flat(leaves) for leaves in per_rank_leaves]) if self.world > 1 else _flat(like)
-    out = _unflat(out, like)
+    like, F = per_rank_leaves[0], self.F
+    out = self.car([_flat(leaves) for leaves in per_rank_leaves]) if self.world > 1 else _flat(like, F)
+    out = _unflat(out.astype(F), like)
     if self.mask is not None:
-      out = [x * F32(k) for x, k in zip(out, self.mask)]
+      out = [x * F(k) for x, k in zip(out, self.mask)]
     if self.mask_zero_variance:
-      out = [np.where(v > 0, x, F32(0)) for x, v in zip(out, self.v)]
+      out = [np.where(v > 0, x, F(0)) for x, v in zip(out, self.v)]
     return out
 
   def step(self, per_rank_params, local_grads):
     self.t += 1
-    t, b1, b2, c1, c2, world = self.t, self.b1, self.b2, self.c1, self.c2, self.world
+    F, t, b1, b2, c1, c2, world = self.F, self.t, self.b1, self.b2, self.c1, self.c2, self.world
     momentum = lambda m, g: [b1 * a + c1 * b for a, b in zip(m, g)]
     variance_due = not self.frozen and t % self.var_interval == 0
     if variance_due:
-      g = _exact_mean(local_grads)
+      g = _exact_mean(local_grads, F)
       self.v = [b2 * v + c2 * gi * gi for v, gi in zip(self.v, g)]
       self.m = [momentum(self.m[r], g) for r in range(world)]
       self.log.append("variance")
@@ -385,7 +393,7 @@ class ZeroOneAdamReference:
       self.log.append("compressed")
     else:
       self.m = [momentum(self.m[r], local_grads[r]) for r in range(world)]
-      self.lrs = F32(self.lrs + self.lr)
+      self.lrs = F(self.lrs + self.lr)
       self.log.append("local")
     d = [np.sqrt(v) + self.eps for v in self.v]
     new_params = []
@@ -400,7 +408,7 @@ class ZeroOneAdamReference:
       self.m = [[-wi / self.lrs for wi in w] for _ in range(world)]
       new_params = [[p0 + wi / di for p0, wi, di in zip(previous[r], w, d)] for r in range(world)]
       self.u = [[np.zeros_like(u) for u in self.u[r]] for r in range(world)]
-      self.lrs = F32(0)
+      self.lrs = F(0)
       self.log[-1] = "local+sync"
     if variance_due:
       self.var_counter += 1
@@ -415,7 +423,7 @@ class ZeroOneAdamReference:
       self.frozen = True
       self.car.reset()
     if self.param_dtype is None:
-      return [[x.astype(F32) for x in leaves] for leaves in new_params]
+      return [[x.astype(F) for x in leaves] for leaves in new_params]
     r = self.round  # the optimizer returns the step new - p, in the params' dtype, which optax then adds to p
     return [[r(p + r(x - p)) for x, p in zip(new_params[rank], per_rank_params[rank])] for rank in range(world)]
 
@@ -425,25 +433,28 @@ class OnebitLambReference:
 
   `mask`: optional 0/1 leaves multiplied into the averaged momentum after it is divided by the scaling coefficient
   (DeepSpeed's ``exp_avg_mask``). `param_dtype` (None: float32): the params' dtype; the step ``-lr * coeff * u`` is
-  rounded to it, and so is ``p + step``."""
+  rounded to it, and so is ``p + step``. `dtype` (float32 by default; np.float64 for float64 params): the
+  arithmetic's dtype; the compressed exchange takes the scaled momenta rounded to float32 (its padding tail stays
+  float32)."""
 
   def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_coeff=10.0,
                min_coeff=0.01, coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1, mask=None,
-               mask_zero_variance=False, param_dtype=None):
-    self.round = rounding_to(param_dtype)
+               mask_zero_variance=False, param_dtype=None, dtype=F32):
+    F = self.F = dtype
+    self.round = rounding_to(param_dtype, F)
     self.mask = mask
-    self.world, self.freeze_step, self.lr = world, freeze_step, F32(lr)
+    self.world, self.freeze_step, self.lr = world, freeze_step, F(lr)
     self.mask_zero_variance = mask_zero_variance
-    self.b1, self.b2, self.eps, self.wd = F32(b1), F32(b2), F32(eps), F32(weight_decay)
-    self.c1, self.c2 = complement(b1), complement(b2)
-    self.max_coeff, self.min_coeff, self.coeff_beta = F32(max_coeff), F32(min_coeff), F32(coeff_beta)
-    self.coeff_complement = complement(coeff_beta)
-    self.factor_max, self.factor_min, self.factor_threshold = F32(factor_max), F32(factor_min), F32(factor_threshold)
-    zeros = lambda: [np.zeros(p.shape, F32) for p in params]
+    self.b1, self.b2, self.eps, self.wd = F(b1), F(b2), F(eps), F(weight_decay)
+    self.c1, self.c2 = complement(b1, F), complement(b2, F)
+    self.max_coeff, self.min_coeff, self.coeff_beta = F(max_coeff), F(min_coeff), F(coeff_beta)
+    self.coeff_complement = complement(coeff_beta, F)
+    self.factor_max, self.factor_min, self.factor_threshold = F(factor_max), F(factor_min), F(factor_threshold)
+    zeros = lambda: [np.zeros(p.shape, F) for p in params]
     self.m, self.v, self.v_fresh = zeros(), zeros(), zeros()
-    self.coeff_freeze = [F32(0)] * len(params)
-    self.last_factor = [F32(1)] * len(params)
-    self.scaling = [F32(1)] * len(params)
+    self.coeff_freeze = [F(0)] * len(params)
+    self.last_factor = [F(1)] * len(params)
+    self.scaling = [F(1)] * len(params)
     self.car = CompressedAllReduceReference(sum(p.size for p in params), world)
     self.tail = np.zeros(self.car.n_pad - self.car.n, F32)
     self.t = 1
@@ -451,31 +462,31 @@ class OnebitLambReference:
   def step(self, per_rank_params, local_grads):
     params = per_rank_params[0]
     self.t += 1
-    t, b1, b2, eps, wd = self.t, self.b1, self.b2, self.eps, self.wd
+    F, t, b1, b2, eps, wd = self.F, self.t, self.b1, self.b2, self.eps, self.wd
     c1, c2 = self.c1, self.c2
-    norm = lambda x: F32(np.sqrt(np.sum(x * x, dtype=F32)))
+    norm = lambda x: F(np.sqrt(np.sum(x * x, dtype=F)))
     new_params = []
     if t <= self.freeze_step:
-      g = _exact_mean(local_grads)
+      g = _exact_mean(local_grads, F)
       self.m = [b1 * m + c1 * gi for m, gi in zip(self.m, g)]
       self.v = [b2 * v + c2 * gi * gi for v, gi in zip(self.v, g)]
       if t == self.freeze_step:
         self.v_fresh = [v.copy() for v in self.v]
       for i, (p, m, v) in enumerate(zip(params, self.m, self.v)):
         u = m / (np.sqrt(v) + eps) + wd * p
-        r = F32(1)
+        r = F(1)
         if norm(p) > 0 and norm(u) > 0:
-          r = F32(np.clip(norm(p) / norm(u), self.min_coeff, self.max_coeff))
+          r = F(np.clip(norm(p) / norm(u), self.min_coeff, self.max_coeff))
         if r != 1:
-          self.coeff_freeze[i] = F32(self.coeff_beta * self.coeff_freeze[i] + self.coeff_complement * r)
+          self.coeff_freeze[i] = F(self.coeff_beta * self.coeff_freeze[i] + self.coeff_complement * r)
         new_params.append(self.round(p + self.round(-self.lr * (r * u))))
       return new_params
     m_prev = [m.copy() for m in self.m]
     if t == self.freeze_step + 1:
-      rms = [norm(m) / np.sqrt(F32(max(m.size, 1))) for m in self.m]
-      mean_rms = F32(sum(rms) / F32(len(rms)))
+      rms = [norm(m) / np.sqrt(F(max(m.size, 1))) for m in self.m]
+      mean_rms = F(sum(rms) / F(len(rms)))
       # Guard (not in DeepSpeed): a leaf without momentum gets scaling 0 and keeps zero momentum.
-      self.scaling = [F32(mean_rms / r) if r > 0 else F32(0) for r in rms]
+      self.scaling = [F(mean_rms / r) if r > 0 else F(0) for r in rms]
     local = [[(b1 * m + c1 * gi) * s for m, gi, s in zip(self.m, grads, self.scaling)]
              for grads in local_grads]
     if self.world > 1:
@@ -485,27 +496,27 @@ class OnebitLambReference:
       decoded = self.car(buffers)
       self.car.n = saved_n
       self.tail = decoded[saved_n:]
-      averaged = _unflat(decoded[:saved_n], self.m)
+      averaged = _unflat(decoded[:saved_n].astype(F), self.m)
     else:
       averaged = local[0]
     self.m = [a / s if s > 0 else np.zeros_like(a) for a, s in zip(averaged, self.scaling)]
     if self.mask is not None:
-      self.m = [m * F32(k) for m, k in zip(self.m, self.mask)]
+      self.m = [m * F(k) for m, k in zip(self.m, self.mask)]
     if self.mask_zero_variance:
-      self.m = [np.where(v > 0, m, F32(0)) for m, v in zip(self.m, self.v)]
+      self.m = [np.where(v > 0, m, F(0)) for m, v in zip(self.m, self.v)]
     for i, (p, m, mp, v) in enumerate(zip(params, self.m, m_prev, self.v)):
       g_hat = (m - b1 * mp) / c1
       self.v_fresh[i] = b2 * self.v_fresh[i] + c2 * g_hat * g_hat
       d = np.sqrt(v) + eps
       u0 = m / d
       u = u0 + wd * p
-      f = F32(np.max(d / (np.sqrt(self.v_fresh[i]) + eps))) if d.size else F32(1)
+      f = F(np.max(d / (np.sqrt(self.v_fresh[i]) + eps))) if d.size else F(1)
       if wd > 0:
-        rho = F32(min(F32(1), norm(u0) / norm(u))) if norm(u) > 0 else F32(1)
-        f = F32(f * rho + (F32(1) - rho))
-      f = F32(np.clip(f, self.factor_min, self.factor_max))
+        rho = F(min(F(1), norm(u0) / norm(u))) if norm(u) > 0 else F(1)
+        f = F(f * rho + (F(1) - rho))
+      f = F(np.clip(f, self.factor_min, self.factor_max))
       lf = self.last_factor[i]
-      f = F32(np.clip(f, lf * (F32(1) - self.factor_threshold), lf * (F32(1) + self.factor_threshold)))
+      f = F(np.clip(f, lf * (F(1) - self.factor_threshold), lf * (F(1) + self.factor_threshold)))
       self.last_factor[i] = f
       new_params.append(self.round(p + self.round(-self.lr * ((self.coeff_freeze[i] * f) * u))))
     return new_params

@@ -251,8 +251,9 @@ def test_state_sharded_for_2_ranks_used_on_4_inside_shard_map_is_rejected():
   def state_and_step(params):  # the state laid out for 2 ranks, the step for 4
     state = optax_lamb16.sharded_init(tx, params, make_mesh(2), "data")
     specs = optax_lamb16.state_partition_specs(state, "data")
-    return state, jax.jit(jax.shard_map(lambda p, s: tx.update(p, s, p)[0], mesh=make_mesh(4),
-                                        in_specs=(P(), specs), out_specs=P()))
+    # Each rank's own gradients (here the params themselves, viewed per rank).
+    update = lambda p, s: tx.update(optax_lamb16.local_view(p, "data"), s, p)[0]
+    return state, jax.jit(jax.shard_map(update, mesh=make_mesh(4), in_specs=(P(), specs), out_specs=P()))
 
   params = {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}  # each rank's error vectors: 40 (b and w) and 8 (padding)
   state, step = state_and_step(params)

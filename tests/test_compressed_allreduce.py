@@ -293,16 +293,52 @@ def test_named_vmap_axis_is_the_same_exchange_as_shard_map():
   np.testing.assert_array_equal(np.asarray(vmapped), run_calls(inputs)[0])
 
 
-def test_float64_leaves_are_rejected_naming_the_leaf():
+def _exchange_and_mean_calls(tree):
+  """tree: {name: (P, T, n)} per-rank inputs of T calls. Returns the compressed_mean outputs {name: (P, T, n)}, the
+  final error buffers and the uncompressed_mean outputs, over a mesh of P ranks (one dispatch)."""
+  world = next(iter(tree.values())).shape[0]
+
+  def per_rank(tree):
+    tree = jax.tree.map(lambda x: x[0], tree)
+    compressed, exact = optax_lamb16.compressed_mean("data"), optax_lamb16.uncompressed_mean("data")
+    state = compressed.init(jax.tree.map(lambda x: x[0], tree))
+
+    def call(state, x_t):
+      out, state = compressed.update(x_t, state)
+      return state, (out, exact.update(x_t, exact.init(x_t))[0])
+    state, (outs, means) = jax.lax.scan(call, state, tree)
+    return jax.tree.map(lambda x: x[None], (outs, means)), state
+
+  specs = optax_lamb16.CompressedAllReduceState(P("data"), P("data"))
+  f = jax.jit(jax.shard_map(per_rank, mesh=make_mesh(world), in_specs=P("data"), out_specs=(P("data"), specs)))
+  (outs, means), state = f(jax.tree.map(jnp.asarray, tree))
+  return jax.tree.map(np.asarray, outs), h.flat_errors(state), jax.tree.map(np.asarray, means)
+
+
+def test_float64_leaves_are_exchanged_in_float32_and_averaged_exactly_in_float64():
+  """With jax_enable_x64, next to a float32 leaf: the compressed exchange takes the float64 leaf rounded to float32
+  (SPEC.md section 3: float32 signs, scales and error feedback) and hands its estimate back as float64, bitwise the
+  exchange of the rounded tree widened (and the oracle's); the exact mean is float64 for the float64 leaf (float32
+  would be 1e-8 off) and float32 for the float32 leaf."""
+  world, calls = 4, 3
+  rng = np.random.default_rng(64)
+  tree = {"a": rng.standard_normal((world, calls, 40)), "b": rng.standard_normal((world, calls, 9)).astype(np.float32)}
+  rounded = {"a": tree["a"].astype(np.float32), "b": tree["b"]}
   with jax.enable_x64(True):
-    tree = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.float64)}
-    with pytest.raises(TypeError, match=r"`tree_or_length` leaf \['b'\] is float64.*Cast it to float32"):
-      optax_lamb16.init_compressed_allreduce(tree, None)
-    with pytest.raises(TypeError, match=r"`tree` leaf \['b'\] is float64"):
-      optax_lamb16.compressed_allreduce(tree, optax_lamb16.init_compressed_allreduce(5, None), None)
-    for transform in (optax_lamb16.compressed_mean(None), optax_lamb16.uncompressed_mean(None)):
-      with pytest.raises(TypeError, match=r"`updates` leaf \['b'\] is float64"):
-        transform.update(tree, transform.init({"a": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.float32)}))
+    outs, errors, means = _exchange_and_mean_calls(tree)
+    want_outs, want_errors, want_means = _exchange_and_mean_calls(rounded)
+  assert (outs["a"].dtype, outs["b"].dtype, means["a"].dtype) == (np.float64, np.float32, np.float64)
+  np.testing.assert_array_equal(outs["a"], want_outs["a"].astype(np.float64))
+  np.testing.assert_array_equal(outs["b"], want_outs["b"])
+  for error, want_error in zip(errors, want_errors):
+    assert error.dtype == np.float32
+    np.testing.assert_array_equal(error, want_error)
+  oracle = reference.CompressedAllReduceReference(49, world)
+  for t in range(calls):
+    want = oracle([np.concatenate([rounded["a"][r, t], rounded["b"][r, t]]) for r in range(world)])
+    np.testing.assert_allclose(np.concatenate([outs["a"][0, t], outs["b"][0, t]]), want, rtol=2e-6, atol=1e-6)
+  np.testing.assert_allclose(means["a"], np.broadcast_to(tree["a"].mean(axis=0), means["a"].shape), rtol=1e-14)
+  np.testing.assert_allclose(means["b"], np.broadcast_to(tree["b"].mean(axis=0), means["b"].shape), rtol=1e-6)
 
 
 DOCTESTED = ("compression", "gradient_mean", "onebit_adam", "zero_one_adam", "onebit_lamb", "comm", "sharding")

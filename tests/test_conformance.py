@@ -2,8 +2,9 @@
 
 Modelled on optax's ``contrib/_common_test.py``, ``_src/alias_test.py`` and ``_src/sharding_test.py``: extra keyword
 arguments in `update` without recompiling, `optax.inject_hyperparams` equality, dtype preservation (bfloat16 and
-float32), `optax.MultiSteps`, state types stable across `update` under an Explicit mesh, schedules wherever the
-signature says ``ScalarOrSchedule``, `init` on abstract shapes, and a state that can be donated to a jitted step.
+float32; float64 and float16 traced under jax_enable_x64), `optax.MultiSteps`, state types stable across `update`
+under an Explicit mesh, schedules wherever the signature says ``ScalarOrSchedule``, `init` on abstract shapes, and a
+state that can be donated to a jitted step.
 
 One table of cases (`CASES`) feeds every check. Public ``scale_by_*`` blocks that the table does not know yet are
 discovered and built from their signatures, so that new building blocks are checked as soon as they exist. The
@@ -322,6 +323,49 @@ def test_updates_follow_the_params_dtype_and_the_state_keeps_its_types(case):
     mismatches = type_mismatches(got.states[0], state)
     assert not mismatches, f"after update {t + 1}:\n" + "\n".join(mismatches)
   assert any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(got.updates))
+
+
+# optax's ``test_state_shape_dtype_shard_stability`` runs every optimizer on float16, bfloat16, float32 and float64
+# params (float64 with jax_enable_x64). The float32 and bfloat16 leaves are the runs above; these trees add float64,
+# alone and next to float16 and float32 leaves.
+WIDE_DTYPES = ({"w": jnp.float64, "b": jnp.float64, "s": jnp.float64},
+               {"w": jnp.float64, "b": jnp.float16, "s": jnp.float32})
+
+
+def _cond_steps(tx, params, grads, pred, steps=2):
+  """optax's stability check: `steps` updates, each in a `lax.cond` whose other branch returns ``(params, state)``
+  (so the updates must have the params' types and the state `init`'s), applied to the params."""
+  state = tx.init(params)
+  for _ in range(steps):
+    updates, state = jax.lax.cond(pred, lambda: tx.update(grads, state, params), lambda: (params, state))
+    params = optax.apply_updates(params, updates)
+  return params
+
+
+@cases()
+def test_float64_params_keep_their_dtype_and_the_state_its_types(case):
+  """optax's dtype and state stability check on float64 params: traced (`jax.eval_shape`), with comm=None and, for
+  the communicating transforms, inside `jax.shard_map` over 2 ranks. Traced only: the values are checked against
+  float64 oracles in tests/test_onebit_common.py and tests/test_compressed_allreduce.py."""
+  with jax.enable_x64(True):
+    for dtypes in WIDE_DTYPES:
+      params = {name: jnp.asarray(value, dtypes[name]) for name, value in PARAM_VALUES.items()}
+      pred = jnp.bool_(True)
+      got = jax.eval_shape(functools.partial(_cond_steps, case.build()), params, params, pred)
+      assert not type_mismatches(params, got), dtypes
+      if not case.communicating:
+        continue
+      tx = case.build("data")
+
+      def local(params, grads, pred):
+        if case.per_rank_params:
+          params = jax.lax.pcast(params, ("data",), to="varying")
+        return jax.tree.map(lambda p: p[None], _cond_steps(tx, params, jax.tree.map(lambda g: g[0], grads), pred))
+
+      per_rank = jax.tree.map(lambda p: jnp.broadcast_to(p, (WORLD, *p.shape)), params)
+      got = jax.eval_shape(jax.shard_map(local, mesh=h.host_mesh(WORLD), in_specs=(P(), P("data"), P()),
+                                         out_specs=P("data")), params, per_rank, pred)
+      assert {name: x.dtype for name, x in got.items()} == dtypes
 
 
 @cases()

@@ -35,7 +35,7 @@ def check_quickstart(ns):
 
 
 def check_data_parallel(ns):
-  """Three shard_map steps: the params moved and stay replicated; the error buffers are sharded over "data"."""
+  """Three data-parallel steps: the params moved and stay replicated; the error buffers are sharded over "data"."""
   moved_and_finite(ns["params"], 0.0)
   world = ns["world"]
   exchange = ns["state"][0]
@@ -72,7 +72,7 @@ def check_checkpointing(ns):
 
 
 # Each README block, recognised by a phrase it contains, and what it must have done.
-CHECKS = {"clip_by_global_norm": check_quickstart, "jax.shard_map": check_data_parallel,
+CHECKS = {"clip_by_global_norm": check_quickstart, 'compressed_mean("data")': check_data_parallel,
           "Checkpointer": check_checkpointing, "TwoLevel(fast=": check_two_level}
 
 
