@@ -17,6 +17,7 @@ not silently changed.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import jax
@@ -43,15 +44,9 @@ def _float16_bits(byte: jax.Array, dtype) -> jax.Array:
   return ((byte & 0x80) << 8) | ((byte & 0x7F) << 7)
 
 
-def decode_native(stored: jax.Array, scale: jax.Array) -> jax.Array:
-  """Float32 value of a float8 tensor stored with `scale`: ``stored.astype(float32) * scale``, XLA's own conversion
-  (native on GPUs with float8 support; what `decode` computes faster on CPU)."""
-  return stored.astype(jnp.float32) * scale
-
-
 def decode(stored: jax.Array, scale: jax.Array) -> jax.Array:
-  """Float32 value of a float8 tensor stored with `scale`, through float16 bits (bitwise `decode_native`, tuned for
-  XLA:CPU)."""
+  """Float32 value of a float8 tensor stored with `scale`: bitwise ``stored.astype(float32) * scale``, computed
+  through float16 bits (XLA:CPU's own float8 conversion is several times slower; elsewhere both are memory-bound)."""
   byte = jax.lax.bitcast_convert_type(stored, jnp.uint8)
   value = jax.lax.bitcast_convert_type(_float16_bits(byte, stored.dtype), jnp.float16).astype(jnp.float32)
   if stored.dtype == VARIANCE_DTYPE:
@@ -61,56 +56,20 @@ def decode(stored: jax.Array, scale: jax.Array) -> jax.Array:
   return value * (scale * jnp.float32(256.0))
 
 
-# float8 casts rounded in float32's bits: XLA:CPU's own float8 casts (and one through float16, which would need a fix
-# for double rounding) are two to three times slower. Bitwise equal to XLA's and ml_dtypes' casts (tests/test_float8.py).
-def _rounded_byte(bits: jax.Array, mantissa_bits: int, exponent_bias: int) -> jax.Array:
-  """The float8 byte (as uint32, sign not set) of |x| for the float32 bits `bits` of x, round to nearest even; above
-  the float8's range, and for inf and NaN, some value above its largest finite byte (the callers map those)."""
-  magnitude = bits & jnp.uint32(0x7FFFFFFF)
-  dropped = 23 - mantissa_bits
-  # Normal float8 values: round float32's mantissa to `mantissa_bits` (ties to even), then rebias the exponent.
-  normal = (magnitude + jnp.uint32((1 << (dropped - 1)) - 1) + ((magnitude >> dropped) & 1)) >> dropped
-  normal = normal - jnp.uint32((127 - exponent_bias) << mantissa_bits)
-  # Subnormal float8 values are multiples of 2^(1 - bias - mantissa_bits): adding the float32 whose ulp is that
-  # step rounds to nearest even in hardware, and the bits above that float32's count the steps.
-  step_exponent = 1 - exponent_bias - mantissa_bits
-  anchor = jnp.float32(2.0 ** (step_exponent + 23))
-  subnormal = (jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(magnitude, jnp.float32) + anchor, jnp.uint32)
-               - jax.lax.bitcast_convert_type(anchor, jnp.uint32))
-  smallest_normal_bits = (127 + 1 - exponent_bias) << 23
-  return jnp.where(magnitude < jnp.uint32(smallest_normal_bits), subnormal, normal)
-
-
 def _signed(bits: jax.Array, byte: jax.Array, dtype) -> jax.Array:
   sign = (bits >> 24) & jnp.uint32(0x80)
   return jax.lax.bitcast_convert_type((byte | sign).astype(jnp.uint8), dtype)
 
 
-# Both casts read x once, as its bits: XLA then fuses an expensive producer of x (a division) into the cast instead
-# of materialising it for the cast's several reads.
+# The casts are XLA's own conversions, on every platform. On XLA:CPU a cast written in float32's bits runs about 0.4 ms
+# per million elements faster, but its twenty-odd operations per cast roughly double the compile time of a step.
 def to_e4m3fn(x: jax.Array) -> jax.Array:
   """``x.astype(float8_e4m3fn)`` for float32 `x`: round to nearest even; from 464 up, inf and NaN give NaN."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  # Everything that rounds above 448 (0x7E), and inf and NaN, lands above 0x7F: the minimum makes it 0x7F, the NaN.
-  byte = jnp.minimum(_rounded_byte(bits, mantissa_bits=3, exponent_bias=7), jnp.uint32(0x7F))
-  return _signed(bits, byte, MOMENTUM_DTYPE)
+  return x.astype(MOMENTUM_DTYPE)
 
 
 def to_e5m2(x: jax.Array) -> jax.Array:
   """``x.astype(float8_e5m2)`` for float32 `x`: round to nearest even, overflow to ±inf (from 61440), NaN kept."""
-  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  byte = jnp.minimum(_rounded_byte(bits, mantissa_bits=2, exponent_bias=15), jnp.uint32(0x7C))  # 0x7C is inf
-  is_nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
-  return _signed(bits, jnp.where(is_nan, jnp.uint32(0x7E), byte), VARIANCE_DTYPE)
-
-
-def native_e4m3fn(x: jax.Array) -> jax.Array:
-  """XLA's own ``x.astype(float8_e4m3fn)`` (bitwise `to_e4m3fn`)."""
-  return x.astype(MOMENTUM_DTYPE)
-
-
-def native_e5m2(x: jax.Array) -> jax.Array:
-  """XLA's own ``x.astype(float8_e5m2)`` (bitwise `to_e5m2`)."""
   return x.astype(VARIANCE_DTYPE)
 
 
@@ -137,15 +96,14 @@ def scale_from_sum(total: jax.Array, n: int, eps: jax.Array | float) -> jax.Arra
   return divide(jnp.sqrt(total), jnp.float32(max(n, 1))) + eps  # a float32 N: leaves may exceed int32
 
 
-def encode_momentum(m: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array] = to_e4m3fn) -> jax.Array:
-  """float8_e4m3fn of ``clip(m / scale, -15, 15)``; `cast` is `to_e4m3fn` or `native_e4m3fn` (bitwise equal)."""
-  return cast(jnp.clip(divide(m, scale), -MOMENTUM_CLIP, MOMENTUM_CLIP))
+def encode_momentum(m: jax.Array, scale: jax.Array) -> jax.Array:
+  """float8_e4m3fn of ``clip(m / scale, -15, 15)``."""
+  return to_e4m3fn(jnp.clip(divide(m, scale), -MOMENTUM_CLIP, MOMENTUM_CLIP))
 
 
-def encode_variance(v: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array] = to_e5m2) -> jax.Array:
-  """float8_e5m2 of ``min(v, 10) / scale`` (can overflow to +inf: see the module docstring); `cast` is `to_e5m2` or
-  `native_e5m2` (bitwise equal)."""
-  return cast(divide(jnp.minimum(v, SQUARE_CLIP), scale))
+def encode_variance(v: jax.Array, scale: jax.Array) -> jax.Array:
+  """float8_e5m2 of ``min(v, 10) / scale`` (can overflow to +inf: see the module docstring)."""
+  return to_e5m2(divide(jnp.minimum(v, SQUARE_CLIP), scale))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,6 +116,60 @@ VARIANCE_TOP = 57344.0  # float8_e5m2's
 SCALE_FLOOR = 2.0 ** -126
 
 
+def num_blocks(size: int, block_size: int) -> int:
+  """Blocks of `block_size` elements that cover `size` elements (the last may be shorter)."""
+  return -(-size // block_size)
+
+
+def block_layout(shape: tuple[int, ...], block_size: int) -> tuple[int, ...] | None:
+  """The blocked view of a leaf of `shape` (SPEC.md 1b: blocks of the row-major flattened leaf), or None.
+
+  Where the product T of the last dims ``shape[k:]`` is a multiple of `block_size` for some k (the largest such k,
+  so the fewest dims are merged), the view is ``shape[:k] + (T // B, B)``: a reshape that keeps the leading dims and
+  splits the merged ones, which XLA's SPMD partitioner does in place for a leaf sharded along any of them, so that no
+  leaf moves between devices. None when the size is not a multiple of B (the last block is shorter).
+  """
+  size = 1
+  for k in range(len(shape) - 1, -1, -1):
+    size *= shape[k]
+    if size % block_size == 0:
+      return tuple(shape[:k]) + (size // block_size, block_size)
+  return None
+
+
+def block_maxima(x: jax.Array, block_size: int) -> jax.Array:
+  """The largest element of each block of a leaf-shaped `x` >= 0, as a flat (K,).
+
+  A leaf whose size is not a multiple of the block size is reduced as its flattened elements by windows of
+  `block_size` (the last one cut short): flattening keeps a leaf sharded along its first axis in place, and the
+  partitioner exchanges only the elements of the blocks that straddle two devices; a leaf sharded along a later axis
+  is gathered for it. (Under a mesh of Explicit axes, where JAX types each op's sharding and has no rule for the
+  window reduction of a sharded dim, the flattened leaf is padded and reshaped into its blocks instead.)
+  """
+  blocked = block_layout(x.shape, block_size)
+  if blocked is None:
+    blocks = num_blocks(x.size, block_size)
+    flat = x.reshape(-1)
+    spec = getattr(jax.typeof(flat).sharding, "spec", None)
+    if spec is not None and any(axis is not None for axis in spec):  # Explicit axes: JAX types the padded reshape
+      return jnp.max(jnp.pad(flat, (0, blocks * block_size - x.size)).reshape(blocks, block_size), axis=1)
+    return jax.lax.reduce_window(flat, jnp.array(0, x.dtype), jax.lax.max, (block_size,), (block_size,),
+                                 [(0, blocks * block_size - x.size)])
+  return jnp.max(x.reshape(blocked), axis=-1).reshape(-1)
+
+
+def expand_blocks(block_values: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
+  """Per-block values (K,) as a per-element array of `shape` (each element gets its block's value): a broadcast in
+  the blocked view, which XLA fuses into the element-wise consumer instead of materialising."""
+  blocked = block_layout(shape, block_size)
+  if blocked is None:
+    blocks = block_values.shape[0]
+    values = jnp.broadcast_to(block_values[:, None], (blocks, block_size)).reshape(-1)[:math.prod(shape)]
+  else:
+    values = jnp.broadcast_to(block_values.reshape(blocked[:-1] + (1,)), blocked)
+  return values.reshape(shape)
+
+
 def block_scale(absmax: jax.Array, top: float) -> jax.Array:
   """The scale of a block whose largest magnitude is `absmax`: ``max(absmax / top, 2^-126)``. Dividing the block by
   it puts its largest element at `top` (at most an ulp above, which rounds back to `top`: no clip needed)."""
@@ -165,8 +177,9 @@ def block_scale(absmax: jax.Array, top: float) -> jax.Array:
 
 
 def encode_block(x: jax.Array, scale: jax.Array, cast: Callable[[jax.Array], jax.Array]) -> jax.Array:
-  """``cast(x / scale)`` for the block-wise storage, `scale` per element (`cast`: one of this module's float8
-  casts). The block's largest element lands within an ulp of the format's top, which still rounds to it."""
+  """``cast(x / scale)`` for the block-wise storage, `scale` per element (`cast`: `to_e4m3fn`, `to_e5m2` or a
+  stochastic rounding). The block's largest element lands within an ulp of the format's top, which still rounds to
+  it."""
   return cast(divide(x, scale))
 
 
@@ -187,14 +200,25 @@ def _fmix32(h: jax.Array) -> jax.Array:
   return h ^ (h >> 16)
 
 
-def rounding_key(step: jax.Array, leaf: int) -> jax.Array:
+def rounding_key(step: jax.Array, leaf: int | jax.Array) -> jax.Array:
   """The uint32 key of one leaf's random bits at one step: ``fmix32(fmix32(leaf) + step * 0x9E3779B9)``."""
-  return _fmix32(_fmix32(jnp.uint32(leaf)) + step.astype(jnp.uint32) * jnp.uint32(_GOLDEN))
+  return _fmix32(_fmix32(jnp.asarray(leaf, jnp.uint32)) + step.astype(jnp.uint32) * jnp.uint32(_GOLDEN))
 
 
-def random_bits(key: jax.Array, n: int) -> jax.Array:
-  """n uint32 random words for the elements of a flat leaf: ``fmix32(key + i * 0x27D4EB2F)`` for element i."""
-  return _fmix32(key + jax.lax.iota(jnp.uint32, n) * jnp.uint32(_ELEMENT_STRIDE))
+def element_index(shape: int | tuple[int, ...]) -> jax.Array:
+  """Each element's index in the row-major flattened array of `shape` (uint32, wrapping), built from iotas in the
+  array's own shape, so that a sharded leaf computes its part where it lies."""
+  shape = (shape,) if isinstance(shape, int) else tuple(shape)
+  index = jnp.zeros(shape, jnp.uint32)
+  for axis, size in enumerate(shape):
+    index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+  return index
+
+
+def random_bits(key: jax.Array, shape: int | tuple[int, ...]) -> jax.Array:
+  """uint32 random words for the elements of an array of `shape` (an int: a flat one): ``fmix32(key + i *
+  0x27D4EB2F)`` for the element of row-major index i."""
+  return _fmix32(key + element_index(shape) * jnp.uint32(_ELEMENT_STRIDE))
 
 
 def stochastic_e5m2(x: jax.Array, bits: jax.Array) -> jax.Array:

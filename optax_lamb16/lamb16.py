@@ -11,11 +11,10 @@ The building blocks compose the way `optax.lamb` chains `scale_by_adam`, `add_de
 4. the learning-rate scaling ``-lr``.
 
 `lamb16` computes that chain in one fused step per leaf from the same per-element functions (below), so the two
-cannot drift apart. The step has one implementation and two sets of kernels for its two costly pieces, the float8
-conversions and the whole-leaf sums, chosen per platform when the step is lowered (`jax.lax.platform_dependent`):
-on CPU, float8 casts in float32 bits and sums chunk by chunk (`_chunked.fused_sums`), which XLA:CPU runs fastest;
-elsewhere (GPU, TPU), XLA's native float8 conversions and plain whole-leaf reductions, which XLA fuses into one pass.
-Both give the same bits wherever their sums add in the same order (tests/test_lamb16.py).
+cannot drift apart; `lamb16_blockwise` is the same step with one scale per block (SPEC.md section 1b). The step is
+one implementation for every platform: element-wise maths in each leaf's own shape, XLA's float8 conversions and
+whole-leaf XLA reductions, with no loop and no flattening of a leaf whose block view allows it, so that under plain
+`jit` a leaf sharded by `NamedSharding` (FSDP) is updated where it lies.
 """
 
 from __future__ import annotations
@@ -25,9 +24,10 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from optax_lamb16 import _checks, _chunked, _common, float8
+from optax_lamb16 import _checks, _common, float8
 
 
 class ScaleByLamb16State(NamedTuple):
@@ -70,51 +70,25 @@ def _check_trust_args(learning_rate: Any, trust_scale: Any, reference_lr: Any, e
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Kernels: the two costly pieces of a step, per platform. Both sets give the same bits for the same sums.
+# Per-element maths and the per-leaf step, shared by the building blocks and the fused optimizers.
+#
+# Everything is written in each leaf's own shape, with whole-leaf reductions (sums over all axes, block maxima over
+# the blocked view of `float8.block_layout`) and no loop: under plain `jit` with a leaf sharded by `NamedSharding`
+# along any of its axes, XLA's SPMD partitioner reduces each device's part where it lies and all-reduces the scalars
+# (and per-block maxima where a block spans devices), as for `optax.lamb`; and each leaf compiles to a few fusions.
+# (A leaf whose size is not a multiple of the block size is the exception: see `float8.block_maxima`.)
 
 
-class _Kernels(NamedTuple):
-  decode: Callable[[jax.Array, jax.Array], jax.Array]  # (float8 values, float32 scale) -> float32
-  to_e4m3fn: Callable[[jax.Array], jax.Array]
-  to_e5m2: Callable[[jax.Array], jax.Array]
-  sums: Callable[..., tuple[jax.Array, ...]]  # (element-wise terms_fn, equal-length flat arrays) -> sums of terms
-  block_reductions: Callable[..., tuple[tuple[jax.Array, ...], tuple[jax.Array, ...]]]  # sums and block maxima
-
-
-CPU_KERNELS = _Kernels(float8.decode, float8.to_e4m3fn, float8.to_e5m2, _chunked.fused_sums,
-                       _chunked.fused_block_reductions)
-XLA_KERNELS = _Kernels(float8.decode_native, float8.native_e4m3fn, float8.native_e5m2, _chunked.whole_sums,
-                       _chunked.whole_block_reductions)
-
-
-def _per_platform(step: Callable[..., Any], kernels: _Kernels | None) -> Callable[..., Any]:
-  """`step(kernels, *args)` with the given kernels, or (None) the platform's: chosen when the step is lowered."""
-  if kernels is not None:
-    return functools.partial(step, kernels)
-  return lambda *args: jax.lax.platform_dependent(
-      *args, cpu=functools.partial(step, CPU_KERNELS), default=functools.partial(step, XLA_KERNELS))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Per-element maths, shared by the building blocks and the fused step.
-
-
-def _moments(kernels: _Kernels, g, mu, nu, mu_scale, nu_scale, beta1, beta2):
-  """Step 1-2: dequantize, then the moment EMAs with the float32 gradient."""
+def _moments(g, mu, nu, mu_scale, nu_scale, beta1, beta2):
+  """Step 1-2: dequantize (scales scalar or per element), then the moment EMAs with the float32 gradient."""
   grad = g.astype(jnp.float32)
-  m = _common.moment_update(kernels.decode(mu, mu_scale), grad, beta1)
-  v = _common.moment_update(kernels.decode(nu, nu_scale), grad, beta2, order=2)
+  m = _common.moment_update(float8.decode(mu, mu_scale), grad, beta1)
+  v = _common.moment_update(float8.decode(nu, nu_scale), grad, beta2, order=2)
   return m, v
 
 
 def _adam_direction(m, v, epsilon):
   return m / (jnp.sqrt(v) + epsilon)
-
-
-def _encoded(kernels: _Kernels, m, v, mu_scale, nu_scale):
-  """Step 4: the moments stored with their new scales."""
-  return (float8.encode_momentum(m, mu_scale, kernels.to_e4m3fn),
-          float8.encode_variance(v, nu_scale, kernels.to_e5m2))
 
 
 def _trust_square(x, epsilon):
@@ -138,15 +112,123 @@ def clipped_layer_norm(x: jax.Array, eps: jax.Array | float) -> jax.Array:
   return _layer_norm_from_sum(jnp.sum(_trust_square(x, eps)), x.size)
 
 
+def _leaf_step(g, p, mu, nu, mu_scale, nu_scale, *, block_size, beta1, beta2, epsilon, lr=None, decay=None,
+               exponent=None, reference=None, rounding_key=None):
+  """One leaf of `lamb16` (SPEC.md section 1) or, with a `block_size`, of `lamb16_blockwise` (section 1b); with
+  ``p=None``, of `scale_by_lamb16` / `scale_by_lamb16_blockwise` (the Adam direction alone).
+
+  Returns the step (the update, or the direction) in g's dtype, the re-encoded moments and their new scales. XLA
+  fuses the element-wise maths into the outputs; XLA:CPU's reductions read their terms from leaf-sized temporaries
+  (12 to 20 bytes per parameter of the largest leaves, measured by benchmarks/update_bench.py).
+  """
+  if block_size is not None and g.size == 0:  # no blocks, no scales to update
+    return jnp.zeros_like(g), mu, nu, mu_scale, nu_scale
+  n = g.size
+  per_element = (lambda s: s) if block_size is None else (lambda s: float8.expand_blocks(s, g.shape, block_size))
+  m, v = _moments(g, mu, nu, per_element(mu_scale), per_element(nu_scale), beta1, beta2)
+  u = _adam_direction(m, v, epsilon)
+  if p is not None:
+    p32 = p.astype(jnp.float32)
+    u = u + decay * p32
+  if block_size is None:
+    new_mu_scale = float8.scale_from_sum(jnp.sum(float8.clipped_square(m)), n, epsilon)
+    new_nu_scale = float8.scale_from_sum(jnp.sum(float8.clipped_square(v)), n, epsilon)
+    new_mu, new_nu = float8.encode_momentum(m, new_mu_scale), float8.encode_variance(v, new_nu_scale)
+  else:
+    new_mu_scale = float8.block_scale(float8.block_maxima(jnp.abs(m), block_size), float8.MOMENTUM_TOP)
+    new_nu_scale = float8.block_scale(float8.block_maxima(v, block_size), float8.VARIANCE_TOP)
+    to_e5m2 = float8.to_e5m2 if rounding_key is None else (
+        lambda x: float8.stochastic_e5m2(x, float8.random_bits(rounding_key, g.shape)))
+    new_mu = float8.encode_block(m, per_element(new_mu_scale), float8.to_e4m3fn)
+    new_nu = float8.encode_block(v, per_element(new_nu_scale), to_e5m2)
+  if p is None:
+    step = u
+  else:
+    trust = _trust(jnp.sum(_trust_square(p32, epsilon)), jnp.sum(_trust_square(u, epsilon)), n, lr, reference,
+                   exponent)
+    step = (-lr) * (trust * u)
+  return step.astype(g.dtype), new_mu, new_nu, new_mu_scale, new_nu_scale
+
+
 def _check_leaves(updates: Any, like: Any, like_name: str) -> None:
   _checks.check_float_leaves("updates", updates)
   _checks.check_same_structure("updates", updates, like_name, like)
 
 
-def _init_state(params: Any, block_size: int | None = None) -> ScaleByLamb16State:
+# ---------------------------------------------------------------------------------------------------------------
+# Static options: the block size shapes the state and stochastic rounding chooses the cast, so both are Python values
+# when the step is traced. `optax.inject_hyperparams` turns every int it is given into an array (a bool it keeps as
+# it is); a concrete array gives back its value, and a traced one (inside `jit`) is recovered from the state's shapes.
+
+DEFAULT_BLOCK_SIZE = 256
+_STATIC_HINT = "under `optax.inject_hyperparams` pass `static_args=('block_size',)`"
+
+
+def _is_traced(x: Any) -> bool:
+  return isinstance(x, jax.core.Tracer)
+
+
+def _block_size_arg(block_size: Any) -> int | jax.Array | None:
+  """`block_size` as a Python int (None: `DEFAULT_BLOCK_SIZE`), or the traced array as it is (see `_block_size_of`)."""
+  if block_size is None:
+    return DEFAULT_BLOCK_SIZE
+  if isinstance(block_size, (jax.Array, np.ndarray, np.integer)) and not isinstance(block_size, np.bool_):
+    if jnp.ndim(block_size) == 0 and jnp.issubdtype(jnp.result_type(block_size), jnp.integer):
+      if _is_traced(block_size):
+        return block_size
+      block_size = int(block_size)
+  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+    raise ValueError(f"`block_size` must be a positive int, got {block_size!r}. State costs 2 + 8 / block_size bytes "
+                     f"per parameter: 256 (the default) gives 2.03.")
+  return block_size
+
+
+def _block_size_of(block_size: int | jax.Array, sizes: list[int], scale_lengths: list[int] | None) -> int:
+  """The block size as a Python int: `block_size` itself, or for a traced one the only size that gives the state's
+  per-block scale lengths (`scale_lengths`, None at init, where the state is not made yet).
+
+  A leaf of N elements with K >= 2 blocks admits the sizes B with ``ceil(N / B) = K``; leaves of one block admit
+  every B >= N, all of which give the same step. Leaves of more than about B^2 elements pin B down.
+  """
+  if not _is_traced(block_size):
+    return block_size
+  if scale_lengths is None:
+    raise ValueError("`block_size` shapes the optimizer state, and `init` got a traced array "
+                     f"(`optax.inject_hyperparams` inside `jit` or `eval_shape`): {_STATIC_HINT}, or call `init` "
+                     "outside `jit`.")
+  low, high = 1, None
+  for n, k in zip(sizes, scale_lengths):
+    if n:
+      low = max(low, -(-n // k))
+      if k > 1:
+        high = (n - 1) // (k - 1) if high is None else min(high, (n - 1) // (k - 1))
+  if high is None or low == high:
+    return low
+  raise ValueError(f"`block_size` is a traced array and the state's block counts fit every size from {low} to {high} "
+                   f"(no leaf is large enough to tell): {_STATIC_HINT}.")
+
+
+def _check_stochastic_rounding(stochastic_rounding: Any) -> bool:
+  if isinstance(stochastic_rounding, (jax.Array, np.ndarray, np.bool_)) and jnp.ndim(stochastic_rounding) == 0:
+    if _is_traced(stochastic_rounding):
+      raise ValueError("`stochastic_rounding` chooses the float8 cast and must be a Python bool, not a traced array: "
+                       "under `optax.inject_hyperparams` pass it as True or False (a bool is not injected) or add "
+                       "`static_args=('stochastic_rounding',)`.")
+    if jnp.result_type(stochastic_rounding) == jnp.bool_:
+      stochastic_rounding = bool(stochastic_rounding)
+  if not isinstance(stochastic_rounding, bool):
+    raise ValueError(f"`stochastic_rounding` must be True or False, got {stochastic_rounding!r}.")
+  return stochastic_rounding
+
+
+def _init_state(params: Any, block_size: int | jax.Array | None = None) -> ScaleByLamb16State:
   """The state of both storages: per-leaf scalar scales, or (`block_size`) one scale per block of the flat leaf."""
   _checks.check_float_leaves("params", params)
-  scale_shape = (lambda p: ()) if block_size is None else (lambda p: (_chunked.num_blocks(p.size, block_size),))
+  if block_size is None:
+    scale_shape = lambda p: ()
+  else:
+    size = _block_size_of(block_size, [], None)
+    scale_shape = lambda p: (float8.num_blocks(p.size, size),)
   # zeros_like keeps each leaf's sharding (an explicitly sharded leaf gets its moments sharded the same way).
   return ScaleByLamb16State(
       count=jnp.zeros([], jnp.int32),
@@ -157,123 +239,42 @@ def _init_state(params: Any, block_size: int | None = None) -> ScaleByLamb16Stat
   )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The block-wise storage (SPEC.md section 1b): the same step with one scale per block of B elements of the flat leaf.
+def _all_leaves(updates, params, state, hyper, *, block_size, stochastic_rounding, decayed=None):
+  """`_leaf_step` over the leaves (`params` None: the directions alone), the results as five trees like `updates`."""
+  leaves, treedef = jax.tree.flatten(updates)
+  columns = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.mu_scale, state.nu_scale)]
+  if block_size is not None:
+    block_size = _block_size_of(block_size, [g.size for g in leaves], [jnp.size(s) for s in columns[2]])
+  param_leaves = [None] * len(leaves) if params is None else treedef.flatten_up_to(params)
+  decayed = [True] * len(leaves) if decayed is None else decayed
+  no_decay = dict(hyper, decay=jnp.float32(0))
 
+  def step(decays, index, g, p, *moments):
+    key = dict(rounding_key=float8.rounding_key(state.count, index)) if stochastic_rounding else {}
+    return _leaf_step(g, p, *moments, block_size=block_size, **(hyper if decays else no_decay), **key)
 
-def _check_block_size(block_size: Any) -> None:
-  if block_size is None:
-    return
-  if isinstance(block_size, jax.Array):  # a traced or injected value (optax.inject_hyperparams makes arrays)
-    raise ValueError("`block_size` shapes the state and must be a Python int, not an array: under "
-                     "`optax.inject_hyperparams` pass `static_args=('block_size',)`.")
-  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-    raise ValueError(f"`block_size` must be a positive int, got {block_size!r}. State costs 2 + 8 / block_size bytes "
-                     f"per parameter: 256 (the default) gives 2.03.")
-
-
-def _check_stochastic_rounding(stochastic_rounding: Any) -> None:
-  if isinstance(stochastic_rounding, jax.Array):
-    raise ValueError("`stochastic_rounding` chooses the float8 cast and must be a Python bool, not an array: under "
-                     "`optax.inject_hyperparams` pass `static_args=('stochastic_rounding',)`.")
-  if not isinstance(stochastic_rounding, bool):
-    raise ValueError(f"`stochastic_rounding` must be True or False, got {stochastic_rounding!r}.")
-
-
-def _rounding_keys(stochastic_rounding: bool, count: jax.Array, leaves: int) -> list[dict[str, jax.Array]]:
-  """Per leaf, the keyword that turns on stochastic rounding of v (SPEC.md 1b): its key at this step, or nothing."""
-  return [dict(rounding_key=float8.rounding_key(count, i)) if stochastic_rounding else {} for i in range(leaves)]
-
-
-def _blockwise_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, block_size, lr, decay, beta1, beta2,
-                    epsilon, exponent, reference, rounding_key=None):
-  """One leaf of `lamb16_blockwise` (or, with ``p=None``, of `scale_by_lamb16_blockwise`: the direction alone).
-
-  Pass 1 reduces each block's largest |m| and v and the two trust norms (on CPU chunk by chunk); pass 2 recomputes m,
-  v and u element-wise and writes the update and the moments stored with the new scales. Per-block scales reach the
-  elements through `_chunked.expand_blocks`, which XLA fuses: nothing of a leaf's size is materialised but outputs.
-  """
-  shape, n = g.shape, g.size
-  if n == 0:
-    return jnp.zeros_like(g), mu, nu, mu_scale, nu_scale
-  flat = [x.reshape(-1) for x in (g, mu, nu)] + ([] if p is None else [p.reshape(-1)])
-
-  def moments_and_direction(gc, mc, vc, *rest):
-    """m, v, the direction u and the float32 params (None without `p`); `rest` is `flat`'s p if given, then the
-    per-element scales of m and v."""
-    *pc, mu_scales, nu_scales = rest
-    m, v = _moments(kernels, gc, mc, vc, mu_scales, nu_scales, beta1, beta2)
-    u = _adam_direction(m, v, epsilon)
-    if p is None:
-      return m, v, u, None
-    p32 = pc[0].astype(jnp.float32)
-    return m, v, u + decay * p32, p32
-
-  def terms(*args):
-    m, v, u, p32 = moments_and_direction(*args)
-    sums = () if p is None else (_trust_square(p32, epsilon), _trust_square(u, epsilon))
-    return sums, (jnp.abs(m), v)
-
-  sums, (m_max, v_max) = kernels.block_reductions(terms, flat, [mu_scale, nu_scale], block_size)
-  new_mu_scale = float8.block_scale(m_max, float8.MOMENTUM_TOP)
-  new_nu_scale = float8.block_scale(v_max, float8.VARIANCE_TOP)
-  expand = lambda scales: _chunked.expand_blocks(scales, block_size, n)
-  m, v, u, _ = moments_and_direction(*flat, expand(mu_scale), expand(nu_scale))
-  step = u if p is None else (-lr) * (_trust(*sums, n, lr, reference, exponent) * u)
-  new_mu = float8.encode_block(m, expand(new_mu_scale), kernels.to_e4m3fn)
-  to_e5m2 = kernels.to_e5m2 if rounding_key is None else (
-      lambda x: float8.stochastic_e5m2(x, float8.random_bits(rounding_key, n)))
-  new_nu = float8.encode_block(v, expand(new_nu_scale), to_e5m2)
-  return step.astype(g.dtype).reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
+  results = [step(decayed[i], i, g, p, *moments)
+             for i, (g, p, *moments) in enumerate(zip(leaves, param_leaves, *columns))]
+  return _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The building blocks.
 
 
-def _moments_leaf(kernels: _Kernels, g, mu, nu, mu_scale, nu_scale, beta1, beta2, epsilon):
-  """One leaf of `scale_by_lamb16`: the direction (in g's dtype), the re-encoded moments and their scales."""
-  shape, n = g.shape, g.size
-  flat = [x.reshape(-1) for x in (g, mu, nu)]
-
-  def scale_terms(gc, mc, vc):
-    m, v = _moments(kernels, gc, mc, vc, mu_scale, nu_scale, beta1, beta2)
-    return float8.clipped_square(m), float8.clipped_square(v)
-
-  m_sum, v_sum = kernels.sums(scale_terms, flat, compensated=2)
-  new_mu_scale, new_nu_scale = float8.scale_from_sum(m_sum, n, epsilon), float8.scale_from_sum(v_sum, n, epsilon)
-  m, v = _moments(kernels, *flat, mu_scale, nu_scale, beta1, beta2)
-  new_mu, new_nu = _encoded(kernels, m, v, new_mu_scale, new_nu_scale)
-  direction = _adam_direction(m, v, epsilon).astype(g.dtype)
-  return direction.reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
-
-
-def _scale_by_lamb16(b1, b2, eps, kernels, block_size=None, stochastic_rounding=False):
+def _scale_by_lamb16(b1, b2, eps, block_size=None, stochastic_rounding=False):
+  """`scale_by_lamb16`, or with a `block_size` (an int, or an array under `optax.inject_hyperparams`)
+  `scale_by_lamb16_blockwise`."""
   _check_moment_args(b1, b2, eps)
-  _check_block_size(block_size)
-  _check_stochastic_rounding(stochastic_rounding)
+  stochastic_rounding = _check_stochastic_rounding(stochastic_rounding)
 
   def update_fn(updates, state, params=None):
     del params
     _check_leaves(updates, state.mu, "optimizer state (from init)")
-    beta1, beta2 = (_common.decay_at(h, state.count) for h in (b1, b2))
-    epsilon = _common.value_at(eps, state.count)
-
-    def all_leaves(kernels, updates, mu, nu, mu_scale, nu_scale, beta1, beta2, epsilon, count):
-      leaves, treedef = jax.tree.flatten(updates)
-      columns = [treedef.flatten_up_to(tree) for tree in (mu, nu, mu_scale, nu_scale)]
-      if block_size is None:
-        results = [_moments_leaf(kernels, *args, beta1, beta2, epsilon) for args in zip(leaves, *columns)]
-      else:
-        results = [_blockwise_leaf(kernels, g, None, *others, block_size=block_size, lr=None, decay=None,
-                                   beta1=beta1, beta2=beta2, epsilon=epsilon, exponent=None, reference=None, **key)
-                   for g, key, *others in zip(leaves, _rounding_keys(stochastic_rounding, count, len(leaves)),
-                                              *columns)]
-      return _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
-
-    step = _per_platform(all_leaves, kernels)
-    directions, mu, nu, mu_scale, nu_scale = step(updates, state.mu, state.nu, state.mu_scale, state.nu_scale,
-                                                  beta1, beta2, epsilon, state.count)
+    hyper = dict(beta1=_common.decay_at(b1, state.count), beta2=_common.decay_at(b2, state.count),
+                 epsilon=_common.value_at(eps, state.count))
+    directions, mu, nu, mu_scale, nu_scale = _all_leaves(updates, None, state, hyper, block_size=block_size,
+                                                         stochastic_rounding=stochastic_rounding)
     return directions, ScaleByLamb16State(optax.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
 
   return _common.extra_args_transform(functools.partial(_init_state, block_size=block_size), update_fn)
@@ -312,7 +313,7 @@ def scale_by_lamb16(b1: optax.ScalarOrSchedule = 0.9, b2: optax.ScalarOrSchedule
   References:
     The LAMB16 proof of concept, vxst/LAMB16 (`pytorch_lamb/lamb16.py`), 2024.
   """
-  return _scale_by_lamb16(b1, b2, eps, kernels=None)
+  return _scale_by_lamb16(b1, b2, eps)
 
 
 def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_scale: optax.ScalarOrSchedule = 0.382,
@@ -382,45 +383,15 @@ def _decay_mask(mask: Any, params: Any) -> list[bool]:
   return jax.tree.leaves(full)
 
 
-def _lamb16_leaf(kernels: _Kernels, g, p, mu, nu, mu_scale, nu_scale, *, lr, decay, beta1, beta2, epsilon, exponent,
-                 reference):
-  """One leaf of the fused LAMB16 step: two passes over g, p and the float8 moments.
-
-  Pass 1 reduces the four norms the step needs (the two scales, |u| and |p|); on CPU chunk by chunk, so that float32
-  m, v and u exist only a chunk at a time. Pass 2, element-wise, recomputes m, v and u and writes the update and the
-  re-encoded moments.
-  """
-  shape, n = g.shape, g.size
-  flat = [x.reshape(-1) for x in (g, p, mu, nu)]
-
-  def moments_and_direction(gc, pc, mc, vc):
-    m, v = _moments(kernels, gc, mc, vc, mu_scale, nu_scale, beta1, beta2)
-    return m, v, _adam_direction(m, v, epsilon) + decay * pc.astype(jnp.float32)
-
-  def norm_terms(gc, pc, mc, vc):
-    m, v, u = moments_and_direction(gc, pc, mc, vc)
-    return (float8.clipped_square(m), float8.clipped_square(v), _trust_square(pc.astype(jnp.float32), epsilon),
-            _trust_square(u, epsilon))
-
-  # The scales' sums exactly rounded: an ulp off would flip the float8 rounding of the odd element that sits on a
-  # rounding boundary (the trust ratio's norms only scale the step, where an ulp is harmless).
-  m_sum, v_sum, p_sum, u_sum = kernels.sums(norm_terms, flat, compensated=2)
-  new_mu_scale, new_nu_scale = float8.scale_from_sum(m_sum, n, epsilon), float8.scale_from_sum(v_sum, n, epsilon)
-  trust = _trust(p_sum, u_sum, n, lr, reference, exponent)
-  m, v, u = moments_and_direction(*flat)
-  update = ((-lr) * (trust * u)).astype(g.dtype)
-  new_mu, new_nu = _encoded(kernels, m, v, new_mu_scale, new_nu_scale)
-  return update.reshape(shape), new_mu.reshape(shape), new_nu.reshape(shape), new_mu_scale, new_nu_scale
 
 
-def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels, block_size=None,
+def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, block_size=None,
             stochastic_rounding=False):
+  """`lamb16`, or with a `block_size` (an int, or an array under `optax.inject_hyperparams`) `lamb16_blockwise`."""
   _check_moment_args(b1, b2, eps)
-  _check_block_size(block_size)
-  _check_stochastic_rounding(stochastic_rounding)
+  stochastic_rounding = _check_stochastic_rounding(stochastic_rounding)
   _check_trust_args(learning_rate, trust_scale, reference_lr, eps)
   _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
-  leaf_step = _lamb16_leaf if block_size is None else functools.partial(_blockwise_leaf, block_size=block_size)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -430,20 +401,9 @@ def _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr,
     hyper = {name: _common.value_at(h, state.count) for name, h in dict(
         lr=learning_rate, decay=weight_decay, epsilon=eps, exponent=trust_scale, reference=reference_lr).items()}
     hyper.update(beta1=_common.decay_at(b1, state.count), beta2=_common.decay_at(b2, state.count))
-    decayed = _decay_mask(mask, params)
-
-    def all_leaves(kernels, updates, params, mu, nu, mu_scale, nu_scale, hyper, count):
-      leaves, treedef = jax.tree.flatten(updates)
-      columns = [treedef.flatten_up_to(tree) for tree in (params, mu, nu, mu_scale, nu_scale)]
-      no_decay = dict(hyper, decay=jnp.float32(0))
-      results = [leaf_step(kernels, g, *others, **(hyper if decays else no_decay), **key)
-                 for g, decays, key, *others in zip(leaves, decayed,
-                                                    _rounding_keys(stochastic_rounding, count, len(leaves)), *columns)]
-      return _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
-
-    step = _per_platform(all_leaves, kernels)
-    new_updates, mu, nu, mu_scale, nu_scale = step(updates, params, state.mu, state.nu, state.mu_scale,
-                                                   state.nu_scale, hyper, state.count)
+    new_updates, mu, nu, mu_scale, nu_scale = _all_leaves(
+        updates, params, state, hyper, block_size=block_size, stochastic_rounding=stochastic_rounding,
+        decayed=_decay_mask(mask, params))
     return new_updates, ScaleByLamb16State(optax.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
 
   return _common.extra_args_transform(functools.partial(_init_state, block_size=block_size), update_fn)
@@ -464,9 +424,9 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSchedule = 0
   The maths is that of ``optax.chain(scale_by_lamb16(b1, b2, eps), optax.add_decayed_weights(weight_decay, mask),
   scale_by_lamb16_trust_ratio(learning_rate, trust_scale, reference_lr, eps),
   optax.scale_by_learning_rate(learning_rate))``, written with the same per-element functions but computed in one
-  fused step per leaf: the norms first, then one element-wise pass that recomputes m, v and u and writes the update
-  and the re-encoded moments, so that no float32 copy of m, v or u of a whole leaf is stored. For float32 params the
-  two agree up to the order of the sums; for lower-precision params the fused step keeps float32 from the moments to
+  step per leaf that XLA fuses (no float32 m, v or u is an output or part of the state; XLA may keep them in its
+  temporaries between the norms and the element-wise outputs). For float32 params the two agree up to the order of
+  the sums; for lower-precision params the fused step keeps float32 from the moments to
   the update, where the chain rounds each block's output to the params' dtype. The state is that of
   `scale_by_lamb16`, whose count also drives schedules. The faithful float8 storage can overflow v to +inf for an
   element far above its leaf's scale, which then stops moving until that scale grows: see `optax_lamb16.float8`.
@@ -502,18 +462,16 @@ def lamb16(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSchedule = 0
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76 minutes
     <https://arxiv.org/abs/1904.00962>`_, 2020. The LAMB16 proof of concept, vxst/LAMB16, 2024.
   """
-  return _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels=None)
+  return _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # The block-wise option (SPEC.md section 1b) and the float8 health of a state.
 
-DEFAULT_BLOCK_SIZE = 256
-
 
 def scale_by_lamb16_blockwise(b1: optax.ScalarOrSchedule = 0.9, b2: optax.ScalarOrSchedule = 0.999,
                               eps: optax.ScalarOrSchedule = 1e-6,
-                              block_size: int = DEFAULT_BLOCK_SIZE,
+                              block_size: int | None = None,
                               stochastic_rounding: bool = False) -> optax.GradientTransformationExtraArgs:
   """`scale_by_lamb16` with block-wise absmax storage of the moments (SPEC.md section 1b), which never clips.
 
@@ -526,7 +484,9 @@ def scale_by_lamb16_blockwise(b1: optax.ScalarOrSchedule = 0.9, b2: optax.Scalar
     b1: Decay rate of the first moment, in [0, 1), or a schedule.
     b2: Decay rate of the second moment, in [0, 1), or a schedule.
     eps: Added to ``sqrt(v)``; positive, or a schedule.
-    block_size: Elements per block; a positive int.
+    block_size: Elements per block; a positive int, or None for `DEFAULT_BLOCK_SIZE` (256). Under
+      `optax.inject_hyperparams`, which turns an int into an array, the transform reads it back (see
+      `lamb16_blockwise`).
     stochastic_rounding: Store v rounded stochastically (unbiased) instead of to nearest, as `lamb16_blockwise`.
 
   Returns:
@@ -542,7 +502,8 @@ def scale_by_lamb16_blockwise(b1: optax.ScalarOrSchedule = 0.9, b2: optax.Scalar
     >>> [round(u, 3) for u in updates["w"].tolist()]
     [3.162, -3.162, 3.162]
   """
-  return _scale_by_lamb16(b1, b2, eps, kernels=None, block_size=block_size, stochastic_rounding=stochastic_rounding)
+  return _scale_by_lamb16(b1, b2, eps, block_size=_block_size_arg(block_size),
+                          stochastic_rounding=stochastic_rounding)
 
 
 def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSchedule = 0.9,
@@ -550,12 +511,12 @@ def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSc
                      weight_decay: optax.ScalarOrSchedule = 0.0, trust_scale: optax.ScalarOrSchedule = 0.382,
                      reference_lr: optax.ScalarOrSchedule = 1e-3,
                      mask: Any | Callable[[optax.Params], Any] | None = None,
-                     block_size: int = DEFAULT_BLOCK_SIZE,
+                     block_size: int | None = None,
                      stochastic_rounding: bool = False) -> optax.GradientTransformationExtraArgs:
   """LAMB16 with block-wise absmax float8 storage: an opt-in alternative to `lamb16`'s faithful quantizer.
 
   The step is `lamb16`'s (same moments, Adam direction, decoupled decay, adaptive trust ratio and update, fused in
-  the same two passes per leaf); only the storage of m and v between steps differs, as in
+  the same step per leaf); only the storage of m and v between steps differs, as in
   `scale_by_lamb16_blockwise`: one float32 scale per block of `block_size` elements, the block's largest magnitude
   stored at the float8 format's top. The faithful per-tensor scale ``sqrt(sum(min(x*x, 10))) / N + eps`` puts most
   of m at its ±15 clip in any leaf of more than a few hundred elements and can overflow v to +inf
@@ -571,7 +532,11 @@ def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSc
     trust_scale: Exponent of the trust ratio.
     reference_lr: The learning rate at which the trust ratio is the plain norm ratio.
     mask: Where weight decay applies, as in `lamb16`.
-    block_size: Elements per block of the moments' scales; a positive int.
+    block_size: Elements per block of the moments' scales; a positive int, or None for `DEFAULT_BLOCK_SIZE` (256).
+      It shapes the state, so it is static: under `optax.inject_hyperparams` (which turns an int into an array)
+      `init` reads the array's value, and a jitted `update` recovers it from the state's block counts, which any
+      leaf of more than about ``block_size**2`` elements pins down (otherwise a ValueError asks for
+      ``static_args=('block_size',)``). Changing it in the injected hyperparams does not change the blocks.
     stochastic_rounding: Store v rounded up or down at random, with probability proportional to the distance
       (SPEC.md section 1b), so that its expected stored value is the float32 one. v moves by at most 0.1 % a step
       and e5m2's steps are 25 %: rounded to nearest, an element's v cannot follow a decline until its block's
@@ -596,8 +561,8 @@ def lamb16_blockwise(learning_rate: optax.ScalarOrSchedule, b1: optax.ScalarOrSc
     Dettmers et al., `8-bit Optimizers via Block-wise Quantization <https://arxiv.org/abs/2110.02861>`_, 2022 (the
     block-wise absmax idea). The LAMB16 proof of concept, vxst/LAMB16, 2024.
   """
-  return _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask, kernels=None,
-                 block_size=block_size, stochastic_rounding=stochastic_rounding)
+  return _lamb16(learning_rate, b1, b2, eps, weight_decay, trust_scale, reference_lr, mask,
+                 block_size=_block_size_arg(block_size), stochastic_rounding=stochastic_rounding)
 
 
 def float8_health(state: optax.OptState, per_leaf: bool = False) -> dict[str, Any]:

@@ -81,10 +81,12 @@ def test_matches_numpy_oracle_for_40_steps(lr, weight_decay, grad_scale):
     assert float(moments.nu_scale["tiny"]) * float(jnp.max(moments.nu["tiny"].astype(jnp.float32))) > 5.0
   for name, shape in TRAJECTORY_SHAPES.items():
     worst = max(drift[name])
-    # The reference's trajectory to float32 rounding, every step and leaf: 1 - b formed in double precision, the
-    # scales' sums exactly rounded and every division a division (measured: at most 2e-6; an ulp off in any of
-    # them flips the float8 rounding of an element on a boundary, 1e-4 of the distance moved on the large leaf).
-    assert worst <= 1e-5, (name, worst)
+    # The reference's trajectory to float32 rounding, every step and leaf: 1 - b formed in double precision and
+    # every division a division. The scales' sums are XLA's float32 reductions, a few ulps from the exactly rounded
+    # sums (test_scales_are_within_ulps_of_the_exactly_rounded_sums); an ulp of a scale flips the float8 rounding of
+    # the odd element that sits on a rounding boundary, which moves the large leaf by about 1e-4 of the distance it
+    # moved (measured: 8.6e-5 at the reference lr, at most 1.6e-6 in the other settings and on smaller leaves).
+    assert worst <= (2e-4 if name == "large" else 1e-5), (name, worst)
 
 
 def test_matches_numpy_oracle_with_schedule_and_mask():
@@ -151,7 +153,7 @@ def test_state_is_float8_and_at_most_2_bytes_per_parameter():
 
 @pytest.mark.parametrize("weight_decay, mask", [(0.0, None), (0.05, {"tiny": False, "medium": True, "large": True})])
 def test_fused_alias_equals_the_chain_of_building_blocks(weight_decay, mask):
-  """`lamb16` computes in chunks what the chain of its exported blocks computes (sums in another order only)."""
+  """`lamb16` computes in one fused step what the chain of its exported blocks computes (sums in another order only)."""
   lr = optax.linear_schedule(0.02, 0.005, 20)
   chain = optax.chain(optax_lamb16.scale_by_lamb16(), optax.add_decayed_weights(weight_decay, mask),
                       optax_lamb16.scale_by_lamb16_trust_ratio(lr), optax.scale_by_learning_rate(lr))
@@ -381,97 +383,13 @@ def test_empty_and_all_zero_leaves_stay_finite():
   np.testing.assert_array_equal(final["zeros"], 0.0)
 
 
-@pytest.mark.parametrize("n", [0, 1, 255, 256, 512, 1025, 5000])
-def test_fused_sums_add_up_every_element_once(n):
-  from optax_lamb16 import _chunked
-  x = np.arange(n, dtype=np.float32) / 7 - 3
-  y = np.linspace(-1, 1, n).astype(np.float32)
-  codes = jnp.asarray(np.linspace(-2, 2, n, dtype=np.float32)).astype(jnp.float8_e4m3fn)  # sliced as bytes
-  # Three terms: a pair shares a complex accumulator, the third has its own.
-  got = _chunked.fused_sums(lambda a, b, c: (a * b, jnp.abs(a) * c.astype(jnp.float32), b * b),
-                            [jnp.asarray(x), jnp.asarray(y), codes], chunk=256)
-  decoded = np.asarray(codes.astype(jnp.float32))
-  want = [np.sum(x * y, dtype=np.float64), np.sum(np.abs(x) * decoded, dtype=np.float64), np.sum(y * y, dtype=np.float64)]
-  assert len(got) == 3 and all(t.dtype == jnp.float32 for t in got)
-  np.testing.assert_allclose([float(v) for v in got], want, rtol=1e-5, atol=1e-4)
-
-
-# ---- Platform kernels: the CPU-tuned path and the plain fused one (GPU, TPU) compute the same step.
-
-import importlib  # noqa: E402
-
-from optax_lamb16 import _chunked  # noqa: E402
-
-lamb16_module = importlib.import_module("optax_lamb16.lamb16")  # the package's `lamb16` is the function
-
-
-def _with_kernels(kernels, fused):
-  if fused:
-    return lamb16_module._lamb16(0.02, 0.9, 0.999, 1e-6, 0.01, 0.382, 1e-3, None, kernels=kernels)
-  return lamb16_module._scale_by_lamb16(0.9, 0.999, 1e-6, kernels=kernels)
-
-
-def _kernel_problem(shapes, steps=6, seed=5):
-  rng = np.random.default_rng(seed)
-  params = {name: jnp.asarray(rng.standard_normal(shape) * 0.5, jnp.float32) for name, shape in shapes.items()}
-  # Heavy tails and a huge outlier: the clips bite, and an e5m2 overflow to +inf is exercised too.
-  grads_list = []
-  for _ in range(steps):
-    grads = {name: rng.standard_t(2, size=shape).astype(np.float32) for name, shape in shapes.items()}
-    grads_list.append(jax.tree.map(jnp.asarray, grads))
-  return params, grads_list
-
-
-def _bits(tree):
-  return [np.asarray(jax.lax.bitcast_convert_type(x, jnp.uint8) if x.dtype.itemsize == 1 else x).tobytes()
-          for x in jax.tree.leaves(tree)]
-
-
-@pytest.mark.parametrize("fused", [True, False], ids=["lamb16", "scale_by_lamb16"])
-def test_cpu_and_xla_kernels_are_bitwise_equal_where_sums_coincide(fused):
-  """Leaves under two chunks are summed whole on both paths: every bit of updates and state must agree, and
-  the default (platform-dispatched) transform must be the CPU path on this CPU."""
-  shapes = {"scalar": (), "empty": (0, 4), "row": (7,), "matrix": (33, 65), "chunk_and_more": (2 * _chunked.CHUNK - 1,)}
-  params, grads_list = _kernel_problem(shapes)
-  default = optax_lamb16.lamb16(0.02, weight_decay=0.01) if fused else optax_lamb16.scale_by_lamb16()
-  results = [run_steps(tx, params, grads_list) for tx in (
-      _with_kernels(lamb16_module.CPU_KERNELS, fused), _with_kernels(lamb16_module.XLA_KERNELS, fused), default)]
-  cpu, xla, dispatched = (_bits(r) for r in results)
-  assert cpu == xla
-  assert cpu == dispatched
-
-
-def test_cpu_and_xla_kernels_agree_on_chunked_leaves():
-  """A large leaf is summed in chunks on CPU and whole elsewhere: the same step up to summation order."""
-  params, grads_list = _kernel_problem({"large": (640, 641), "small": (10,)})
-  (cpu, cpu_state), (xla, xla_state) = (run_steps(_with_kernels(k, True), params, grads_list)
-                                        for k in (lamb16_module.CPU_KERNELS, lamb16_module.XLA_KERNELS))
-  moved = np.linalg.norm(np.asarray(cpu["large"]) - np.asarray(params["large"]))
-  assert np.linalg.norm(np.asarray(cpu["large"]) - np.asarray(xla["large"])) <= 1e-5 * moved
-  np.testing.assert_allclose(np.asarray(cpu_state.mu_scale["large"]), np.asarray(xla_state.mu_scale["large"]),
-                             rtol=1e-5)
-  agree = np.mean(np.asarray(cpu_state.mu["large"].astype(jnp.float32)) ==
-                  np.asarray(xla_state.mu["large"].astype(jnp.float32)))
-  assert agree > 0.999
-  # Summed whole on both paths, but XLA fuses the two programs differently around the large leaf's loop.
-  np.testing.assert_allclose(np.asarray(cpu["small"]), np.asarray(xla["small"]), rtol=1e-6)
-
-
-def test_leaves_too_large_for_int32_offsets_are_summed_whole():
-  """A leaf of 2^31 elements or more would wrap the chunk loop's int32 offsets: it must not be chunked."""
-  huge = jax.ShapeDtypeStruct((2**31 + _chunked.CHUNK,), jnp.float32)
-  terms = lambda x: (x * x,)
-  jaxpr = str(jax.make_jaxpr(lambda x: _chunked.fused_sums(terms, [x]))(huge))
-  loops = ("while[", "scan[")  # fori_loop with static bounds is a scan
-  assert not any(loop in jaxpr for loop in loops)
-  chunked = str(jax.make_jaxpr(lambda x: _chunked.fused_sums(terms, [x]))(
-      jax.ShapeDtypeStruct((2**20,), jnp.float32)))
-  assert any(loop in chunked for loop in loops)  # the mechanism the first check rules out is really used below the limit
-  tx = optax_lamb16.lamb16(1e-3)
-  params = {"w": huge}
-  state = jax.eval_shape(tx.init, params)
-  updates, _ = jax.eval_shape(tx.update, params, state, params)
-  assert updates["w"].shape == huge.shape
+def test_leaves_of_2_to_the_31_elements_trace():
+  """Nothing in the step indexes a leaf with int32 offsets: a leaf of 2^31 elements or more traces (abstractly)."""
+  huge = jax.ShapeDtypeStruct((2**31 + 8192,), jnp.float32)
+  for tx in (optax_lamb16.lamb16(1e-3), optax_lamb16.lamb16_blockwise(1e-3)):
+    state = jax.eval_shape(tx.init, {"w": huge})
+    updates, _ = jax.eval_shape(tx.update, {"w": huge}, state, {"w": huge})
+    assert updates["w"].shape == huge.shape
 
 
 def test_one_minus_a_static_decay_rate_is_formed_in_double_precision():
@@ -487,20 +405,20 @@ def test_one_minus_a_static_decay_rate_is_formed_in_double_precision():
   assert scheduled == np.float32(1) - np.float32(0.999)
 
 
-@pytest.mark.parametrize("n", [2 * 256, 2 * 256 + 1, 50 * 256 + 77])
-def test_fused_sums_compensated_terms_are_the_exact_sums_rounded_once(n):
-  """Terms over many orders of magnitude, and one huge first term that swallows what its lane adds after it in plain
-  float32: the compensated totals are `reference.exact_sum`'s, bit for bit; the plain term riding along is still
-  its sum."""
-  rng = np.random.default_rng(n)
-  x = (rng.standard_normal(n) ** 2 * 10.0 ** rng.uniform(-6, 0, n)).astype(np.float32)
-  x[0] = 1e8
-  y = rng.standard_normal(n).astype(np.float32)
-  terms = lambda a, b: (a, a * b * b, b * b)
-  got = jax.jit(lambda a, b: _chunked.fused_sums(terms, [a, b], chunk=256, compensated=2))(x, y)
-  assert float(got[0]) == float(reference.exact_sum(x))
-  assert float(got[1]) == float(reference.exact_sum(x * y * y))
-  np.testing.assert_allclose(float(got[2]), np.sum(y * y, dtype=np.float64), rtol=1e-5)
-  plain = jax.jit(lambda a, b: _chunked.fused_sums(terms, [a, b], chunk=256))(x, y)
-  if n > 5000:  # the test can fail: here the plain float32 chunk sum is not the exact one
-    assert float(plain[0]) != float(reference.exact_sum(x))
+def test_scales_are_within_ulps_of_the_exactly_rounded_sums():
+  """SPEC.md section 1 step 3: each scale is ``sqrt(sum) / N + eps`` with the sum an XLA float32 reduction (pairwise
+  blocks, per device under sharding), at most a few ulps from the exactly rounded sum of the reference; the rest of
+  the scale's arithmetic is the reference's, rounding for rounding. One step from zero moments on a 410k-element
+  leaf whose terms span twelve orders of magnitude."""
+  rng = np.random.default_rng(4)
+  n = 640 * 641
+  grads = (rng.standard_t(2, n) * 10.0 ** rng.uniform(-6, 1, n)).astype(np.float32).reshape(640, 641)
+  tx = optax_lamb16.scale_by_lamb16()
+  _, state = jax.jit(tx.update)({"w": jnp.asarray(grads)}, tx.init({"w": jnp.zeros((640, 641))}))
+  g = grads.astype(np.float32)
+  m, v = np.float32(0.1) * g, np.float32(1.0 - 0.999) * g * g
+  for got, x in ((state.mu_scale["w"], m), (state.nu_scale["w"], v)):
+    exact = reference.exact_sum(np.minimum(x * x, np.float32(10)))
+    want = np.sqrt(exact) / np.float32(n) + np.float32(1e-6)
+    ulps = abs(int(np.asarray(got, np.float32).view(np.int32)) - int(np.float32(want).view(np.int32)))
+    assert ulps <= 4, ulps
