@@ -20,6 +20,7 @@ from optax_lamb16.lamb16 import (
     scale_by_lamb16_trust_ratio,
 )
 from optax_lamb16.nonfinite import apply_if_finite
+from optax_lamb16._onebit import LargeFirstStepsWarning
 from optax_lamb16.onebit_adam import OnebitAdamState, ScaleByOnebitAdamState, onebit_adam, scale_by_onebit_adam
 from optax_lamb16.onebit_lamb import OnebitLambState, onebit_lamb
 from optax_lamb16.zero_one_adam import ZeroOneAdamState, zero_one_adam
@@ -40,6 +41,7 @@ __all__ = [
     "compressed_mean",
     "init_compressed_allreduce",
     "uncompressed_mean",
+    "LargeFirstStepsWarning",
     "OnebitAdamState",
     "ScaleByOnebitAdamState",
     "onebit_adam",

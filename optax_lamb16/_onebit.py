@@ -8,10 +8,13 @@ float32 (`compression`); the exact mean runs in each leaf's arithmetic dtype."""
 
 from __future__ import annotations
 
+import numbers
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_lamb16 import _checks, _common, comm as comm_lib, compression
@@ -24,6 +27,52 @@ FREEZE_FIX = (
     "updated) and compression from t = F + 1. With 0 or 1 there is no warm-up at all and v stays 0: 1-bit Adam "
     "would divide by sqrt(0) + eps, 1-bit LAMB would never learn a trust ratio and update by exactly 0. Pass an int "
     ">= 2 (DeepSpeed's default: 100000).")
+
+
+MODES = ("faithful", "drop_in")
+
+
+def check_mode(mode: Any) -> str:
+  """`mode` of the 1-bit optimizers: one of MODES (a static string, never injected by `optax.inject_hyperparams`)."""
+  if not isinstance(mode, str) or mode not in MODES:
+    raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}. 'faithful' follows DeepSpeed (no bias "
+                     f"correction: use about 1/3 of Adam's learning rate, with a warm-up); 'drop_in' follows the exact "
+                     f"optimizer (optax.adam / optax.lamb) at its own learning rate (SPEC.md section 6b).")
+  return mode
+
+
+def bias_correction(decay: _common.Decay, updates: jax.Array) -> jax.Array:
+  """Adam's bias correction ``1 - b**n`` for `n` updates of an EMA of rate ``b`` (SPEC.md section 6b), a scalar of the
+  decay's dtype."""
+  rate = decay.rate
+  return 1 - rate ** jnp.asarray(updates).astype(rate.dtype)
+
+
+class LargeFirstStepsWarning(UserWarning):
+  """A faithful (DeepSpeed) 1-bit Adam at a constant learning rate: its first steps are several times Adam's."""
+
+
+def warn_if_large_first_steps(optimizer: str, learning_rate: Any, b1: Any, b2: Any, mode: str) -> None:
+  """Warns (`LargeFirstStepsWarning`) where DeepSpeed's rule without bias correction makes the first steps of a
+  constant learning rate several times Adam's: with a constant gradient, update n moves each element by
+  ``(1 - b1**n) / sqrt(1 - b2**n)`` times the learning rate (Adam: 1), ``(1-b1) / sqrt(1-b2) = 3.2`` on the first
+  update and up to 6.6 around the 12th for the defaults. Only for static numbers (a schedule is assumed to warm up;
+  values traced by `optax.inject_hyperparams` are not inspected), and only where the largest ratio exceeds 2."""
+  static = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)
+  if mode != "faithful" or not all(static(x) for x in (learning_rate, b1, b2)) or learning_rate <= 0:
+    return
+  n = np.arange(1, 10001, dtype=np.float64)
+  ratio = (1 - float(b1) ** n) / np.sqrt(1 - float(b2) ** n)
+  if ratio.max() <= 2:
+    return
+  warnings.warn(
+      f"{optimizer}(mode='faithful') at the constant learning rate {learning_rate:g}: DeepSpeed's rule has no bias "
+      f"correction, so with b1={b1:g}, b2={b2:g} its update n moves each parameter by up to "
+      f"{ratio.max():.1f} x learning_rate around n = {int(n[ratio.argmax()])} ({ratio[0]:.1f} x on the first; "
+      f"Adam: 1 x) "
+      f"and by more than 2 x for {int(np.sum(ratio > 2))} updates. Use a learning-rate schedule with a warm-up and "
+      f"about 1/3 of Adam's learning rate, or mode='drop_in' at Adam's learning rate (see the docstring).",
+      LargeFirstStepsWarning, stacklevel=3)
 
 
 def check_moment_hyperparameters(b1: Any, b2: Any, eps: Any) -> None:

@@ -221,17 +221,21 @@ def data_parallel(loss_fn: Callable[..., Any], tx: optax.GradientTransformation,
   Returns:
     A `DataParallel`: `init(params)` lays out params and state, `step(params, opt_state, batch)` trains.
 
-  Example (8 host devices; the 1-bit exchange replaces the gradients' all-reduce):
+  Example (on up to 4 devices; the 1-bit exchange replaces the gradients' all-reduce):
     >>> import jax, jax.numpy as jnp, optax_lamb16
-    >>> mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
+    >>> world = min(4, jax.device_count())
+    >>> mesh = jax.make_mesh((world,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+    ...                      devices=jax.devices()[:world])
     >>> tx = optax_lamb16.onebit_adam(1e-2, comm="data", freeze_step=3)
     >>> loss_fn = lambda params, batch: jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
     >>> dp = optax_lamb16.data_parallel(loss_fn, tx, mesh)
     >>> params, opt_state = dp.init({"w": jnp.zeros((3, 1))})
     >>> batch = {"x": jnp.ones((8, 3)), "y": jnp.ones((8, 1))}
+    >>> losses = []
     >>> for _ in range(5):
     ...   params, opt_state, loss = jax.block_until_ready(dp.step(params, opt_state, batch))
-    >>> round(float(loss), 4)
-    0.6593
+    ...   losses.append(float(loss))
+    >>> losses[-1] < losses[0]
+    True
   """
   return DataParallel(loss_fn, tx, mesh, comm, has_aux, donate)

@@ -75,10 +75,25 @@ class _Hyper(NamedTuple):
   factor_max: Any
   factor_min: Any
   factor_threshold: Any
+  # Drop-in mode's bias corrections (SPEC.md section 6b), None in faithful mode: m's, v's (frozen with v), v_fresh's
+  # and that of the average trust ratio.
+  m_correction: Any = None
+  v_correction: Any = None
+  fresh_correction: Any = None
+  coeff_correction: Any = None
 
   def at(self, dtype: Any) -> "_Hyper":
     """These hyperparameters for a leaf whose arithmetic runs in `dtype` (`_common.scalar_in`)."""
     return _Hyper(*(h.astype(dtype) if isinstance(h, _common.Decay) else _common.scalar_in(h, dtype) for h in self))
+
+  @property
+  def drop_in(self) -> bool:
+    return self.m_correction is not None
+
+
+def _corrected(x: jax.Array, correction: Any) -> jax.Array:
+  """``x / correction`` (a bias correction of drop-in mode); `x` itself where there is none (faithful mode)."""
+  return x if correction is None else x / correction
 
 
 def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step: int = 100000,
@@ -86,7 +101,7 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
                 eps: optax.ScalarOrSchedule = 1e-8, weight_decay: optax.ScalarOrSchedule = 0.0,
                 max_coeff: float = 10.0, min_coeff: float = 0.01, coeff_beta: float = 0.9, factor_max: float = 4.0,
                 factor_min: float = 0.5, factor_threshold: float = 0.1, momentum_mask: Any = None,
-                mask_zero_variance: bool = False) -> optax.GradientTransformationExtraArgs:
+                mask_zero_variance: bool = False, mode: str = "faithful") -> optax.GradientTransformationExtraArgs:
   """1-bit LAMB: LAMB whose momentum is averaged with one 1-bit compressed exchange per step after a warm-up.
 
   Takes each rank's LOCAL gradients. Parameters stay bitwise identical on all ranks. Not a chain: see the module
@@ -116,14 +131,26 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
     mask_zero_variance: Not in DeepSpeed (default False, faithful): after each compressed exchange, also zero the
       momentum where the frozen v is exactly 0 (elements that never had a gradient, which the exchange would hand
       sign noise).
+    mode: ``"faithful"`` (default): DeepSpeed's rule. ``"drop_in"``: `optax.lamb`'s rule in the warm-up (Adam's bias
+      corrections; the trust ratio still clipped to [min_coeff, max_coeff]: pass 0 and ``float("inf")`` for
+      optax's unclipped one) and, after the freeze, the bias-corrected frozen v and average trust ratio (SPEC.md
+      section 6b), for LAMB's learning rate. Static.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `OnebitLambState`. Its updates have the gradients'
     dtype (computed in float32, or in float64 for float64 params, rounded once); the compressed exchange is float32
     for every dtype.
 
-  Static under `optax.inject_hyperparams`: `comm`, `freeze_step`; the numeric hyperparameters may be injected, and
-  ``learning_rate, b1, b2, eps, weight_decay`` may be schedules (which see the number of updates so far).
+  Choosing the hyperparameters: the trust ratio rescales each leaf's step to ``lr * ||p||`` (within the clip), and
+  the bias corrections that the faithful mode lacks scale a leaf's ``m / (sqrt(v) + eps)`` by one number, which the
+  ratio cancels (up to eps and the weight decay's share), so the warm-up needs no learning-rate factor, unlike
+  1-bit Adam's. Its frozen trust ratio, though, is DeepSpeed's running average started from 0 without correction:
+  ``1 - coeff_beta**(freeze_step - 1)`` of the average (0.65 for a freeze at t = 11), so freeze after at least 45
+  warm-up updates (then within 1 %), or use ``mode="drop_in"``, which corrects it.
+
+  Static under `optax.inject_hyperparams`: `comm`, `freeze_step` and the string `mode`; the numeric hyperparameters
+  may be injected, and ``learning_rate, b1, b2, eps, weight_decay`` may be schedules (which see the number of
+  updates so far).
 
   Example:
     >>> import jax.numpy as jnp, optax_lamb16
@@ -139,6 +166,7 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
   """
   communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
   freeze_step = _onebit.check_freeze_step(freeze_step)
+  drop_in = _onebit.check_mode(mode) == "drop_in"
   _checks.check_range("min_coeff", min_coeff, 0.0, fix="DeepSpeed's default: 0.01.")
   _checks.check_range("max_coeff", max_coeff, 0.0, fix="DeepSpeed's default: 10.0.")
   _checks.check_range("factor_min", factor_min, 0.0, fix="DeepSpeed's default: 0.5.")
@@ -176,8 +204,15 @@ def onebit_lamb(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
     dtype = _common.widest_arithmetic_dtype(state.nu)
     lr, epsilon, decay = _onebit.hyperparameters_at(state.count, learning_rate, eps, weight_decay, dtype=dtype)
     beta1, beta2 = _onebit.decays_at(state.count, b1, b2, dtype=dtype)
+    corrections = ()
+    if drop_in:  # SPEC.md section 6b: v's correction frozen with v, v_fresh's continuing, the trust ratios' average
+      corrections = (_onebit.bias_correction(beta1, t - 1),
+                     _onebit.bias_correction(beta2, jnp.minimum(t, freeze_step) - 1),
+                     _onebit.bias_correction(beta2, t - 1),
+                     _onebit.bias_correction(*_onebit.decays_at(state.count, coeff_beta, dtype=dtype),
+                                             freeze_step - 1))
     hyper = _Hyper(lr, beta1, beta2, epsilon, decay, max_coeff, min_coeff, coeff_beta, factor_max, factor_min,
-                   factor_threshold)
+                   factor_threshold, *corrections)
     # Each phase runs only when due (`_onebit.run_if`), updating the state it changes in place, and leaves each
     # leaf's coefficient c: the step is ``-lr * c * (m / d + wd * p)`` in both phases, taken in one pass below.
     warm = t <= freeze_step
@@ -209,8 +244,8 @@ def _padding(n: int, communicator: comm_lib.Communicator) -> int:
 def _adam_update(m: jax.Array, v: jax.Array, p: jax.Array, hyper: _Hyper) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``d = sqrt(v) + eps``, the direction ``m / d`` and the update ``m / d + wd * p`` of one leaf."""
   hyper = hyper.at(m.dtype)
-  denominator = jnp.sqrt(v) + hyper.eps
-  direction = m / denominator
+  denominator = jnp.sqrt(_corrected(v, hyper.v_correction)) + hyper.eps
+  direction = _corrected(m, hyper.m_correction) / denominator
   return denominator, direction, direction + hyper.weight_decay * p
 
 
@@ -226,8 +261,9 @@ def _warmup_phase(grads: Any, params: Any, mu: Any, nu: Any, nu_fresh: Any, coef
     update_norm, param_norm = _norm(update), _norm(p)
     trust = jnp.where((param_norm > 0) & (update_norm > 0),
                       jnp.clip(param_norm / update_norm, hyper_.min_coeff, hyper_.max_coeff), 1.0)
-    coeff_freeze = jnp.where(trust != 1.0, hyper_.coeff_beta * coeff_freeze + (1 - hyper_.coeff_beta) * trust,
-                             coeff_freeze)
+    averaged = hyper_.coeff_beta * coeff_freeze + (1 - hyper_.coeff_beta) * trust
+    # DeepSpeed averages only the ratios that differ from 1; drop-in mode every ratio the warm-up applies.
+    coeff_freeze = averaged if hyper_.drop_in else jnp.where(trust != 1.0, averaged, coeff_freeze)
     return jnp.where(t == freeze_step, v, v_fresh), coeff_freeze, trust
 
   return mu, nu, *_common.unzip(mu, jax.tree.map(leaf, mu, nu, nu_fresh, params, coeff_freeze), 3)
@@ -265,7 +301,7 @@ def _compression_phase(grads: Any, params: Any, nu: Any, mu: Any, nu_fresh: Any,
     denominator, direction, update = _adam_update(m, v, p, hyper_)
     rebuilt = (m - hyper_.b1.rate * m_prev) / hyper_.b1.complement
     v_fresh = _common.moment_update(v_fresh, rebuilt, hyper_.b2, order=2)
-    ratios = denominator / (jnp.sqrt(v_fresh) + hyper_.eps)
+    ratios = denominator / (jnp.sqrt(_corrected(v_fresh, hyper_.fresh_correction)) + hyper_.eps)
     factor = jnp.max(ratios) if ratios.size else jnp.ones([], m.dtype)
     update_norm = _norm(update)
     blend = jnp.where(update_norm > 0, jnp.minimum(1.0, _norm(direction) / update_norm), 1.0)
@@ -273,7 +309,7 @@ def _compression_phase(grads: Any, params: Any, nu: Any, mu: Any, nu_fresh: Any,
     factor = jnp.clip(factor, hyper_.factor_min, hyper_.factor_max)
     factor = jnp.clip(factor, last_factor * (1 - hyper_.factor_threshold),
                       last_factor * (1 + hyper_.factor_threshold))
-    return v_fresh, factor, coeff_freeze * factor
+    return v_fresh, factor, _corrected(coeff_freeze, hyper_.coeff_correction) * factor
 
   nu_fresh, last_factor, coefficient = _common.unzip(
       mu, jax.tree.map(leaf, mu, mu_prev, nu, nu_fresh, params, coeff_freeze, last_factor), 3)

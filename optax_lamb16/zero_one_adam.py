@@ -72,8 +72,8 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
                   b2: optax.ScalarOrSchedule = 0.999, eps: optax.ScalarOrSchedule = 1e-8,
                   weight_decay: optax.ScalarOrSchedule = 0.0, var_freeze_step: int = 100000,
                   var_update_scaler: int = 16, local_step_scaler: int = 32678, local_step_clipper: int = 16,
-                  momentum_mask: Any = None,
-                  mask_zero_variance: bool = False) -> optax.GradientTransformationExtraArgs:
+                  momentum_mask: Any = None, mask_zero_variance: bool = False,
+                  mode: str = "faithful") -> optax.GradientTransformationExtraArgs:
   """0/1 Adam: adaptive variance-update intervals, then local steps with 1-bit synchronisation.
 
   Takes each rank's LOCAL gradients. Communication per step: on variance steps one exact all-reduce; on the other
@@ -100,11 +100,43 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     momentum_mask: Optional pytree like params of 0/1 arrays applied after each compressed exchange.
     mask_zero_variance: Not in DeepSpeed (default False, faithful): after each compressed exchange, also zero the
       result where v is exactly 0 (elements that never had a gradient, which the exchange would hand sign noise).
+    mode: ``"faithful"`` (default): DeepSpeed's rule, no bias correction. ``"drop_in"``: Adam's bias corrections,
+      v's counting its sparse variance updates, and the sync's reconstructed momentum consistent with them (SPEC.md
+      section 6b), for Adam's learning rate. Static.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `ZeroOneAdamState`. Its updates have the
     gradients' dtype (computed in float32, or in float64 for float64 params, rounded once); the compressed
     exchanges are float32 for every dtype.
+
+  Choosing the hyperparameters (byte-level transformer, 4 ranks, global batch 32, 500 steps, var_freeze_step 100;
+  exact data-parallel `optax.adam`: 2.64 bits/byte at lr 1e-3 with a warm-up): the faithful mode at lr 3e-4 ended
+  23 % behind Adam with DeepSpeed's schedules and 29-42 % behind with local steps every few syncs. Why, and what
+  keeps it on course:
+
+  - v from few, sparse updates without bias correction. With var_update_scaler 16 the variance interval doubles
+    every 16 variance updates, so v gets only 45 updates in the first 100 steps (t = 2..17, every 2nd step to
+    t = 48, every 4th to t = 100): ``1 - b2**45 = 0.044`` of the true second moment, and every step after the freeze
+    is ``1 / sqrt(0.044) = 4.8`` x Adam's at the same lr (1-bit Adam's v, frozen after 99 updates: 3.3 x), i.e.
+    1.46 x the faithful 1-bit Adam's steps for the whole rest of the run. Use ``mode="drop_in"`` (v
+    corrected by its own update count, m by the step count: Adam's step sizes at Adam's learning rate), or in the
+    faithful mode about 1/5 of Adam's learning rate with a warm-up and a decaying schedule.
+  - Sparse variance updates estimate v from fewer gradients, and the steps between them feed m the 1-bit
+    compressed gradient. Setting ``var_update_scaler >= var_freeze_step`` makes every step before the freeze a
+    variance step (an exact all-reduce, as in 1-bit Adam's warm-up). Measured in drop-in mode at lr 1e-3 with a
+    warm-up and cosine decay: 3.13 bits/byte with var_update_scaler 16, 3.00 with 1000 (one seed). Cost in bytes,
+    per rank, N parameters, P ranks: each such step sends ``2 (P-1)/P * 4 N`` instead of the compressed
+    ``2 (P-1)/P * N / 8``; for var_freeze_step 100 that is 55 more exact steps: 4 ranks, 0.88M parameters, 500
+    steps: 0.31 GB -> 0.59 GB per rank (1-bit Adam: 0.59 GB). Both still trail exact Adam (2.64) by 14-19 % in
+    that run: the local-step phase (below) is what remains.
+  - Local steps with stale momentum: between syncs each rank's m follows its own gradients (1/P of the batch) and a
+    sync resets it to the lr-weighted average ``-w / lr_sum`` of the interval. With DeepSpeed's local_step_scaler
+    (32678) the interval stays 1 for 32678 steps: a sync every step, no local steps at all in runs shorter than that.
+    Lowering it (intervals up to local_step_clipper) saved little here (the syncs after the freeze are 1-bit: 0.07
+    GB of the 0.31 GB above) and cost 6-19 points more, so keep the default unless communication after the freeze
+    dominates.
+  - The loss rising over the last 100 steps of the constant-lr run is the large steps above without a decaying
+    learning rate: use a schedule that decays (warm-up and cosine).
 
   Static under `optax.inject_hyperparams`: `comm` and the four integer schedule arguments; numeric
   ``learning_rate, b1, b2, eps, weight_decay`` may be injected or be schedules (which see the number of updates so
@@ -125,6 +157,8 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     <https://arxiv.org/abs/2202.06009>`_, 2022; DeepSpeed 0.19.6 ``deepspeed/runtime/fp16/onebit/zoadam.py``.
   """
   communicator = _onebit.check_common(learning_rate, comm, b1, b2, eps, weight_decay)
+  drop_in = _onebit.check_mode(mode) == "drop_in"
+  _onebit.warn_if_large_first_steps("zero_one_adam", learning_rate, b1, b2, mode)
   var_freeze_step = _checks.check_step_count("var_freeze_step", var_freeze_step, 0, fix=VAR_FREEZE_FIX)
   var_update_scaler, local_step_scaler, local_step_clipper = (
       _checks.check_step_count(name, value, 1, fix=f"Pass a positive int (DeepSpeed's default: {default}).")
@@ -186,13 +220,29 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
 
     lr_sum = jnp.where(frozen, state.lr_sum + lr, state.lr_sum)
 
+    # Interval schedules, with the phase this step runs in.
+    var_counter, var_interval = _count_towards(state.var_counter, state.var_interval, variance_due,
+                                               var_update_scaler, lambda interval: interval * 2)
+    local_counter, local_interval = _count_towards(
+        state.local_step_counter, state.local_step_interval, frozen, local_step_scaler,
+        lambda interval: jnp.minimum(local_step_clipper, interval * 2))
+    if drop_in:  # m's correction counts every update, v's only its variance updates, this step's included
+      variance_updates = (var_update_scaler * (31 - jax.lax.clz(var_interval))).astype(dtype) + var_counter.astype(
+          dtype)
+      c1, c2 = _onebit.bias_correction(beta1, t - 1), _onebit.bias_correction(beta2, variance_updates)
+      denominators_of = lambda nu: jax.tree.map(lambda v: jnp.sqrt(v / at(c2, v)) + at(epsilon, v), nu)
+      corrected = lambda m: m / at(c1, m)
+    else:
+      corrected = lambda m: m
+
     # A sync sends this rank's accumulated update, this step's local step included, times sqrt(v) + eps, in one
     # compressed exchange; its payload takes the place of the pre-freeze exchange's, which is never due with it. Only
     # the exchange's input is computed here: the pass at the end does the rest of the step.
     def sync_exchange(inputs, carry):
       grads, mu, nu, params, accumulated = inputs
       denominators = denominators_of(nu)
-      steps = adam_step(jax.tree.map(jnp.divide, _common.tree_moment_update(mu, grads, beta1), denominators), params)
+      steps = adam_step(jax.tree.map(lambda m, d: corrected(m) / d, _common.tree_moment_update(mu, grads, beta1),
+                                     denominators), params)
       sent = jax.tree.map(lambda u, s, d: (u + s) * d, _current(accumulated, state.lr_sum), steps, denominators)
       return compression.exchange(sent, carry[1], communicator)
 
@@ -205,13 +255,16 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
     mean = _onebit.apply_mask(compression.decode_like(compressed, grads), momentum_mask, nu, mask_zero_variance)
     source = jax.tree.map(lambda g, m: jnp.where(frozen, g, m), grads, mean)
     mu = jax.tree.map(lambda m, s: jnp.where(variance_due, m, _common.moment_update(m, s, beta1)), mu, source)
-    # A sync: ``m = -w / lr_sum`` (DeepSpeed divides unguarded; with a zero learning rate since the last sync, keep m).
-    mu = per_rank(jax.tree.map(lambda w, m: jnp.where(jnp.logical_and(sync_due, lr_sum > 0), -w / at(lr_sum, w), m),
+    # A sync: ``m = -w / lr_sum`` (DeepSpeed divides unguarded; with a zero learning rate since the last sync, keep m),
+    # the bias-corrected m in drop-in mode, stored uncorrected.
+    reconstructed = (lambda w: (-w / at(lr_sum, w)) * at(c1, w)) if drop_in else (lambda w: -w / at(lr_sum, w))
+    mu = per_rank(jax.tree.map(lambda w, m: jnp.where(jnp.logical_and(sync_due, lr_sum > 0), reconstructed(w), m),
                                mean, mu))
     # One division per element serves every phase: a sync's ``w / (sqrt(v) + eps)``, with w read back from the new m
     # as ``-m * lr_sum`` (within an ulp of w; 0 where lr_sum is 0, so that a sync after a zero learning rate moves
     # nothing), and the Adam direction otherwise. Read from m, w is decoded from its sign bits once per step, not twice.
-    directions = jax.tree.map(lambda m, d: jnp.where(sync_due, -m * at(lr_sum, m), m) / d, mu, denominators_of(nu))
+    directions = jax.tree.map(lambda m, d: jnp.where(sync_due, -corrected(m) * at(lr_sum, m), corrected(m)) / d, mu,
+                              denominators_of(nu))
     steps = adam_step(directions, params)
     # A sync leaves `accumulated` as it is and sets lr_sum to 0, which makes the buffer count as 0 from the next step
     # on. (Each donated buffer's old value must be read by the one pass that overwrites it, and every other pass read
@@ -225,13 +278,6 @@ def zero_one_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, b1: optax
         lambda p, u, r, s, g: jnp.where(sync_due, ((p - u) + r) - p, (p + s) - p).astype(g.dtype),
         params, _current(accumulated, state.lr_sum), directions, steps, updates)
     lr_sum = jnp.where(sync_due, 0.0, lr_sum)
-
-    # Interval schedules, with the phase this step ran in.
-    var_counter, var_interval = _count_towards(state.var_counter, state.var_interval, variance_due,
-                                               var_update_scaler, lambda interval: interval * 2)
-    local_counter, local_interval = _count_towards(
-        state.local_step_counter, state.local_step_interval, frozen, local_step_scaler,
-        lambda interval: jnp.minimum(local_step_clipper, interval * 2))
     return new_updates, ZeroOneAdamState(
         count=t, mu=_onebit.to_per_rank_layout(mu), nu=nu, accumulated_update=_onebit.to_per_rank_layout(accumulated),
         lr_sum=lr_sum, var_interval=var_interval, var_counter=var_counter, local_step_interval=local_interval,

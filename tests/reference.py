@@ -289,6 +289,11 @@ def rounding_to(dtype, arithmetic=F32):
   return lambda x: np.asarray(x, arithmetic).astype(dtype).astype(arithmetic)
 
 
+def bias_correction(b, n: int, dtype=F32):
+  """SPEC.md section 6b's ``c(b, n) = 1 - b^n``: b rounded to `dtype`, the power taken in `dtype`."""
+  return dtype(dtype(1) - dtype(b) ** dtype(n))
+
+
 class OnebitAdamReference:
   """SPEC.md sections 2 and 4 for P ranks. `step` takes every rank's params and local gradients (lists of leaves)
   and returns the new params, which all ranks share.
@@ -297,11 +302,12 @@ class OnebitAdamReference:
   formed as optax chains form it, each stage rounded to that dtype (the direction, plus the weight decay, times
   -lr), and ``p + update`` is rounded too; gradients are rounded by the caller (`onebit_harness.run_oracle`).
   `dtype` (float32 by default; np.float64 for float64 params): the arithmetic's dtype, of m, v and the exact mean;
-  the compressed exchange takes m rounded to float32."""
+  the compressed exchange takes m rounded to float32. `drop_in`: SPEC.md section 6b's drop-in mode."""
 
   def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, mask=None,
-               mask_zero_variance=False, param_dtype=None, dtype=F32):
+               mask_zero_variance=False, param_dtype=None, dtype=F32, drop_in=False):
     F = self.F = dtype
+    self.drop_in = drop_in
     self.round = rounding_to(param_dtype, F)
     self.world, self.freeze_step, self.lr = world, freeze_step, F(lr)
     self.mask_zero_variance = mask_zero_variance
@@ -330,8 +336,13 @@ class OnebitAdamReference:
         self.m = [np.where(v > 0, m, F(0)) for m, v in zip(self.m, self.v)]
     r = self.round
     new_params = []
+    c1 = c2 = F(1)
+    if self.drop_in:  # m corrected with every update so far, v with its updates up to the freeze
+      c1 = bias_correction(b1, self.t - 1, F)
+      c2 = bias_correction(b2, min(self.t, self.freeze_step) - 1, F)
     for p, m, v in zip(params, self.m, self.v):
-      update = r(-self.lr * r(r(m / (np.sqrt(v) + self.eps)) + self.wd * p))
+      direction = m / c1 / (np.sqrt(v / c2) + self.eps) if self.drop_in else m / (np.sqrt(v) + self.eps)
+      update = r(-self.lr * r(r(direction) + self.wd * p))
       new_params.append(r(p + update))
     return new_params
 
@@ -341,12 +352,13 @@ class ZeroOneAdamReference:
 
   `param_dtype` (None: float32): the params' dtype; each rank's step ``new - p`` is rounded to it, and so is
   ``p + step``. `dtype` (float32 by default; np.float64 for float64 params): the arithmetic's dtype; the compressed
-  exchanges take their inputs rounded to float32."""
+  exchanges take their inputs rounded to float32. `drop_in`: SPEC.md section 6b's drop-in mode."""
 
   def __init__(self, params, world, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, var_freeze_step=100000,
                var_update_scaler=16, local_step_scaler=32678, local_step_clipper=16, mask=None,
-               mask_zero_variance=False, param_dtype=None, dtype=F32):
+               mask_zero_variance=False, param_dtype=None, dtype=F32, drop_in=False):
     F = self.F = dtype
+    self.drop_in, self.variance_updates = drop_in, 0
     self.param_dtype, self.round = param_dtype, rounding_to(param_dtype, F)
     self.world, self.lr = world, F(lr)
     self.mask_zero_variance = mask_zero_variance
@@ -386,6 +398,7 @@ class ZeroOneAdamReference:
       g = _exact_mean(local_grads, F)
       self.v = [b2 * v + c2 * gi * gi for v, gi in zip(self.v, g)]
       self.m = [momentum(self.m[r], g) for r in range(world)]
+      self.variance_updates += 1
       self.log.append("variance")
     elif not self.frozen:
       g = self._car(local_grads)
@@ -395,17 +408,19 @@ class ZeroOneAdamReference:
       self.m = [momentum(self.m[r], local_grads[r]) for r in range(world)]
       self.lrs = F(self.lrs + self.lr)
       self.log.append("local")
-    d = [np.sqrt(v) + self.eps for v in self.v]
+    m_correction = bias_correction(b1, t - 1, F) if self.drop_in else F(1)
+    v_correction = bias_correction(b2, self.variance_updates, F) if self.drop_in else F(1)
+    d = [np.sqrt(v / v_correction) + self.eps for v in self.v]
     new_params = []
     for r in range(world):
-      delta = [m / di + self.wd * p for m, di, p in zip(self.m[r], d, per_rank_params[r])]
+      delta = [m / m_correction / di + self.wd * p for m, di, p in zip(self.m[r], d, per_rank_params[r])]
       new_params.append([p - self.lr * x for p, x in zip(per_rank_params[r], delta)])
       if self.frozen:
         self.u[r] = [u - self.lr * x for u, x in zip(self.u[r], delta)]
     if self.frozen and t % self.local_step_interval == 0:
       previous = [[p - u for p, u in zip(new_params[r], self.u[r])] for r in range(world)]
       w = self._car([[u * di for u, di in zip(self.u[r], d)] for r in range(world)])
-      self.m = [[-wi / self.lrs for wi in w] for _ in range(world)]
+      self.m = [[(-wi / self.lrs) * m_correction for wi in w] for _ in range(world)]
       new_params = [[p0 + wi / di for p0, wi, di in zip(previous[r], w, d)] for r in range(world)]
       self.u = [[np.zeros_like(u) for u in self.u[r]] for r in range(world)]
       self.lrs = F(0)
@@ -435,12 +450,13 @@ class OnebitLambReference:
   (DeepSpeed's ``exp_avg_mask``). `param_dtype` (None: float32): the params' dtype; the step ``-lr * coeff * u`` is
   rounded to it, and so is ``p + step``. `dtype` (float32 by default; np.float64 for float64 params): the
   arithmetic's dtype; the compressed exchange takes the scaled momenta rounded to float32 (its padding tail stays
-  float32)."""
+  float32). `drop_in`: SPEC.md section 6b's drop-in mode."""
 
   def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_coeff=10.0,
                min_coeff=0.01, coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1, mask=None,
-               mask_zero_variance=False, param_dtype=None, dtype=F32):
+               mask_zero_variance=False, param_dtype=None, dtype=F32, drop_in=False):
     F = self.F = dtype
+    self.drop_in = drop_in
     self.round = rounding_to(param_dtype, F)
     self.mask = mask
     self.world, self.freeze_step, self.lr = world, freeze_step, F(lr)
@@ -466,6 +482,10 @@ class OnebitLambReference:
     c1, c2 = self.c1, self.c2
     norm = lambda x: F(np.sqrt(np.sum(x * x, dtype=F)))
     new_params = []
+    # Drop-in mode's corrections (SPEC.md section 6b); 1 in faithful mode, where they change nothing.
+    one = lambda b, n: bias_correction(b, n, F) if self.drop_in else F(1)
+    c_m, c_v, c_fresh = one(b1, t - 1), one(b2, min(t, self.freeze_step) - 1), one(b2, t - 1)
+    c_coeff = one(self.coeff_beta, self.freeze_step - 1)
     if t <= self.freeze_step:
       g = _exact_mean(local_grads, F)
       self.m = [b1 * m + c1 * gi for m, gi in zip(self.m, g)]
@@ -473,11 +493,11 @@ class OnebitLambReference:
       if t == self.freeze_step:
         self.v_fresh = [v.copy() for v in self.v]
       for i, (p, m, v) in enumerate(zip(params, self.m, self.v)):
-        u = m / (np.sqrt(v) + eps) + wd * p
+        u = m / c_m / (np.sqrt(v / c_v) + eps) + wd * p
         r = F(1)
         if norm(p) > 0 and norm(u) > 0:
           r = F(np.clip(norm(p) / norm(u), self.min_coeff, self.max_coeff))
-        if r != 1:
+        if r != 1 or self.drop_in:
           self.coeff_freeze[i] = F(self.coeff_beta * self.coeff_freeze[i] + self.coeff_complement * r)
         new_params.append(self.round(p + self.round(-self.lr * (r * u))))
       return new_params
@@ -507,10 +527,10 @@ class OnebitLambReference:
     for i, (p, m, mp, v) in enumerate(zip(params, self.m, m_prev, self.v)):
       g_hat = (m - b1 * mp) / c1
       self.v_fresh[i] = b2 * self.v_fresh[i] + c2 * g_hat * g_hat
-      d = np.sqrt(v) + eps
-      u0 = m / d
+      d = np.sqrt(v / c_v) + eps
+      u0 = m / c_m / d
       u = u0 + wd * p
-      f = F(np.max(d / (np.sqrt(self.v_fresh[i]) + eps))) if d.size else F(1)
+      f = F(np.max(d / (np.sqrt(self.v_fresh[i] / c_fresh) + eps))) if d.size else F(1)
       if wd > 0:
         rho = F(min(F(1), norm(u0) / norm(u))) if norm(u) > 0 else F(1)
         f = F(f * rho + (F(1) - rho))
@@ -518,5 +538,5 @@ class OnebitLambReference:
       lf = self.last_factor[i]
       f = F(np.clip(f, lf * (F(1) - self.factor_threshold), lf * (F(1) + self.factor_threshold)))
       self.last_factor[i] = f
-      new_params.append(self.round(p + self.round(-self.lr * ((self.coeff_freeze[i] * f) * u))))
+      new_params.append(self.round(p + self.round(-self.lr * ((self.coeff_freeze[i] / c_coeff * f) * u))))
     return new_params

@@ -341,7 +341,8 @@ def test_float64_leaves_are_exchanged_in_float32_and_averaged_exactly_in_float64
   np.testing.assert_allclose(means["b"], np.broadcast_to(tree["b"].mean(axis=0), means["b"].shape), rtol=1e-6)
 
 
-DOCTESTED = ("compression", "gradient_mean", "onebit_adam", "zero_one_adam", "onebit_lamb", "comm", "sharding")
+DOCTESTED = ("compression", "gradient_mean", "onebit_adam", "zero_one_adam", "onebit_lamb", "comm", "sharding",
+             "data_parallel")
 
 
 def test_docstring_examples_run_on_a_single_device(tmp_path):

@@ -37,6 +37,9 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import optax_lamb16
 from tests import onebit_harness as h
 
+# Faithful 1-bit Adams at a constant learning rate warn of their large first steps (tests/test_drop_in.py).
+pytestmark = pytest.mark.filterwarnings("ignore::optax_lamb16._onebit.LargeFirstStepsWarning")
+
 STEPS = 5  # 1-bit Adam/LAMB: warm-up t = 2, compression from t = 3; 0/1 Adam: variance, compressed, sync, local
 # Hyperparameters every case gets where its factory has them: short phases, and non-zero weight decay so that a
 # dropped or mis-scheduled weight decay shows.

@@ -23,10 +23,12 @@ def test_a_bad_gradient_on_one_rank_skips_the_step_everywhere(name, world):
   assert check_skips_together(name, world, mesh) == []
 
 
+@pytest.mark.slow
 def test_across_jax_distributed_processes(tmp_path):
   launch.run_distributed(WORKER, ["--out", str(tmp_path)], num_processes=2, devices_per_process=2)
 
 
+@pytest.mark.slow
 def test_across_mpi_ranks(tmp_path):
   launch.run_mpi(WORKER, ["--out", str(tmp_path), "--mpi"], num_ranks=2)
 

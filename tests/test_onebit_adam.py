@@ -7,6 +7,8 @@ import optax_lamb16
 from tests import onebit_harness as h
 from tests import reference
 
+pytestmark = pytest.mark.filterwarnings("ignore::optax_lamb16._onebit.LargeFirstStepsWarning")  # tested in test_drop_in
+
 STEPS = 32
 
 

@@ -8,6 +8,8 @@ import optax_lamb16
 from tests import onebit_harness as h
 from tests import reference
 
+pytestmark = pytest.mark.filterwarnings("ignore::optax_lamb16._onebit.LargeFirstStepsWarning")  # tested in test_drop_in
+
 STEPS = 40
 SCHEDULE = dict(var_freeze_step=14, var_update_scaler=2, local_step_scaler=3, local_step_clipper=4)
 
