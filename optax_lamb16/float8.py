@@ -45,8 +45,22 @@ def _float16_bits(byte: jax.Array, dtype) -> jax.Array:
 
 
 def decode(stored: jax.Array, scale: jax.Array) -> jax.Array:
-  """Float32 value of a float8 tensor stored with `scale`: bitwise ``stored.astype(float32) * scale``, computed
-  through float16 bits (XLA:CPU's own float8 conversion is several times slower; elsewhere both are memory-bound)."""
+  """Float32 value of a float8 tensor stored with `scale`: ``stored.astype(float32) * scale``.
+
+  On CPU it is computed through float16 bits (`decode_via_float16`, bitwise the same; XLA:CPU's own float8
+  conversion is several times slower); elsewhere it is XLA's conversion, native on GPUs with float8 (H100, H200).
+  The choice is made when the step is lowered, for the platform lowered to.
+  """
+  return jax.lax.platform_dependent(stored, scale, cpu=decode_via_float16, default=decode_native)
+
+
+def decode_native(stored: jax.Array, scale: jax.Array) -> jax.Array:
+  """``stored.astype(float32) * scale``, XLA's own float8 conversion."""
+  return stored.astype(jnp.float32) * scale
+
+
+def decode_via_float16(stored: jax.Array, scale: jax.Array) -> jax.Array:
+  """`decode_native` bitwise, through float16 bits: a shift and the CPU's float16 conversion."""
   byte = jax.lax.bitcast_convert_type(stored, jnp.uint8)
   value = jax.lax.bitcast_convert_type(_float16_bits(byte, stored.dtype), jnp.float16).astype(jnp.float32)
   if stored.dtype == VARIANCE_DTYPE:
@@ -137,10 +151,56 @@ def block_layout(shape: tuple[int, ...], block_size: int) -> tuple[int, ...] | N
   return None
 
 
+# Reductions in two stages. XLA:CPU's reduce reads its operand from memory, so a whole-leaf `jnp.sum` of terms
+# computed from the state first writes every term to a leaf-sized temporary. `fold_last_axis` reduces each group of
+# a few adjacent elements of the last axis as a pairwise tree of element-wise ops on halves, which XLA fuses with
+# the producer of the terms into one loop; only the group partials (1/8 of the leaf) are written, then reduced.
+# Groups of 8: XLA:CPU emits a fused op at most 15 times (one per index it is read at), so from 16 on it writes the
+# terms to memory again (measured on 2048 x 2048 leaves: 16 and 32 use more temporaries than no folding at all).
+# Each fold adds a dozen HLO ops, which cost compile time, so only leaves of FOLD_MIN_SIZE elements (2 MiB of float32
+# terms) or more are folded; smaller ones are reduced at once.
+FOLD_WIDTH = 8
+FOLD_MIN_SIZE = 1 << 19
+
+
+def _fold_width(n: int) -> int:
+  """Elements per group for an axis of length n: the largest power of two <= FOLD_WIDTH that divides ``n // d`` for
+  every device count d <= `jax.device_count()` that divides n, so that a group never spans two devices of an axis
+  sharded evenly (the partitioner then folds each device's part where it lies)."""
+  common = 0
+  for d in range(1, jax.device_count() + 1):
+    if n % d == 0:
+      common = math.gcd(common, n // d)
+  width = 1
+  while 2 * width <= FOLD_WIDTH and common % (2 * width) == 0:
+    width *= 2
+  return width
+
+
+def fold_last_axis(x: jax.Array, combine: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+  """`x` with each group of `_fold_width` adjacent elements of its last axis reduced by `combine` (`jnp.add`,
+  `jnp.maximum`) as a pairwise tree: shape ``x.shape[:-1] + (L // width,)``; `x` itself below FOLD_MIN_SIZE."""
+  width = _fold_width(x.shape[-1]) if x.size >= FOLD_MIN_SIZE else 1
+  if width == 1:
+    return x
+  x = x.reshape(x.shape[:-1] + (x.shape[-1] // width, width))
+  while width > 1:
+    width //= 2
+    x = combine(x[..., :width], x[..., width:])
+  return x[..., 0]
+
+
+def leaf_sum(x: jax.Array) -> jax.Array:
+  """``jnp.sum(x)``: for a large leaf in two stages (`fold_last_axis`), pairwise within the groups, then XLA's reduce
+  of the partials."""
+  return jnp.sum(fold_last_axis(x, jnp.add))
+
+
 def block_maxima(x: jax.Array, block_size: int) -> jax.Array:
   """The largest element of each block of a leaf-shaped `x` >= 0, as a flat (K,).
 
-  A leaf whose size is not a multiple of the block size is reduced as its flattened elements by windows of
+  Where `block_layout` gives the blocked view, each block is reduced in it (`fold_last_axis`, then the rest). A
+  leaf whose size is not a multiple of the block size is reduced as its flattened elements by windows of
   `block_size` (the last one cut short): flattening keeps a leaf sharded along its first axis in place, and the
   partitioner exchanges only the elements of the blocks that straddle two devices; a leaf sharded along a later axis
   is gathered for it. (Under a mesh of Explicit axes, where JAX types each op's sharding and has no rule for the
@@ -155,7 +215,7 @@ def block_maxima(x: jax.Array, block_size: int) -> jax.Array:
       return jnp.max(jnp.pad(flat, (0, blocks * block_size - x.size)).reshape(blocks, block_size), axis=1)
     return jax.lax.reduce_window(flat, jnp.array(0, x.dtype), jax.lax.max, (block_size,), (block_size,),
                                  [(0, blocks * block_size - x.size)])
-  return jnp.max(x.reshape(blocked), axis=-1).reshape(-1)
+  return jnp.max(fold_last_axis(x.reshape(blocked), jnp.maximum), axis=-1).reshape(-1)
 
 
 def expand_blocks(block_values: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:

@@ -76,6 +76,7 @@ def _check_trust_args(learning_rate: Any, trust_scale: Any, reference_lr: Any, e
 # the blocked view of `float8.block_layout`) and no loop: under plain `jit` with a leaf sharded by `NamedSharding`
 # along any of its axes, XLA's SPMD partitioner reduces each device's part where it lies and all-reduces the scalars
 # (and per-block maxima where a block spans devices), as for `optax.lamb`; and each leaf compiles to a few fusions.
+# Large leaves are reduced in two stages (`float8.fold_last_axis`), so that XLA:CPU need not write their terms out.
 # (A leaf whose size is not a multiple of the block size is the exception: see `float8.block_maxima`.)
 
 
@@ -109,7 +110,7 @@ def _trust(param_total, update_total, n: int, lr, reference_lr, exponent):
 
 def clipped_layer_norm(x: jax.Array, eps: jax.Array | float) -> jax.Array:
   """The reference's layer norm: ``sqrt(sum(clip(x*x, eps, 1))) / N`` (N, not sqrt(N); N >= 1)."""
-  return _layer_norm_from_sum(jnp.sum(_trust_square(x, eps)), x.size)
+  return _layer_norm_from_sum(float8.leaf_sum(_trust_square(x, eps)), x.size)
 
 
 def _leaf_step(g, p, mu, nu, mu_scale, nu_scale, *, block_size, beta1, beta2, epsilon, lr=None, decay=None,
@@ -118,8 +119,8 @@ def _leaf_step(g, p, mu, nu, mu_scale, nu_scale, *, block_size, beta1, beta2, ep
   ``p=None``, of `scale_by_lamb16` / `scale_by_lamb16_blockwise` (the Adam direction alone).
 
   Returns the step (the update, or the direction) in g's dtype, the re-encoded moments and their new scales. XLA
-  fuses the element-wise maths into the outputs; XLA:CPU's reductions read their terms from leaf-sized temporaries
-  (12 to 20 bytes per parameter of the largest leaves, measured by benchmarks/update_bench.py).
+  fuses the element-wise maths into the outputs and into the first stage of each reduction (`float8.leaf_sum`,
+  `float8.block_maxima`).
   """
   if block_size is not None and g.size == 0:  # no blocks, no scales to update
     return jnp.zeros_like(g), mu, nu, mu_scale, nu_scale
@@ -131,8 +132,8 @@ def _leaf_step(g, p, mu, nu, mu_scale, nu_scale, *, block_size, beta1, beta2, ep
     p32 = p.astype(jnp.float32)
     u = u + decay * p32
   if block_size is None:
-    new_mu_scale = float8.scale_from_sum(jnp.sum(float8.clipped_square(m)), n, epsilon)
-    new_nu_scale = float8.scale_from_sum(jnp.sum(float8.clipped_square(v)), n, epsilon)
+    new_mu_scale = float8.scale_from_sum(float8.leaf_sum(float8.clipped_square(m)), n, epsilon)
+    new_nu_scale = float8.scale_from_sum(float8.leaf_sum(float8.clipped_square(v)), n, epsilon)
     new_mu, new_nu = float8.encode_momentum(m, new_mu_scale), float8.encode_variance(v, new_nu_scale)
   else:
     new_mu_scale = float8.block_scale(float8.block_maxima(jnp.abs(m), block_size), float8.MOMENTUM_TOP)
@@ -144,8 +145,8 @@ def _leaf_step(g, p, mu, nu, mu_scale, nu_scale, *, block_size, beta1, beta2, ep
   if p is None:
     step = u
   else:
-    trust = _trust(jnp.sum(_trust_square(p32, epsilon)), jnp.sum(_trust_square(u, epsilon)), n, lr, reference,
-                   exponent)
+    trust = _trust(float8.leaf_sum(_trust_square(p32, epsilon)), float8.leaf_sum(_trust_square(u, epsilon)), n, lr,
+                   reference, exponent)
     step = (-lr) * (trust * u)
   return step.astype(g.dtype), new_mu, new_nu, new_mu_scale, new_nu_scale
 
@@ -361,7 +362,7 @@ def scale_by_lamb16_trust_ratio(learning_rate: optax.ScalarOrSchedule, trust_sca
 
     def leaf_update(u, p):
       direction = u.astype(jnp.float32)
-      totals = (jnp.sum(_trust_square(x, epsilon)) for x in (p.astype(jnp.float32), direction))
+      totals = (float8.leaf_sum(_trust_square(x, epsilon)) for x in (p.astype(jnp.float32), direction))
       return (_trust(*totals, u.size, lr, reference, exponent) * direction).astype(u.dtype)
 
     return jax.tree.map(leaf_update, updates, params), _common.advance_schedule_state(state)

@@ -105,3 +105,21 @@ def test_stochastic_e5m2_is_the_spec_rounding_and_unbiased():
     assert abs(mean / value - 1) < 5 * relative_gap / 2 / np.sqrt(draws.size), (value, mean / value)
   # Rounded to nearest, the same draws would all be 1.22e-3, 6 % below.
   assert float(np.float32(1.3e-3).astype(ml_dtypes.float8_e5m2)) < 1.3e-3 * 0.97
+
+
+def test_two_stage_reductions_fold_large_leaves_and_keep_their_results():
+  """`leaf_sum` and `block_maxima` fold leaves of FOLD_MIN_SIZE elements or more in groups of adjacent elements of
+  the last axis (fewer under 8 devices, so that no group spans two of them), and not smaller ones; the block maxima
+  stay exact and the sums within a few ulps of the exactly rounded sum."""
+  from tests import reference
+  assert float8.FOLD_MIN_SIZE == 1 << 19 and jax.device_count() == 8
+  assert [float8._fold_width(n) for n in (1024, 512, 500, 1000, 641)] == [8, 8, 1, 1, 1]
+  rng = np.random.default_rng(5)
+  shape = (1024, 1024)
+  x = np.minimum((rng.standard_t(2, shape) * 10.0 ** rng.uniform(-6, 1, shape)) ** 2, 10).astype(np.float32)
+  assert jax.jit(lambda a: float8.fold_last_axis(a, jax.numpy.add))(x).shape == (1024, 128)
+  assert jax.jit(lambda a: float8.fold_last_axis(a, jax.numpy.add))(x[:256]).shape == (256, 1024)  # below the size
+  got, want = np.float32(jax.jit(float8.leaf_sum)(x)), reference.exact_sum(x)
+  assert abs(int(got.view(np.int32)) - int(want.view(np.int32))) <= 4, (got, want)
+  maxima = np.asarray(jax.jit(float8.block_maxima, static_argnums=1)(x, 256))
+  np.testing.assert_array_equal(maxima, x.reshape(-1, 256).max(1))

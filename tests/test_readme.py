@@ -1,5 +1,6 @@
 """The README's Python examples run as written and do what their comments say."""
 
+import importlib.util
 import pathlib
 import re
 import tempfile
@@ -94,3 +95,14 @@ def test_readme_block_runs_and_does_what_it_says(block, monkeypatch):
   monkeypatch.setattr(tempfile, "mkdtemp", recording_mkdtemp)
   exec(compile(block, str(README), "exec"), namespace)  # noqa: S102 - our own documentation
   checks[0](namespace)
+
+
+def test_readme_tables_are_rendered_from_the_committed_results():
+  """Benchmark tables are generated from docs/results/*.json (`python benchmarks/tables.py --readme`), never
+  copied by hand: each marked table is what the script renders now."""
+  spec = importlib.util.spec_from_file_location("tables", README.parent / "benchmarks" / "tables.py")
+  tables = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tables)
+  text = README.read_text()
+  assert re.findall(r"<!-- table:(\w+) -->", text), "the README marks no generated table"
+  assert tables.readme_with_tables(text) == text, "run `python benchmarks/tables.py --readme`"
