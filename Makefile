@@ -23,12 +23,12 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import optax_lamb16, mpi4jax, flax, orbax.checkpoint"
 	touch $(STAMP)
 
-# pytest exits 5 when no test is collected, which fails this target as it should. The in-process tests run on two
-# workers (mostly compilation, one core each); the multi-process and end-to-end ones (marked slow) one at a time,
-# since they start processes of their own and some of them time how fast a fault is noticed.
+# pytest exits 5 when no test is collected, which fails this target as it should. Two pytest-xdist workers (most of
+# the time is single-threaded compilation); the tests marked serial (the fault-tolerance ones time how fast a fault
+# is noticed) run alone afterwards.
 test: $(STAMP)
-	$(BUILD_ENV) $(PY) -m pytest -q -n 2 -m "not slow"
-	$(BUILD_ENV) $(PY) -m pytest -q -m slow
+	$(BUILD_ENV) $(PY) -m pytest -q -n 2 --dist worksteal -m "not serial"
+	$(BUILD_ENV) $(PY) -m pytest -q -m serial
 
 demo: $(STAMP)
 	$(PY) examples/mnist.py --train-samples 8192 --batch-size 512 --lr 0.01 --epochs 3 --out out/demo

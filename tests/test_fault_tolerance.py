@@ -22,6 +22,9 @@ import pytest
 from optax_lamb16.checkpointing import step_directories
 from tests.workers import soak_worker
 
+# They time how fast a fault is noticed: run alone (`make test` runs the serial tests after the others).
+pytestmark = pytest.mark.serial
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOAK = ROOT / "tests" / "workers" / "soak_worker.py"
 DEAD_WORKER_BOUND_S = 60  # the launcher must exit this soon after a worker dies

@@ -90,9 +90,9 @@ def test_malloc_modes():
   assert took.stdout.split()[-1] == "True"
 
 
-# Slow, so that it runs outside pytest-xdist: a warning raised in the revision's package (imported under another
+# Serial, so that it runs outside pytest-xdist: a warning raised in the revision's package (imported under another
 # module name) cannot be sent from a worker to the controller, which imports the warning's module by name.
-@pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.skipif(not (ROOT / ".git").exists(), reason="exchange_compute --against needs the git history")
 def test_a_step_is_timed_against_another_revision_of_the_package():
   """`exchange_compute.library_at` imports the package of a git revision beside the working tree's, and a `Runner`
