@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # pytest exits 5 when no test is collected, which fails this target as it should. Two pytest-xdist workers (most of
-# the time is single-threaded compilation); the tests marked serial (the fault-tolerance ones time how fast a fault
-# is noticed) run alone afterwards.
+# the time is single-threaded compilation); the tests marked serial run alone afterwards: the multi-process ones
+# already use both cores (run side by side they took longer), and the fault-tolerance ones time how fast a fault is
+# noticed.
 test: $(STAMP)
 	$(BUILD_ENV) $(PY) -m pytest -q -n 2 --dist worksteal -m "not serial"
 	$(BUILD_ENV) $(PY) -m pytest -q -m serial

@@ -21,6 +21,7 @@ WORKER = launch.ROOT / "tests" / "workers" / "resume_worker.py"
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.parametrize("backend", ["single_device", "shard_map", "jax_distributed"])
 def test_resume_in_a_new_process_is_bitwise_the_uninterrupted_run(backend, tmp_path):
   # Every optimizer, a save in each of its phases (0/1 Adam's between syncs too); params AND state compared.

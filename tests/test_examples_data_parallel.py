@@ -182,6 +182,7 @@ def test_data_parallel_example(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_multihost_example(tmp_path):
   completed = subprocess.run([sys.executable, str(ROOT / "examples" / "multihost.py"), "--processes", "2",
                               "--devices-per-process", "2", "--optimizers", "onebit_lamb", "--out", str(tmp_path),
@@ -191,6 +192,7 @@ def test_multihost_example(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.skipif(launch.mpirun_executable() is None, reason="no mpirun (install the `mpi` extra)")
 def test_mpi_example(tmp_path):
   launch.run_mpi(ROOT / "examples" / "mpi.py", ["--optimizers", "onebit_adam,zero_one_adam", "--out",

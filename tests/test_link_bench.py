@@ -21,6 +21,7 @@ def namespaces():
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"link_bench.py {WHY_NOT}")
 def test_driver_on_a_tiny_model(tmp_path):
   before = namespaces()
@@ -54,6 +55,7 @@ def test_links_are_parsed_and_bad_ones_rejected():
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.skipif(WHY_NOT is not None, reason=f"link_train.py {WHY_NOT}")
 def test_training_driver_on_a_few_steps(tmp_path):
   """benchmarks/link_train.py: MNIST training in the throttled namespace, the namespace deleted, JSON and table."""

@@ -19,6 +19,7 @@ def collect(directory: pathlib.Path, world: int) -> np.ndarray:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_two_jax_distributed_processes_match_one_process(tmp_path):
   launch.run_distributed(WORKER, ["--out", str(tmp_path), "--calls", str(CALLS), "--n", str(N)],
                          num_processes=2, devices_per_process=2)
@@ -28,6 +29,7 @@ def test_two_jax_distributed_processes_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.skipif(launch.mpirun_executable() is None, reason="no mpirun (install the `mpi` extra)")
 def test_mpirun_two_ranks_match_shard_map(tmp_path):
   launch.run_mpi(WORKER, ["--mpi", "--out", str(tmp_path), "--calls", str(CALLS), "--n", str(N)], num_ranks=2)

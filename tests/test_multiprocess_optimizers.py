@@ -30,12 +30,14 @@ def assert_same(directory, world, want):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_two_jax_distributed_processes_match_one_process(tmp_path):
   launch.run_distributed(WORKER, ["--out", str(tmp_path)], num_processes=2, devices_per_process=2)
   assert_same(tmp_path, 4, single_process(4))
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 @pytest.mark.skipif(launch.mpirun_executable() is None, reason="no mpirun (install the `mpi` extra)")
 def test_mpirun_two_ranks_match_shard_map(tmp_path):
   launch.run_mpi(WORKER, ["--mpi", "--out", str(tmp_path)], num_ranks=2)

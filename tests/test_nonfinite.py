@@ -24,11 +24,13 @@ def test_a_bad_gradient_on_one_rank_skips_the_step_everywhere(name, world):
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_across_jax_distributed_processes(tmp_path):
   launch.run_distributed(WORKER, ["--out", str(tmp_path)], num_processes=2, devices_per_process=2)
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_across_mpi_ranks(tmp_path):
   launch.run_mpi(WORKER, ["--out", str(tmp_path), "--mpi"], num_ranks=2)
 
