@@ -14,9 +14,6 @@ Prints a markdown table and writes JSON (with the device named).
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
-import platform
 import time
 
 import jax
@@ -24,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_lamb16
+import update_bench  # this folder's: the results' common fields
 
 OPTIMIZERS = {
     "optax.lamb": lambda: optax.lamb(1e-3, weight_decay=0.01),
@@ -78,16 +76,9 @@ def main():
     rows += [{"leaves": leaves, "optimizer": name, "compile_seconds": seconds, "vs_lamb": seconds / best["optax.lamb"]}
              for name, seconds in best.items()]
     print(markdown([r for r in rows if r["leaves"] == leaves]), flush=True)
-  device = jax.devices()[0]
-  machine = f"{device.platform.upper()} {device.device_kind}, {platform.processor() or platform.machine()}"
-  print(f"\njax {jax.__version__}, {machine}\n")
+  print(f"\njax {jax.__version__}, {update_bench.machine_name()}\n")
   print(markdown(rows))
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"jax": jax.__version__, "optax": optax.__version__, "device": machine,
-                             "width": WIDTH, "leaves_per_layer": len(LAYER), "repeats": args.repeats, "rows": rows},
-                            indent=1))
-  print(f"\nwrote {out}")
+  update_bench.write_results(args.out, rows, width=WIDTH, leaves_per_layer=len(LAYER), repeats=args.repeats)
 
 
 if __name__ == "__main__":

@@ -152,13 +152,23 @@ def main():
                time_vs_lamb16=r["median_seconds"] / lamb16["median_seconds"],
                of_peak_bandwidth=r["achieved_gbps"] / peak if peak else None)
     rows += size_rows
-  machine = f"{device.platform.upper()} {device.device_kind}, {platform.processor() or platform.machine()}"
-  print(f"jax {jax.__version__}, {machine}\n")
+  print(f"jax {jax.__version__}, {machine_name()}\n")
   print(markdown(rows))
-  out = pathlib.Path(args.out)
+  write_results(args.out, rows, peak_gbps=peak)
+
+
+def machine_name() -> str:
+  """The first device and the host's processor, as the results record them."""
+  device = jax.devices()[0]
+  return f"{device.platform.upper()} {device.device_kind}, {platform.processor() or platform.machine()}"
+
+
+def write_results(path: str, rows: list[dict], **metadata) -> None:
+  """Writes ``{"jax", "optax", "device", **metadata, "rows"}`` as JSON to `path` (docs/results/*.json)."""
+  out = pathlib.Path(path)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"jax": jax.__version__, "optax": optax.__version__, "device": machine,
-                             "peak_gbps": peak, "rows": rows}, indent=1))
+  out.write_text(json.dumps({"jax": jax.__version__, "optax": optax.__version__, "device": machine_name(),
+                             **metadata, "rows": rows}, indent=1))
   print(f"\nwrote {out}")
 
 
