@@ -43,10 +43,9 @@ class DataParallel:
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(self._axis))
     self._chosen: dict[str, Any] = {}  # fixed by `init`: the tx that runs, per-rank params, the jitted step
 
-  def _shard_map(self, f, in_specs, out_specs, check_vma=True):
+  def _shard_map(self, f, in_specs, out_specs):
     # Only the data axes are manual: other mesh axes (a "model" axis) stay with the compiler.
-    return jax.shard_map(f, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(self._axes),
-                         check_vma=check_vma)
+    return jax.shard_map(f, mesh=self.mesh, in_specs=in_specs, out_specs=out_specs, axis_names=frozenset(self._axes))
 
   def _plan(self, params: Any) -> tuple[optax.GradientTransformation, bool]:
     """(tx to run, params per rank?), read from `tx`'s state types and from whether its updates of local
@@ -84,10 +83,8 @@ class DataParallel:
     if per_rank:
       params = jax.tree.map(lambda p: jnp.broadcast_to(p, (self.world_size, *jnp.shape(p))), params)
     param_spec = PartitionSpec(self._axis) if per_rank else PartitionSpec()
-    init_local = lambda p: tx.init(self._mine(p, per_rank))
-    abstract = jax.eval_shape(self._shard_map(init_local, (param_spec,), PartitionSpec(), check_vma=False), params)
-    state_specs = sharding.state_partition_specs(abstract, self._axis)
-    opt_state = jax.jit(self._shard_map(init_local, (param_spec,), state_specs))(params)
+    opt_state, state_specs = sharding.init_laid_out(lambda p: tx.init(self._mine(p, per_rank)), params, self.mesh,
+                                                    self._axis, param_spec, frozenset(self._axes))
     if per_rank:
       params = jax.device_put(params, NamedSharding(self.mesh, param_spec))
     self._chosen.update(tx=tx, per_rank=per_rank, step=self._jitted_step(tx, per_rank, param_spec, state_specs))
@@ -170,10 +167,7 @@ def _data_axes(comm: Any, mesh: Mesh) -> tuple[str, ...]:
     raise TypeError(f"`comm` must be the name of a mesh axis (e.g. 'data') or a `comm.TwoLevel` of two mesh axes, got "
                     f"{comm!r}. An MPI communicator has no mesh: write the step with `jax.jit` and pass "
                     f"comm=MPI.COMM_WORLD to the optimizer (examples/mpi.py).")
-  missing = [a for a in axes if a not in mesh.axis_names]
-  if missing:
-    raise ValueError(f"comm={comm!r} names axis {missing[0]!r}, which the mesh lacks (its axes: "
-                     f"{tuple(mesh.axis_names)}). Pass the name of the mesh's data-parallel axis.")
+  sharding.check_mesh_axes(mesh, axes, f"comm={comm!r}")
   return axes
 
 

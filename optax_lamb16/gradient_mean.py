@@ -36,18 +36,18 @@ def compressed_mean(comm: Any) -> optax.GradientTransformationExtraArgs:
     >>> updates["w"].tolist()
     [-0.10000000149011612, 0.10000000149011612]
   """
-  comm_lib.as_communicator(comm)  # reject unknown types early
+  communicator = comm_lib.as_communicator(comm)  # rejects unknown types early
 
   def init_fn(params):
     _checks.check_float_leaves("params", params)
-    return compression.init_compressed_allreduce(params, comm)
+    return compression.init_compressed_allreduce(params, communicator)
 
   def update_fn(updates, state, params=None):
     _checks.check_float_leaves("updates", updates)
-    comm_lib.check_local_gradients(comm_lib.as_communicator(comm), updates)
+    comm_lib.check_local_gradients(communicator, updates)
     if params is not None:
       _checks.check_same_structure("updates", updates, "params", params)
-    return compression.compressed_allreduce(updates, state, comm)
+    return compression.compressed_allreduce(updates, state, communicator)
 
   return _common.extra_args_transform(init_fn, update_fn)
 
@@ -63,12 +63,12 @@ def uncompressed_mean(comm: Any) -> optax.GradientTransformationExtraArgs:
   Returns:
     A stateless `optax.GradientTransformationExtraArgs`; `update` ignores extra keyword arguments.
   """
-  comm_lib.as_communicator(comm)  # reject unknown types early
+  communicator = comm_lib.as_communicator(comm)  # rejects unknown types early
 
   def update_fn(updates, state, params=None):
     del params
     _checks.check_float_leaves("updates", updates)
-    comm_lib.check_local_gradients(comm_lib.as_communicator(comm), updates)
-    return compression.exact_mean(updates, comm), state
+    comm_lib.check_local_gradients(communicator, updates)
+    return compression.exact_mean(updates, communicator), state
 
   return _common.extra_args_transform(lambda params: optax.EmptyState(), update_fn)

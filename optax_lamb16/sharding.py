@@ -117,14 +117,30 @@ def sharded_init(tx: optax.GradientTransformation, params: Any, mesh: Mesh, axis
   Returns:
     The global optimizer state; `state_partition_specs(state, axis_name)` gives its specs for the train step.
   """
+  check_mesh_axes(mesh, axis_name, f"sharded_init: axis_name={axis_name!r}")
+  return init_laid_out(tx.init, params, mesh, axis_name, param_specs)[0]
+
+
+def check_mesh_axes(mesh: Mesh, axis_name: str | tuple[str, ...], given: str) -> None:
+  """Raises a ValueError naming the first of `axis_name`'s axes that `mesh` lacks, and the mesh's axes; `given`
+  says which argument named it."""
   names = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
   missing = [name for name in names if name not in mesh.axis_names]
   if missing:
-    raise ValueError(f"sharded_init: axis_name={axis_name!r} names axis {missing[0]!r}, which the mesh lacks (its "
-                     f"axes: {tuple(mesh.axis_names)}). Pass the mesh's data-parallel axis, as given to the "
-                     f"optimizer's `comm`.")
+    raise ValueError(f"{given} names axis {missing[0]!r}, which the mesh lacks (its axes: "
+                     f"{tuple(mesh.axis_names)}). Pass the mesh's data-parallel axis, as given to the optimizer's "
+                     f"`comm`.")
+
+
+def init_laid_out(init_fn: Any, params: Any, mesh: Mesh, axis_name: str | tuple[str, ...], param_specs: Any,
+                  manual_axes: frozenset | None = None) -> tuple[Any, Any]:
+  """``(state, specs)``: `init_fn(params)` run inside `shard_map` (manual over `manual_axes`, default all of the
+  mesh's), its per-rank leaves sharded over `axis_name`, and the state's `shard_map` specs."""
+  def shard_map(out_specs, check_vma=True):
+    kwargs = {} if manual_axes is None else dict(axis_names=manual_axes)
+    return jax.shard_map(init_fn, mesh=mesh, in_specs=(param_specs,), out_specs=out_specs, check_vma=check_vma,
+                         **kwargs)
+
   # Trace init once without output checks, only to learn the state's structure (and so its specs).
-  structure_only = jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=PartitionSpec(),
-                                 check_vma=False)
-  out_specs = state_partition_specs(jax.eval_shape(structure_only, params), axis_name)
-  return jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=(param_specs,), out_specs=out_specs))(params)
+  specs = state_partition_specs(jax.eval_shape(shard_map(PartitionSpec(), check_vma=False), params), axis_name)
+  return jax.jit(shard_map(specs))(params), specs
