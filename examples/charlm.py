@@ -230,7 +230,8 @@ def make_evaluator(graphdef, inputs: np.ndarray, targets: np.ndarray, batch_size
 # Training
 
 
-def _finite_or_none(value: float) -> float | None:
+def finite_or_none(value: float) -> float | None:
+  """A float for JSON, None for inf and NaN (a diverged run)."""
   return float(value) if math.isfinite(value) else None
 
 
@@ -257,7 +258,7 @@ def train_one(name: str, lr: float, args, train: np.ndarray, val_windows, steps:
 
   def log_eval(step: int) -> float:
     bits = evaluate(params)
-    val_curve.append([step, _finite_or_none(bits)])
+    val_curve.append([step, finite_or_none(bits)])
     if name in FLOAT8_OPTIMIZERS:
       health.append([step, {key: float(value) for key, value in float8_health(opt_state).items()}])
     return bits
@@ -289,7 +290,7 @@ def train_one(name: str, lr: float, args, train: np.ndarray, val_windows, steps:
       "seed": args.seed, "final_val_bits_per_byte": final if not diverged else None, "diverged": diverged,
       "state_bytes_per_param": state_bytes / num_params, "optimizer_state_bytes": state_bytes,
       "num_params": num_params, "val_curve": val_curve,
-      "train_bits_per_byte_curve": [[int(w[-1]) + 1, _finite_or_none(train_losses[w].mean())] for w in windows
+      "train_bits_per_byte_curve": [[int(w[-1]) + 1, finite_or_none(train_losses[w].mean())] for w in windows
                                     if len(w)],
       "seconds": round(seconds, 2), "seconds_per_step": round(seconds / max(step, 1), 4),
   }

@@ -171,7 +171,7 @@ def train_one(name: str, mode: str, lr: float, schedule: str, seed: int, args, m
     train_bits.append(float(loss_value) / math.log(2))
     if step % args.eval_every == 0 or step == args.steps:
       bits = evaluate(dp.unstack_params(params))
-      val_curve.append([step, _finite_or_none(bits)])
+      val_curve.append([step, charlm.finite_or_none(bits)])
       print(f"  {name} {mode} lr {lr:g} {schedule} seed {seed}: step {step}, validation {bits:.4f} bits/byte",
             flush=True)
       if not math.isfinite(bits):
@@ -190,14 +190,10 @@ def train_one(name: str, mode: str, lr: float, schedule: str, seed: int, args, m
       "mask_zero_variance": (not args.no_mask_zero_variance) if name not in EXACT + ("lamb16_1bit",) else None,
       "weight_decay": args.weight_decay, "devices": dp.world_size, "batch_size": args.batch_size,
       "d_model": args.d_model, "layers": args.layers, "num_params": num_params, "val_curve": val_curve,
-      "train_bits_per_byte_curve": [[int(w[-1]) + 1, _finite_or_none(np.mean([train_bits[i] for i in w]))]
+      "train_bits_per_byte_curve": [[int(w[-1]) + 1, charlm.finite_or_none(np.mean([train_bits[i] for i in w]))]
                                     for w in windows if len(w)],
       "seconds": round(time.perf_counter() - started, 1),
   }
-
-
-def _finite_or_none(value) -> float | None:
-  return float(value) if math.isfinite(value) else None
 
 
 def planned_runs(args) -> list[tuple[str, str, float, str, int]]:
