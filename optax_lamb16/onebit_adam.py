@@ -174,8 +174,9 @@ def onebit_adam(learning_rate: optax.ScalarOrSchedule, *, comm: Any, freeze_step
     compression itself cost nothing measurable there (the faithful rule without it, freeze_step beyond the run,
     ended at 2.76 at lr 3e-4 with a warm-up): the update rule, not the 1-bit exchange, is what needs the care.
 
-  Static under `optax.inject_hyperparams`: `comm`, `freeze_step` (pass them via ``static_args``) and the string
-  `mode` (optax never injects strings); numeric ``learning_rate, b1, b2, eps, weight_decay`` may be injected.
+  Under `optax.inject_hyperparams`, `comm` and the string `mode` stay static (optax injects neither); the numeric
+  hyperparameters may be injected, `freeze_step` included (the phase switch compares the step with it in the
+  jitted update).
 
   Example:
     >>> import jax.numpy as jnp, optax, optax_lamb16
