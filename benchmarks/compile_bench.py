@@ -6,7 +6,7 @@ compiled executable (tracing, lowering and XLA's compilation, as a training scri
 best of `--repeats` fresh compilations (JAX's caches cleared between them), and its ratio to optax.lamb's in the same
 run. The optimizers are interleaved, so that a slow spell of a shared machine hits them all alike.
 
-  python benchmarks/compile_bench.py [--leaves 24,96,384] [--repeats 2] [--out docs/results/compile_time.json]
+  python -m benchmarks.compile_bench [--leaves 24,96,384] [--repeats 2] [--out docs/results/compile_time.json]
 
 Prints a markdown table and writes JSON (with the device named).
 """
@@ -21,27 +21,46 @@ import jax.numpy as jnp
 import optax
 
 import optax_lamb16
-import update_bench  # this folder's: the results' common fields
+from benchmarks import update_bench  # the results' common fields
 
 OPTIMIZERS = {
-    "optax.lamb": lambda: optax.lamb(1e-3, weight_decay=0.01),
-    "optax_lamb16.lamb16": lambda: optax_lamb16.lamb16(1e-3, weight_decay=0.01),
-    "optax_lamb16.lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-3, weight_decay=0.01),
-    "lamb16_blockwise, stochastic v": lambda: optax_lamb16.lamb16_blockwise(1e-3, weight_decay=0.01,
-                                                                           stochastic_rounding=True),
+  "optax.lamb": lambda: optax.lamb(1e-3, weight_decay=0.01),
+  "optax.adamw": lambda: optax.adamw(1e-3, weight_decay=0.01),
+  "optax_lamb16.adamw16": lambda: optax_lamb16.adamw16(1e-3, weight_decay=0.01),
+  "optax_lamb16.lamb16": lambda: optax_lamb16.lamb16(1e-3, weight_decay=0.01),
+  "optax_lamb16.lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-3, weight_decay=0.01),
+  "lamb16_blockwise, stochastic v": lambda: optax_lamb16.lamb16_blockwise(
+    1e-3, weight_decay=0.01, stochastic_rounding=True
+  ),
 }
+# The default run, docs/results/compile_time.json; AdamW16's against optax.adamw is docs/results/adamw16_compile.json.
+DEFAULT = ("optax.lamb", "optax_lamb16.lamb16", "optax_lamb16.lamb16_blockwise", "lamb16_blockwise, stochastic v")
 WIDTH = 256
 LAYER = {  # name: shape, as width multiples: 12 leaves per layer
-    "ln1_scale": (1,), "ln1_bias": (1,), "qkv": (1, 3), "qkv_bias": (3,), "out": (1, 1), "out_bias": (1,),
-    "ln2_scale": (1,), "ln2_bias": (1,), "mlp_in": (1, 4), "mlp_in_bias": (4,), "mlp_out": (4, 1), "mlp_out_bias": (1,),
+  "ln1_scale": (1,),
+  "ln1_bias": (1,),
+  "qkv": (1, 3),
+  "qkv_bias": (3,),
+  "out": (1, 1),
+  "out_bias": (1,),
+  "ln2_scale": (1,),
+  "ln2_bias": (1,),
+  "mlp_in": (1, 4),
+  "mlp_in_bias": (4,),
+  "mlp_out": (4, 1),
+  "mlp_out_bias": (1,),
 }
 
 
 def make_tree(leaves: int) -> dict:
   """Abstract params (shapes only: compilation needs no values) of ``leaves // 12`` layers."""
   layers = leaves // len(LAYER)
-  return {f"layer_{i}": {name: jax.ShapeDtypeStruct(tuple(WIDTH * d for d in dims), jnp.float32)
-                         for name, dims in LAYER.items()} for i in range(layers)}
+  return {
+    f"layer_{i}": {
+      name: jax.ShapeDtypeStruct(tuple(WIDTH * d for d in dims), jnp.float32) for name, dims in LAYER.items()
+    }
+    for i in range(layers)
+  }
 
 
 def compile_seconds(make, params) -> float:
@@ -64,17 +83,26 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--leaves", default="24,96,384")
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument(
+    "--optimizers", default=",".join(DEFAULT), help="comma-separated names of OPTIMIZERS, optax.lamb among them"
+  )
   parser.add_argument("--out", default="docs/results/compile_time.json")
   args = parser.parse_args()
+  names = args.optimizers.split(",")
+  if "optax.lamb" not in names or any(name not in OPTIMIZERS for name in names):
+    parser.error(f"--optimizers must name optax.lamb and only optimizers of {list(OPTIMIZERS)}")
   rows = []
   for leaves in (int(x) for x in args.leaves.split(",")):
     params = make_tree(leaves)
-    best = {name: float("inf") for name in OPTIMIZERS}
+    best = dict.fromkeys(names, float("inf"))
     for _ in range(args.repeats):
-      for name, make in OPTIMIZERS.items():
-        best[name] = min(best[name], compile_seconds(make, params))
-    rows += [{"leaves": leaves, "optimizer": name, "compile_seconds": seconds, "vs_lamb": seconds / best["optax.lamb"]}
-             for name, seconds in best.items()]
+      for name in names:
+        best[name] = min(best[name], compile_seconds(OPTIMIZERS[name], params))
+    for name, seconds in best.items():
+      row = {"leaves": leaves, "optimizer": name, "compile_seconds": seconds, "vs_lamb": seconds / best["optax.lamb"]}
+      if "optax.adamw" in best:
+        row["vs_adamw"] = seconds / best["optax.adamw"]
+      rows.append(row)
     print(markdown([r for r in rows if r["leaves"] == leaves]), flush=True)
   print(f"\njax {jax.__version__}, {update_bench.machine_name()}\n")
   print(markdown(rows))

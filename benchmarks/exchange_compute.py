@@ -5,7 +5,7 @@ Each configuration runs as ONE rank of a P-rank job whose collectives are simula
 so the time is what the exchange computes (packing, error feedback, unpacking, scales, flatten and unflatten), with
 no network. `optax.adam`'s step on the same tree is timed alongside, in interleaved rounds, as the yardstick.
 
-  python benchmarks/exchange_compute.py [--size 4M] [--ranks 8] [--repeats 20] [--malloc reuse|system]
+  python -m benchmarks.exchange_compute [--size 4M] [--ranks 8] [--repeats 20] [--malloc reuse|system]
                                        [--against REVISION] [--out docs/results/exchange_compute.json]
 
 Prints a markdown table and writes JSON (with the device named, and each step's page faults per call). Each call is
@@ -26,7 +26,7 @@ import argparse
 import atexit
 import ctypes
 import ctypes.util
-import importlib
+import importlib.util
 import json
 import pathlib
 import platform
@@ -39,14 +39,15 @@ import sys
 import tempfile
 import time
 import types
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import optax
 
 import optax_lamb16
-import update_bench
-from update_bench import make_tree
+from benchmarks import update_bench
+from benchmarks.update_bench import make_tree
 
 SIZES = {**update_bench.SIZES, "tiny": (1, (8, 8), 2, 16)}  # tiny: for the tests of the benchmarks' drivers
 
@@ -67,6 +68,7 @@ class Step(NamedTuple):
   another revision's: `library_at`); `in_phase(state)` says whether the next update
   runs the phase the row names (None: one phase only; the runner steps until it holds); `per_rank_params`: the
   params differ per rank (0/1 Adam), so a multi-rank run lays them out per rank."""
+
   make: Callable[[Any, Any], optax.GradientTransformation]
   in_phase: Callable[[Any], bool] | None = None
   per_rank_params: bool = False
@@ -80,30 +82,36 @@ def _zero_one(lib, comm, **kwargs):
 _ZERO_ONE_FROZEN = dict(var_freeze_step=2, local_step_scaler=1)
 
 STEPS = {
-    "optax.adam": Step(lambda lib, comm: optax.adam(1e-3)),
-    "exact per-leaf mean + optax.adam": Step(lambda lib, comm: optax.chain(per_leaf_mean(lib, comm),
-                                                                           optax.adam(1e-3))),
-    "exact flat mean + optax.adam": Step(lambda lib, comm: optax.chain(lib.uncompressed_mean(comm),
-                                                                       optax.adam(1e-3))),
-    "compressed_mean": Step(lambda lib, comm: lib.compressed_mean(comm)),
-    "onebit_adam, warm-up": Step(lambda lib, comm: lib.onebit_adam(1e-3, comm=comm, freeze_step=10),
-                                 lambda s: _next_t(s[0]) <= 10),
-    "onebit_adam, compression": Step(lambda lib, comm: lib.onebit_adam(1e-3, comm=comm, freeze_step=2),
-                                     lambda s: _next_t(s[0]) > 2),
-    # Not frozen, and not a variance step (the variance interval doubles after every variance step: scaler 1).
-    "zero_one_adam, compressed step": Step(
-        lambda lib, comm: _zero_one(lib, comm, var_freeze_step=100, var_update_scaler=1),
-        lambda s: not bool(s.frozen) and _next_t(s) % int(s.var_interval) != 0, per_rank_params=True),
-    "zero_one_adam, local step": Step(
-        lambda lib, comm: _zero_one(lib, comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
-        lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) != 0, per_rank_params=True),
-    "zero_one_adam, sync step": Step(
-        lambda lib, comm: _zero_one(lib, comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
-        lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) == 0 and int(
-            s.local_step_interval) > 1, per_rank_params=True),
-    "onebit_lamb, compression": Step(lambda lib, comm: lib.onebit_lamb(1e-3, comm=comm, freeze_step=2),
-                                     lambda s: _next_t(s) > 2),
-    "compressed_mean + lamb16": Step(lambda lib, comm: optax.chain(lib.compressed_mean(comm), lib.lamb16(1e-3))),
+  "optax.adam": Step(lambda lib, comm: optax.adam(1e-3)),
+  "exact per-leaf mean + optax.adam": Step(lambda lib, comm: optax.chain(per_leaf_mean(lib, comm), optax.adam(1e-3))),
+  "exact flat mean + optax.adam": Step(lambda lib, comm: optax.chain(lib.uncompressed_mean(comm), optax.adam(1e-3))),
+  "compressed_mean": Step(lambda lib, comm: lib.compressed_mean(comm)),
+  "onebit_adam, warm-up": Step(
+    lambda lib, comm: lib.onebit_adam(1e-3, comm=comm, freeze_step=10), lambda s: _next_t(s[0]) <= 10
+  ),
+  "onebit_adam, compression": Step(
+    lambda lib, comm: lib.onebit_adam(1e-3, comm=comm, freeze_step=2), lambda s: _next_t(s[0]) > 2
+  ),
+  # Not frozen, and not a variance step (the variance interval doubles after every variance step: scaler 1).
+  "zero_one_adam, compressed step": Step(
+    lambda lib, comm: _zero_one(lib, comm, var_freeze_step=100, var_update_scaler=1),
+    lambda s: not bool(s.frozen) and _next_t(s) % int(s.var_interval) != 0,
+    per_rank_params=True,
+  ),
+  "zero_one_adam, local step": Step(
+    lambda lib, comm: _zero_one(lib, comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
+    lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) != 0,
+    per_rank_params=True,
+  ),
+  "zero_one_adam, sync step": Step(
+    lambda lib, comm: _zero_one(lib, comm, **_ZERO_ONE_FROZEN, local_step_clipper=16),
+    lambda s: bool(s.frozen) and _next_t(s) % int(s.local_step_interval) == 0 and int(s.local_step_interval) > 1,
+    per_rank_params=True,
+  ),
+  "onebit_lamb, compression": Step(
+    lambda lib, comm: lib.onebit_lamb(1e-3, comm=comm, freeze_step=2), lambda s: _next_t(s) > 2
+  ),
+  "compressed_mean + lamb16": Step(lambda lib, comm: optax.chain(lib.compressed_mean(comm), lib.lamb16(1e-3))),
 }
 MAX_PHASE_STEPS = 64
 
@@ -135,8 +143,9 @@ class Continuing:
   def take(self):
     """The next call's (params, state), ready before the clock starts; pass its outputs to `give`."""
     inputs, self.current = self.current, None
-    return jax.block_until_ready(jax.tree.map(lambda phase, now: phase.copy() if phase.ndim == 0 else now,
-                                              self.phase, inputs))
+    return jax.block_until_ready(
+      jax.tree.map(lambda phase, now: phase.copy() if phase.ndim == 0 else now, self.phase, inputs)
+    )
 
   def give(self, outputs):
     self.current = outputs
@@ -196,8 +205,9 @@ def set_malloc(mode: str) -> bool:
   m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # glibc's <malloc.h>
   try:
     mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    took = all(mallopt(option, value) for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1),
-                                                             (m_arena_max, 1)))
+    took = all(
+      mallopt(option, value) for option, value in ((m_mmap_max, 0), (m_trim_threshold, 2**31 - 1), (m_arena_max, 1))
+    )
   except (OSError, AttributeError, TypeError):
     took = False
   if not took:
@@ -214,8 +224,9 @@ def library_at(revision: str) -> types.ModuleType:
   commit = git("rev-parse", "--short", revision).decode().strip()
   name = f"optax_lamb16_at_{commit}"
   if name not in sys.modules:
-    paths = [path.decode() for path in git("ls-tree", "-r", "-z", "--name-only", commit, "optax_lamb16").split(b"\0")
-             if path]
+    paths = [
+      path.decode() for path in git("ls-tree", "-r", "-z", "--name-only", commit, "optax_lamb16").split(b"\0") if path
+    ]
     if not paths:
       raise SystemExit(f"--against {revision}: commit {commit} has no optax_lamb16/ package to time.")
     directory = pathlib.Path(tempfile.mkdtemp(prefix=name))
@@ -227,7 +238,13 @@ def library_at(revision: str) -> types.ModuleType:
       target = directory / name / pathlib.PurePosixPath(path).relative_to("optax_lamb16")
       target.parent.mkdir(parents=True, exist_ok=True)
       target.write_bytes(content)
-    sys.path.insert(0, str(directory))
+    # Imported from its directory by location: its own absolute imports resolve through the package in sys.modules.
+    spec = importlib.util.spec_from_file_location(
+      name, directory / name / "__init__.py", submodule_search_locations=[str(directory / name)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
   return importlib.import_module(name)
 
 
@@ -244,14 +261,26 @@ def measure(size, ranks, repeats, rounds, against=None):
   for name, step in STEPS.items():
     runners.append(Runner(name, step, comm, params, grads))
     if base is not None and name != "optax.adam":
-      runners.append(Runner(f"{name} @ {base.__name__.removeprefix('optax_lamb16_at_')}", step,
-                            base.comm.SimulatedRanks(ranks), params, grads, base))
+      runners.append(
+        Runner(
+          f"{name} @ {base.__name__.removeprefix('optax_lamb16_at_')}",
+          step,
+          base.comm.SimulatedRanks(ranks),
+          params,
+          grads,
+          base,
+        )
+      )
   for _ in range(rounds):
     for runner in runners:
       runner.run(max(1, repeats // rounds))
   num_params = sum(x.size for x in jax.tree.leaves(params))
-  return (num_params, {r.name: statistics.median(r.times) for r in runners}, {r.name: r.temp_bytes for r in runners},
-          {r.name: statistics.mean(r.faults) for r in runners})
+  return (
+    num_params,
+    {r.name: statistics.median(r.times) for r in runners},
+    {r.name: r.temp_bytes for r in runners},
+    {r.name: statistics.mean(r.faults) for r in runners},
+  )
 
 
 def machine_name():
@@ -265,30 +294,62 @@ def main():
   parser.add_argument("--ranks", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=20)
   parser.add_argument("--rounds", type=int, default=5)
-  parser.add_argument("--malloc", default="reuse", choices=MALLOC_CHOICES,
-                      help="reuse: glibc keeps freed memory for reuse (see `set_malloc`); system: glibc's defaults")
-  parser.add_argument("--against", metavar="REVISION",
-                      help="also time every step with the package as committed at this git revision (e.g. HEAD~1), "
-                           "interleaved in the same rounds: a change's effect, free of the machine's drift")
+  parser.add_argument(
+    "--malloc",
+    default="reuse",
+    choices=MALLOC_CHOICES,
+    help="reuse: glibc keeps freed memory for reuse (see `set_malloc`); system: glibc's defaults",
+  )
+  parser.add_argument(
+    "--against",
+    metavar="REVISION",
+    help="also time every step with the package as committed at this git revision (e.g. HEAD~1), "
+    "interleaved in the same rounds: a change's effect, free of the machine's drift",
+  )
   parser.add_argument("--out", default="docs/results/exchange_compute.json")
   args = parser.parse_args()
   set_malloc(args.malloc)
   num_params, medians, temps, faults = measure(args.size, args.ranks, args.repeats, args.rounds, args.against)
   adam = medians["optax.adam"]
-  rows = [{"step": name, "median_seconds": seconds, "vs_adam": seconds / adam, "xla_temp_bytes": temps[name],
-           "page_faults_per_call": faults[name]} for name, seconds in medians.items()]
-  print(f"jax {jax.__version__}, {machine_name()}; {num_params / 1e6:.1f}M params, {args.ranks} simulated ranks, "
-        f"malloc {args.malloc}" + (f", against {args.against}" if args.against else "") + "\n")
-  print("| step (one rank, compute only) | median ms | vs optax.adam | XLA temp MB | page faults per call |\n"
-        "|---|---:|---:|---:|---:|")
+  rows = [
+    {
+      "step": name,
+      "median_seconds": seconds,
+      "vs_adam": seconds / adam,
+      "xla_temp_bytes": temps[name],
+      "page_faults_per_call": faults[name],
+    }
+    for name, seconds in medians.items()
+  ]
+  print(
+    f"jax {jax.__version__}, {machine_name()}; {num_params / 1e6:.1f}M params, {args.ranks} simulated ranks, "
+    f"malloc {args.malloc}" + (f", against {args.against}" if args.against else "") + "\n"
+  )
+  print(
+    "| step (one rank, compute only) | median ms | vs optax.adam | XLA temp MB | page faults per call |\n"
+    "|---|---:|---:|---:|---:|"
+  )
   for r in rows:
-    print(f"| {r['step']} | {r['median_seconds'] * 1e3:.2f} | {r['vs_adam']:.2f}x | {r['xla_temp_bytes'] / 1e6:.1f} | "
-          f"{r['page_faults_per_call']:,.0f} |")
+    print(
+      f"| {r['step']} | {r['median_seconds'] * 1e3:.2f} | {r['vs_adam']:.2f}x | {r['xla_temp_bytes'] / 1e6:.1f} | "
+      f"{r['page_faults_per_call']:,.0f} |"
+    )
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"jax": jax.__version__, "device": machine_name(), "num_params": num_params,
-                             "ranks": args.ranks, "malloc": args.malloc, "against": args.against, "rows": rows},
-                            indent=1))
+  out.write_text(
+    json.dumps(
+      {
+        "jax": jax.__version__,
+        "device": machine_name(),
+        "num_params": num_params,
+        "ranks": args.ranks,
+        "malloc": args.malloc,
+        "against": args.against,
+        "rows": rows,
+      },
+      indent=1,
+    )
+  )
   print(f"\nwrote {out}")
 
 

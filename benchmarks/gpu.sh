@@ -20,9 +20,9 @@ device = jax.devices()[0]
 print(f"jax {jax.__version__} on {device.platform}: {device.device_kind}")
 if device.platform != "gpu":
   raise SystemExit("benchmarks/gpu.sh: no GPU visible to jax (jax.devices() is on "
-                   f"{device.platform}); install jax with CUDA, or run benchmarks/update_bench.py for CPU numbers.")
+                   f"{device.platform}); install jax with CUDA, or run python -m benchmarks.update_bench for CPU numbers.")
 PY
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv || true
-timeout 240 python benchmarks/update_bench.py --sizes 4M,50M --repeats 40 --out "$out/update_bench.json"
-timeout 150 python benchmarks/exchange_compute.py --size 50M --ranks 8 --repeats 20 --out "$out/exchange_compute.json"
+timeout 240 python -m benchmarks.update_bench --sizes 4M,50M --repeats 40 --out "$out/update_bench.json"
+timeout 150 python -m benchmarks.exchange_compute --size 50M --ranks 8 --repeats 20 --out "$out/exchange_compute.json"
 echo "wrote $out/update_bench.json and $out/exchange_compute.json"

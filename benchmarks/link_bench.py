@@ -1,7 +1,7 @@
 """Step time of exact and 1-bit data-parallel training over throttled links: P `jax.distributed` processes, one CPU
 device each, in a network namespace whose loopback is shaped with `tc ... tbf`.
 
-  sudo python benchmarks/link_bench.py [--size 4M] [--processes 2] [--links unthrottled,1gbit,100mbit]
+  sudo python -m benchmarks.link_bench [--size 4M] [--processes 2] [--links unthrottled,1gbit,100mbit]
                                        [--steps 5] [--out docs/results/link_bench.json]
 
 With `--devices-per-process L` each process is a host of L CPU devices and the 1-bit steps run over
@@ -52,8 +52,10 @@ def parse_link(link: str) -> tuple[str | None, str | None]:
   rate, _, delay = link.partition("+")
   rate = None if rate == "unthrottled" else rate
   if rate is not None and rate not in RATES:
-    raise SystemExit(f"--links: unknown rate {rate!r} in {link!r}; use unthrottled or one of {sorted(RATES)}, "
-                     f"optionally with +DELAY (e.g. 1gbit+1ms).")
+    raise SystemExit(
+      f"--links: unknown rate {rate!r} in {link!r}; use unthrottled or one of {sorted(RATES)}, "
+      f"optionally with +DELAY (e.g. 1gbit+1ms)."
+    )
   return rate, delay or None
 
 
@@ -65,11 +67,30 @@ def shape_link(rate: str | None, delay: str | None) -> None:
   if rate is None:
     subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", delay], check=True)
     return
-  subprocess.run(["tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "tbf", "rate", rate, "burst", "64kb",
-                  "latency", "50ms"], check=True)
+  subprocess.run(
+    [
+      "tc",
+      "qdisc",
+      "add",
+      "dev",
+      "lo",
+      "root",
+      "handle",
+      "1:",
+      "tbf",
+      "rate",
+      rate,
+      "burst",
+      "64kb",
+      "latency",
+      "50ms",
+    ],
+    check=True,
+  )
   if delay is not None:
-    subprocess.run(["tc", "qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:", "netem", "delay", delay],
-                   check=True)
+    subprocess.run(
+      ["tc", "qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:", "netem", "delay", delay], check=True
+    )
 
 
 def tx_bytes() -> int:
@@ -78,20 +99,26 @@ def tx_bytes() -> int:
 
 # ---------------------------------------------------------------------------------------------------------- worker
 
+
 def worker(args) -> None:
   """One process of the job: times every configuration on every link; process 0 writes the results."""
   if args.cores:  # before jax starts: XLA sizes its thread pools to the cores this process may run on
     os.sched_setaffinity(0, [int(core) for core in args.cores.split(",")])
   import jax
-  jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.processes, process_id=args.process_id)
-  import numpy as np
-  from jax.experimental import multihost_utils
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
-  sys.path.insert(0, str(HERE))
-  import exchange_compute
+  address = f"127.0.0.1:{args.port}"  # also where the coordinator listens: it has no authentication
+  jax.distributed.initialize(
+    address, num_processes=args.processes, process_id=args.process_id, coordinator_bind_address=address
+  )
+  import numpy as np
   import optax
+  from jax.experimental import multihost_utils
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
   import optax_lamb16
+  from benchmarks import exchange_compute
+
   exchange_compute.set_malloc(args.malloc)
 
   world = jax.device_count()
@@ -102,14 +129,18 @@ def worker(args) -> None:
     mesh = jax.sharding.Mesh(devices, ("hosts", "local"), axis_types=(AxisType.Auto,) * 2)
     comm, data = optax_lamb16.comm.TwoLevel(fast="local", slow="hosts"), ("hosts", "local")
   params = jax.tree.map(np.asarray, exchange_compute.make_tree(exchange_compute.SIZES[args.size], jax.random.key(0)))
-  grads = [jax.tree.map(np.asarray, exchange_compute.make_tree(exchange_compute.SIZES[args.size],
-                                                               jax.random.key(1 + rank), scale=0.01))
-           for rank in range(world)]
+  grads = [
+    jax.tree.map(
+      np.asarray, exchange_compute.make_tree(exchange_compute.SIZES[args.size], jax.random.key(1 + rank), scale=0.01)
+    )
+    for rank in range(world)
+  ]
   stacked_grads = jax.tree.map(lambda *g: np.stack(g), *grads)
 
   def put(tree, spec):
-    return jax.tree.map(lambda a: jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec),
-                                                               lambda index: a[index]), tree)
+    return jax.tree.map(
+      lambda a: jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda index: a[index]), tree
+    )
 
   global_grads = put(stacked_grads, P(data))
 
@@ -119,8 +150,9 @@ def worker(args) -> None:
       tx = step.make(optax_lamb16, comm)
       per_rank = step.per_rank_params
       param_spec = P(data) if per_rank else P()
-      self.params = put(jax.tree.map(lambda p: np.broadcast_to(p, (world, *p.shape)), params) if per_rank
-                        else params, param_spec)
+      self.params = put(
+        jax.tree.map(lambda p: np.broadcast_to(p, (world, *p.shape)), params) if per_rank else params, param_spec
+      )
       mine = (lambda p: jax.tree.map(lambda a: a[0], p)) if per_rank else (lambda p: p)
       ours = (lambda p: jax.tree.map(lambda a: a[None], p)) if per_rank else (lambda p: p)
       local_init = optax.GradientTransformation(lambda p: tx.init(mine(p)), tx.update)
@@ -133,10 +165,13 @@ def worker(args) -> None:
         return ours(optax.apply_updates(local, updates)), state
 
       # Params and state donated, as a training loop donates them (see `exchange_compute`).
-      self.step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(param_spec, specs, P(data)),
-                                        out_specs=(param_spec, specs)), donate_argnums=(0, 1))
-      self.inputs = exchange_compute.Continuing(exchange_compute.bring_into_phase(
-          name, step, self.step, self.params, state, global_grads))
+      self.step = jax.jit(
+        jax.shard_map(local_step, mesh=mesh, in_specs=(param_spec, specs, P(data)), out_specs=(param_spec, specs)),
+        donate_argnums=(0, 1),
+      )
+      self.inputs = exchange_compute.Continuing(
+        exchange_compute.bring_into_phase(name, step, self.step, self.params, state, global_grads)
+      )
 
     def call(self):
       """One step of this phase, from the previous step's outputs (`exchange_compute.Continuing`); returns its
@@ -163,20 +198,32 @@ def worker(args) -> None:
     for runner in runners:
       runner.time(link, args.steps)
       if args.process_id == 0:
-        print(f"{link:>12} {runner.name:<36} {runner.times[link] * 1e3:10.1f} ms {runner.bytes[link] / 1e6:8.3f} MB",
-              flush=True)
+        print(
+          f"{link:>12} {runner.name:<36} {runner.times[link] * 1e3:10.1f} ms {runner.bytes[link] / 1e6:8.3f} MB",
+          flush=True,
+        )
   if args.process_id == 0:
     shape_link(None, None)
     num_params = sum(a.size for a in jax.tree.leaves(params))
-    pathlib.Path(args.worker_out).write_text(json.dumps({
-        "num_params": int(num_params), "processes": args.processes, "devices": world,
-        "devices_per_process": args.devices_per_process,
-        "rows": [{"step": r.name, "seconds": r.times, "wire_bytes_per_step": r.bytes,
-                  "page_faults_per_step": r.faults} for r in runners]}))
+    pathlib.Path(args.worker_out).write_text(
+      json.dumps(
+        {
+          "num_params": int(num_params),
+          "processes": args.processes,
+          "devices": world,
+          "devices_per_process": args.devices_per_process,
+          "rows": [
+            {"step": r.name, "seconds": r.times, "wire_bytes_per_step": r.bytes, "page_faults_per_step": r.faults}
+            for r in runners
+          ],
+        }
+      )
+    )
   jax.distributed.shutdown()
 
 
 # ---------------------------------------------------------------------------------------------------------- driver
+
 
 def free_port() -> int:
   with socket.socket() as s:
@@ -201,8 +248,12 @@ def namespaces_available() -> str | None:
 
 def netem_available(namespace: str) -> bool:
   inside = ["ip", "netns", "exec", namespace]
-  ok = subprocess.run([*inside, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
-                      capture_output=True).returncode == 0
+  ok = (
+    subprocess.run(
+      [*inside, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"], capture_output=True
+    ).returncode
+    == 0
+  )
   subprocess.run([*inside, "tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)
   return ok
 
@@ -215,10 +266,12 @@ def process_cores(process_id: int, cores_per_process: int) -> list[int]:
   available = sorted(os.sched_getaffinity(0))
   first = process_id * cores_per_process
   if first + cores_per_process > len(available):
-    raise SystemExit(f"--cores-per-process {cores_per_process}: process {process_id} needs cores {first}.."
-                     f"{first + cores_per_process - 1} but {len(available)} are available; pass a smaller value, or 0 "
-                     f"to let the processes share the cores.")
-  return available[first:first + cores_per_process]
+    raise SystemExit(
+      f"--cores-per-process {cores_per_process}: process {process_id} needs cores {first}.."
+      f"{first + cores_per_process - 1} but {len(available)} are available; pass a smaller value, or 0 "
+      f"to let the processes share the cores."
+    )
+  return available[first : first + cores_per_process]
 
 
 def run_job(args, links: list[str], worker_out: pathlib.Path) -> dict:
@@ -230,26 +283,61 @@ def run_job(args, links: list[str], worker_out: pathlib.Path) -> dict:
     if any("+" in link for link in links) and not netem_available(namespace):
       print("netem is not available in this kernel: links with +DELAY are skipped", flush=True)
       links = [link for link in links if "+" not in link]
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices_per_process}",
+      PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     port = free_port()
     for pid in range(args.processes):
       cores = ",".join(map(str, process_cores(pid, args.cores_per_process)))
-      procs.append(subprocess.Popen(
-          ["ip", "netns", "exec", namespace, sys.executable, __file__, "--worker", "--port", str(port),
-           "--process-id", str(pid), "--processes", str(args.processes), "--size", args.size, "--cores", cores,
-           "--malloc", args.malloc,
-           "--devices-per-process", str(args.devices_per_process), "--links",
-           ",".join(links), "--steps", str(args.steps), "--worker-out", str(worker_out)],
-          env=env, stdout=None if pid == 0 else subprocess.DEVNULL, stderr=None if pid == 0 else subprocess.PIPE))
+      procs.append(
+        subprocess.Popen(
+          [
+            "ip",
+            "netns",
+            "exec",
+            namespace,
+            sys.executable,
+            "-m",
+            "benchmarks.link_bench",
+            "--worker",
+            "--port",
+            str(port),
+            "--process-id",
+            str(pid),
+            "--processes",
+            str(args.processes),
+            "--size",
+            args.size,
+            "--cores",
+            cores,
+            "--malloc",
+            args.malloc,
+            "--devices-per-process",
+            str(args.devices_per_process),
+            "--links",
+            ",".join(links),
+            "--steps",
+            str(args.steps),
+            "--worker-out",
+            str(worker_out),
+          ],
+          env=env,
+          stdout=None if pid == 0 else subprocess.DEVNULL,
+          stderr=None if pid == 0 else subprocess.PIPE,
+        )
+      )
     deadline = time.monotonic() + args.timeout
     for proc in procs:
       proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     failed = [p for p in procs if p.returncode != 0]
     if failed:
-      raise SystemExit(f"{len(failed)} benchmark process(es) failed (return codes "
-                       f"{[p.returncode for p in procs]}); see their output above.")
+      raise SystemExit(
+        f"{len(failed)} benchmark process(es) failed (return codes "
+        f"{[p.returncode for p in procs]}); see their output above."
+      )
   finally:
     for proc in procs:
       if proc.poll() is None:
@@ -264,19 +352,21 @@ def compute_only(args) -> dict:
   """Medians of the same steps on one device with simulated collectives (a fresh process: one device, no network),
   on the cores the job's first process had."""
   cores = process_cores(0, args.cores_per_process)
-  script = (f"import os, sys, json; sys.path.insert(0, {str(HERE)!r}); "
-            + (f"os.sched_setaffinity(0, {cores}); " if cores else "")
-            + f"import exchange_compute as e; e.set_malloc({args.malloc!r}); "
-            f"n, m, temp, faults = e.measure({args.size!r}, {args.processes}, {args.compute_repeats}, 5); "
-            f"print(json.dumps({{'machine': e.machine_name(), 'seconds': m}}))")
+  script = (
+    "import os, json; "
+    + (f"os.sched_setaffinity(0, {cores}); " if cores else "")
+    + f"from benchmarks import exchange_compute as e; e.set_malloc({args.malloc!r}); "
+    f"n, m, temp, faults = e.measure({args.size!r}, {args.processes}, {args.compute_repeats}, 5); "
+    f"print(json.dumps({{'machine': e.machine_name(), 'seconds': m}}))"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
   out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def worker_machine() -> str:
-  sys.path.insert(0, str(HERE))
-  import exchange_compute
+  from benchmarks import exchange_compute
+
   return exchange_compute.machine_name()
 
 
@@ -285,25 +375,37 @@ def markdown(result: dict) -> str:
   exact = "exact flat mean + optax.adam"
   header = "| step | " + " | ".join(links) + (" | compute only |" if compute else " |")
   grid = result.get("devices_per_process", 1)
-  layout = (f"{result['processes']} processes of {grid} devices, 1-bit steps over `comm.TwoLevel` (SPEC.md section "
-            f"3b)" if grid > 1 else f"{result['processes']} processes")
+  layout = (
+    f"{result['processes']} processes of {grid} devices, 1-bit steps over `comm.TwoLevel` (SPEC.md section 3b)"
+    if grid > 1
+    else f"{result['processes']} processes"
+  )
   cores = result.get("cores_per_process", 0)
   layout += f", each on its own {cores} core{'s' if cores > 1 else ''}" if cores else ", sharing every core"
   layout += f", malloc {result.get('malloc', 'system')}"
-  lines = [f"{result['num_params']:,} float32 parameters, {layout}; median ms per step "
-           f"(ratio to {exact} on the same link); wire MB per step over all processes.", "",
-           header, "|---|" + "---:|" * (len(links) + bool(compute))]
+  lines = [
+    f"{result['num_params']:,} float32 parameters, {layout}; median ms per step "
+    f"(ratio to {exact} on the same link); wire MB per step over all processes.",
+    "",
+    header,
+    "|---|" + "---:|" * (len(links) + bool(compute)),
+  ]
   rows = {row["step"]: row for row in result["rows"]}
   for name, row in rows.items():
-    cells = [f"{row['seconds'][link] * 1e3:,.1f} ({row['seconds'][link] / rows[exact]['seconds'][link]:.2f}x), "
-             f"{row['wire_bytes_per_step'][link] / 1e6:.2f} MB" for link in links]
+    cells = [
+      f"{row['seconds'][link] * 1e3:,.1f} ({row['seconds'][link] / rows[exact]['seconds'][link]:.2f}x), "
+      f"{row['wire_bytes_per_step'][link] / 1e6:.2f} MB"
+      for link in links
+    ]
     lines.append(f"| {name} | " + " | ".join(cells) + (f" | {compute[name] * 1e3:.1f} |" if compute else " |"))
   if compute:
-    lines.append(f"| optax.adam alone | " + " | ".join("" for _ in links) + f" | {compute['optax.adam'] * 1e3:.1f} |")
+    lines.append("| optax.adam alone | " + " | ".join("" for _ in links) + f" | {compute['optax.adam'] * 1e3:.1f} |")
   for link, mean in result["zero_one_mean_step"].items():
     lines.append("")
-    lines.append(f"0/1 Adam mean step at sync interval {SYNC_INTERVAL}, {link}: {mean * 1e3:.1f} ms "
-                 f"({mean / rows[exact]['seconds'][link]:.3f}x exact flat).")
+    lines.append(
+      f"0/1 Adam mean step at sync interval {SYNC_INTERVAL}, {link}: {mean * 1e3:.1f} ms "
+      f"({mean / rows[exact]['seconds'][link]:.3f}x exact flat)."
+    )
   return "\n".join(lines)
 
 
@@ -311,19 +413,31 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", default="4M")
   parser.add_argument("--processes", type=int, default=2)
-  parser.add_argument("--devices-per-process", type=int, default=1,
-                      help="L > 1: each process is a host of L CPU devices, and the 1-bit steps use comm.TwoLevel")
+  parser.add_argument(
+    "--devices-per-process",
+    type=int,
+    default=1,
+    help="L > 1: each process is a host of L CPU devices, and the 1-bit steps use comm.TwoLevel",
+  )
   parser.add_argument("--links", default="unthrottled,1gbit,100mbit,1gbit+1ms")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration and link")
-  parser.add_argument("--cores-per-process", type=int, default=None,
-                      help="pin each process to its own cores, as each host has its own (default: the cores divided "
-                           "evenly; 0: no pinning, the processes share every core)")
+  parser.add_argument(
+    "--cores-per-process",
+    type=int,
+    default=None,
+    help="pin each process to its own cores, as each host has its own (default: the cores divided "
+    "evenly; 0: no pinning, the processes share every core)",
+  )
   parser.add_argument("--compute-repeats", type=int, default=20)
   parser.add_argument("--timeout", type=float, default=3600.0)
   parser.add_argument("--out", default="docs/results/link_bench.json")
-  parser.add_argument("--malloc", default="reuse", choices=("reuse", "system"),
-                      help="reuse: glibc keeps freed memory for reuse in every process (exchange_compute.set_malloc); "
-                           "system: glibc's defaults")
+  parser.add_argument(
+    "--malloc",
+    default="reuse",
+    choices=("reuse", "system"),
+    help="reuse: glibc keeps freed memory for reuse in every process (exchange_compute.set_malloc); "
+    "system: glibc's defaults",
+  )
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
   parser.add_argument("--process-id", type=int, help=argparse.SUPPRESS)
@@ -354,10 +468,11 @@ def main():
   result["machine"] = machine + f", {os.cpu_count()} cores"
   times = {row["step"]: row["seconds"] for row in result["rows"]}
   result["zero_one_mean_step"] = {
-      link: (times["zero_one_adam, sync step"][link]
-             + (SYNC_INTERVAL - 1) * times["zero_one_adam, local step"][link]) / SYNC_INTERVAL
-      for link in result["links"]}
-  result["command"] = "python benchmarks/link_bench.py " + " ".join(sys.argv[1:])
+    link: (times["zero_one_adam, sync step"][link] + (SYNC_INTERVAL - 1) * times["zero_one_adam, local step"][link])
+    / SYNC_INTERVAL
+    for link in result["links"]
+  }
+  result["command"] = "python -m benchmarks.link_bench " + " ".join(sys.argv[1:])
   out.write_text(json.dumps(result, indent=1))
   table = markdown(result)
   out.with_suffix(".md").write_text(f"Machine: {result['machine']}. Command: `{result['command']}`.\n\n{table}\n")

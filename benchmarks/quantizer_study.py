@@ -17,7 +17,8 @@ follow a slow decline, 0.1 % per step at most), heavy-tailed noise (Student t, 3
 per-element mean, and short 10x bursts on 2 % of the elements. It is synthetic: a guide to the design, not a claim
 about any model.
 
-  python benchmarks/quantizer_study.py [--elements 65536] [--steps 3000] [--seed 0] [--out docs/results/quantizer_study.json]
+  python -m benchmarks.quantizer_study [--elements 65536] [--steps 3000] [--seed 0]
+                                       [--out docs/results/quantizer_study.json]
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class Float32:
 
 class PerTensor(Float32):
   """SPEC.md section 1 (`lamb16`): one scale per tensor, m clipped at +-15 scale units, v at 10."""
+
   name = "per-tensor (lamb16, the reference)"
 
   def __init__(self, n):
@@ -112,12 +114,15 @@ class BlockWise(Float32):
     self.mq, self.vq = np.zeros(n, E4M3), np.zeros(n, self.v_dtype)
     self.sm = self.sv = np.ones(n // BLOCK, F32)
     self.rng = np.random.default_rng(seed)
-    self.name = ("block-wise" + (", sqrt(v) in e4m3fn" if sqrt_v else "")
-                 + (f", stochastic rounding of {stochastic}" if stochastic else ""))
+    self.name = (
+      "block-wise"
+      + (", sqrt(v) in e4m3fn" if sqrt_v else "")
+      + (f", stochastic rounding of {stochastic}" if stochastic else "")
+    )
 
   def _store(self, x, dtype, stochastic):
     blocks = x.reshape(-1, BLOCK)
-    scale = np.maximum(np.max(np.abs(blocks), axis=1) / TOP[dtype], F32(2.0 ** -126)).astype(F32)
+    scale = np.maximum(np.max(np.abs(blocks), axis=1) / TOP[dtype], F32(2.0**-126)).astype(F32)
     normalised = (blocks / scale[:, None]).reshape(-1)
     stored = round_stochastic(normalised, dtype, self.rng) if stochastic else normalised.astype(dtype)
     return stored, scale
@@ -147,9 +152,14 @@ def run(elements: int, steps: int, seed: int) -> dict:
   if elements % BLOCK:
     raise ValueError(f"--elements must be a multiple of {BLOCK}")
   reference = Float32(elements)
-  variants = [PerTensor(elements), BlockWise(elements), BlockWise(elements, sqrt_v=True),
-              BlockWise(elements, stochastic="v"), BlockWise(elements, stochastic="m and v"),
-              BlockWise(elements, sqrt_v=True, stochastic="m and v")]
+  variants = [
+    PerTensor(elements),
+    BlockWise(elements),
+    BlockWise(elements, sqrt_v=True),
+    BlockWise(elements, stochastic="v"),
+    BlockWise(elements, stochastic="m and v"),
+    BlockWise(elements, sqrt_v=True, stochastic="m and v"),
+  ]
   totals = {v.name: {"direction_error": [], "direction_cosine": [], "v_log2_error": []} for v in variants}
   for t, g in enumerate(gradient_stream(elements, steps, seed)):
     m32, v32 = reference.step(g)
@@ -181,8 +191,12 @@ def main(argv=None):
   for name, r in results.items():
     print(f"| {name} | {r['direction_error']:.4f} | {r['direction_cosine']:.5f} | {r['v_log2_error']:.4f} |")
   if args.out:
-    record = {"results": results, "settings": vars(args) | {"block": BLOCK, "b1": 0.9, "b2": 0.999, "eps": 1e-6},
-              "averaged_over": "the second half of the steps", "machine": platform.platform()}
+    record = {
+      "results": results,
+      "settings": vars(args) | {"block": BLOCK, "b1": 0.9, "b2": 0.999, "eps": 1e-6},
+      "averaged_over": "the second half of the steps",
+      "machine": platform.platform(),
+    }
     pathlib.Path(args.out).write_text(json.dumps(record, indent=1))
     print(f"wrote {args.out}")
   return results

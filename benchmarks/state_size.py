@@ -3,7 +3,7 @@
 Measures the state that `init` returns (via `jax.eval_shape`, so nothing is allocated) for the MNIST reference
 convnet and for synthetic pytrees of about 4M and 50M parameters (a few big leaves plus many small ones).
 
-  python benchmarks/state_size.py [--out docs/results/state_size.json]
+  python -m benchmarks.state_size [--out docs/results/state_size.json]
 
 Prints a markdown table and writes JSON.
 """
@@ -13,21 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
 import optax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "examples"))
-
-import optax_lamb16  # noqa: E402
+import optax_lamb16
 
 OPTIMIZERS = {
-    "optax.adam": lambda: optax.adam(1e-3),
-    "optax.lamb": lambda: optax.lamb(1e-3),
-    "optax_lamb16.lamb16": lambda: optax_lamb16.lamb16(1e-3),
-    "optax_lamb16.lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-3),
+  "optax.adam": lambda: optax.adam(1e-3),
+  "optax.lamb": lambda: optax.lamb(1e-3),
+  "optax_lamb16.lamb16": lambda: optax_lamb16.lamb16(1e-3),
+  "optax_lamb16.lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-3),
 }
 
 
@@ -41,7 +38,8 @@ def synthetic_pytree(big_leaves: int, big_shape: tuple[int, int], small_leaves: 
 def mnist_pytree():
   from flax import nnx
 
-  import mnist_common
+  from experiments import mnist_common
+
   model = nnx.eval_shape(lambda: mnist_common.ReferenceConvNet(nnx.Rngs(0)))
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(model, nnx.Param))
 
@@ -52,9 +50,9 @@ def tree_bytes(tree) -> int:
 
 def measure() -> list[dict]:
   pytrees = {
-      "MNIST convnet": mnist_pytree(),
-      "4M synthetic": synthetic_pytree(4, (1000, 1000), 64, 1024),
-      "50M synthetic": synthetic_pytree(12, (2048, 2048), 256, 1024),
+    "MNIST convnet": mnist_pytree(),
+    "4M synthetic": synthetic_pytree(4, (1000, 1000), 64, 1024),
+    "50M synthetic": synthetic_pytree(12, (2048, 2048), 256, 1024),
   }
   rows = []
   for tree_name, params in pytrees.items():
@@ -62,18 +60,27 @@ def measure() -> list[dict]:
     num_leaves = len(jax.tree.leaves(params))
     for opt_name, make in OPTIMIZERS.items():
       state_bytes = tree_bytes(jax.eval_shape(make().init, params))
-      rows.append({"pytree": tree_name, "num_params": num_params, "num_leaves": num_leaves, "optimizer": opt_name,
-                   "state_bytes": state_bytes, "bytes_per_param": state_bytes / num_params,
-                   "bytes_over_2_per_param_per_leaf": (state_bytes - 2 * num_params) / num_leaves})
+      rows.append(
+        {
+          "pytree": tree_name,
+          "num_params": num_params,
+          "num_leaves": num_leaves,
+          "optimizer": opt_name,
+          "state_bytes": state_bytes,
+          "bytes_per_param": state_bytes / num_params,
+          "bytes_over_2_per_param_per_leaf": (state_bytes - 2 * num_params) / num_leaves,
+        }
+      )
   return rows
 
 
 def markdown(rows: list[dict]) -> str:
-  lines = ["| pytree | params | leaves | optimizer | state bytes | bytes / param |",
-           "|---|---:|---:|---|---:|---:|"]
+  lines = ["| pytree | params | leaves | optimizer | state bytes | bytes / param |", "|---|---:|---:|---|---:|---:|"]
   for r in rows:
-    lines.append(f"| {r['pytree']} | {r['num_params']:,} | {r['num_leaves']} | {r['optimizer']} | "
-                 f"{r['state_bytes']:,} | {r['bytes_per_param']:.4f} |")
+    lines.append(
+      f"| {r['pytree']} | {r['num_params']:,} | {r['num_leaves']} | {r['optimizer']} | "
+      f"{r['state_bytes']:,} | {r['bytes_per_param']:.4f} |"
+    )
   return "\n".join(lines)
 
 

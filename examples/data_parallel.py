@@ -1,151 +1,100 @@
-"""Data-parallel MNIST on N devices with `jax.shard_map`: Adam/LAMB/LAMB16 baselines and the 1-bit optimizers.
+"""Data-parallel training with 1-bit communication: `optax_lamb16.data_parallel` and 1-bit Adam on N devices.
 
-  python examples/data_parallel.py --devices 8 --optimizers onebit_adam,onebit_adam_exact --epochs 3
+Each device (a rank) differentiates its own slice of the global batch; the optimizer averages over the ranks itself,
+with exact float32 all-reduces during a short warm-up and then a compressed exchange of 1 bit per element.
+`optax_lamb16.data_parallel(loss_fn, tx, mesh)` builds that step: `jax.shard_map` over the mesh's "data" axis, each
+rank's own gradients, the optimizer's communication and the layout of its per-rank state. The model is a Flax NNX
+MLP, split into its graph and its params (`nnx.split`) and merged back inside the loss (`nnx.merge`).
 
-On a CPU the N devices are host devices (XLA_FLAGS is set before jax is imported). Each rank computes gradients on
-its slice of the global batch; the optimizer does the data-parallel communication (an exact all-reduce for the
-baselines and `*_exact` counterparts, the 1-bit compressed exchange for the others). Prints test accuracy and the
-bytes each rank sent; writes OUT/results.json. `lamb16_1bit` is LAMB16 fed by the compressed gradient mean: float8
-optimizer state and 1-bit communication together.
+On a CPU the devices are host devices: the script asks XLA for `--devices` of them before importing jax (unless
+XLA_FLAGS is set already). Run it from the repository root (MNIST is read from examples/data/mnist.npz):
 
-With `--checkpoint-dir DIR` it saves params and the whole optimizer state every `--checkpoint-every` steps and, when
-DIR holds a checkpoint, resumes from it exactly: after a crash, rerun the same command.
+  python examples/data_parallel.py                             # 1-bit Adam on 4 devices
+  python examples/data_parallel.py --optimizer zero_one_adam   # or onebit_lamb, or lamb16_1bit
+  python examples/data_parallel.py --devices 8 --steps 600
 
-The pattern to copy: `optax_lamb16.data_parallel(loss_fn, tx, mesh)` builds the step (shard_map over "data", each
-rank's own gradients, the optimizer's communication, the per-rank state's layout, donation); its `init` lays out the
-params and state (0/1 Adam's params are kept one copy per rank: they drift apart between syncs).
+`lamb16_1bit` puts the compressed gradient mean (`optax_lamb16.compressed_mean`) in front of an optimizer that does
+not communicate itself, here LAMB16: float8 optimizer state and 1-bit communication together.
 """
-
-from __future__ import annotations
 
 import argparse
 import os
 import pathlib
-import sys
-import time
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--devices", type=int, default=4)
+parser.add_argument(
+  "--optimizer", default="onebit_adam", choices=["onebit_adam", "zero_one_adam", "onebit_lamb", "lamb16_1bit"]
+)
+parser.add_argument("--steps", type=int, default=300)
+args = parser.parse_args()
+# XLA reads the number of host devices when jax starts: ask for them before importing it.
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.devices}")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import optax_lamb16  # noqa: E402
+
+DATA = pathlib.Path(__file__).parent / "data" / "mnist.npz"
 
 
-def parse_args(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--devices", type=int, default=8)
-  parser.add_argument("--optimizers", default="adam,onebit_adam,zero_one_adam,onebit_lamb,lamb16_1bit")
-  parser.add_argument("--global-batch", type=int, default=256)
-  parser.add_argument("--epochs", type=int, default=3)
-  parser.add_argument("--lr", type=float, default=1e-3)
-  parser.add_argument("--weight-decay", type=float, default=0.0)
-  parser.add_argument("--eps", type=float, default=1e-8, help="eps of the Adam-type optimizers")
-  parser.add_argument("--freeze-fraction", type=float, default=0.2, help="1-bit warm-up, as a fraction of steps")
-  parser.add_argument("--faithful", action="store_true",
-                      help="1-bit optimizers exactly as DeepSpeed (no mask_zero_variance: diverges on this ReLU net)")
-  parser.add_argument("--max-steps", type=int, default=None)
-  parser.add_argument("--train-samples", type=int, default=None)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--checkpoint-dir", default=None,
-                      help="save params and optimizer state here every --checkpoint-every steps, and resume from "
-                           "the latest checkpoint when it exists (rerun the same command after a crash)")
-  parser.add_argument("--checkpoint-every", type=int, default=50)
-  parser.add_argument("--save-params", action="store_true", help="also write OUT/<optimizer>_params.npz")
-  parser.add_argument("--out", default="out/data_parallel")
-  return parser.parse_args(argv)
+class MLP(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(784, 256, rngs=rngs)
+    self.out = nnx.Linear(256, 10, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
 
 
-def train(name: str, args, mesh, data, log=print) -> dict:
-  """Trains the reference convnet with optimizer `name` over `mesh`'s "data" axis; returns the run's record."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-
-  import dp_common
-  import mnist_common
-  import optax_lamb16
-
-  world = mesh.shape["data"]
-  if args.global_batch % world:
-    raise ValueError(f"--global-batch {args.global_batch} must be a multiple of the {world} devices")
-  num_train = len(data["x_train"])
-  total_steps = dp_common.steps_per_epoch(num_train, args.global_batch) * args.epochs
-  if args.max_steps is not None:
-    total_steps = min(total_steps, args.max_steps)
-  tx = dp_common.make_optimizer(name, "data", args.lr, total_steps, args.freeze_fraction, args.weight_decay,
-                                mask_zero_variance=not args.faithful, eps=args.eps)
-  graphdef, params = nnx.split(mnist_common.ReferenceConvNet(nnx.Rngs(args.seed)), nnx.Param)
-  num_params = mnist_common.count_params(params)
-
-  def loss_fn(params, batch):  # one rank's slice of the batch
-    return jnp.mean(mnist_common.cross_entropy(nnx.merge(graphdef, params)(batch["x"]), batch["y"]))
-
-  # The step: shard_map over "data", gradients of each rank's own slice, the optimizer's communication, donation.
-  dp = optax_lamb16.data_parallel(loss_fn, tx, mesh, "data")
-  params, opt_state = dp.init(params)  # 0/1 Adam: one copy of the params per rank
-
-  def put(array):  # each process's part of the global batch (the whole of it in a one-process job)
-    return jax.make_array_from_callback(array.shape, dp.batch_sharding, lambda index: array[index])
-
-  evaluate = mnist_common.make_evaluator(graphdef)
-  checkpoints, step_count = None, 0
-  if args.checkpoint_dir:  # the whole training state, per-rank error feedback included: resuming is exact
-    checkpoints = optax_lamb16.Checkpointer(pathlib.Path(args.checkpoint_dir) / name, max_to_keep=2)
-    if checkpoints.latest_step() is not None:
-      # fallback: a damaged newest checkpoint (cut short by a copy, flipped bytes) resumes from the newest intact one.
-      restored = checkpoints.restore({"params": params, "opt_state": opt_state}, world_size=world, fallback=True)
-      params, opt_state, step_count = restored["params"], restored["opt_state"], checkpoints.restored_step
-      log(f"{name:>20} resumed from the checkpoint of step {step_count}")
-  losses, started = [], time.perf_counter()
-  for seen, index in enumerate(dp_common.batches(num_train, args.global_batch, args.epochs, args.seed)):
-    if seen < step_count:  # replay the data order up to the resumed step
-      continue
-    if step_count >= total_steps:
-      break
-    batch = {"x": put(data["x_train"][index]), "y": put(data["y_train"][index])}
-    params, opt_state, loss = dp.step(params, opt_state, batch)
-    losses.append(float(jax.block_until_ready(loss)))  # one step at a time: CPU collectives must not overlap
-    step_count += 1
-    if checkpoints and step_count % args.checkpoint_every == 0:
-      checkpoints.save(step_count, {"params": params, "opt_state": opt_state}, world_size=world)
-    if step_count % 50 == 0:
-      log(f"{name:>20} step {step_count}/{total_steps}: train loss {np.mean(losses[-50:]):.4f}")
-  seconds = time.perf_counter() - started
-  if checkpoints:
-    checkpoints.close()
-  # Evaluate rank 0's params (0/1 Adam's ranks agree at sync steps and are close in between).
-  if jax.process_count() > 1:  # gather what other processes hold
-    from jax.experimental import multihost_utils
-    params = multihost_utils.process_allgather(params, tiled=True)
-  eval_params = jax.tree.map(np.asarray, dp.unstack_params(params))
-  test_loss, test_accuracy = evaluate(eval_params, data["x_test"], data["y_test"])
-  if args.save_params and jax.process_index() == 0:
-    pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-    flat = jax.tree_util.tree_flatten_with_path(eval_params)[0]
-    np.savez(pathlib.Path(args.out) / f"{name}_params.npz", **{jax.tree_util.keystr(p): leaf for p, leaf in flat})
-  record = {"optimizer": name, "devices": world, "global_batch": args.global_batch, "steps": step_count,
-            "epochs": args.epochs, "lr": args.lr, "eps": args.eps, "weight_decay": args.weight_decay,
-            "freeze_fraction": args.freeze_fraction, "mask_zero_variance": not args.faithful,
-            "num_params": num_params, "final_test_accuracy": test_accuracy, "final_test_loss": test_loss,
-            "final_train_loss": float(np.mean(losses[-20:])) if losses else None, "seconds": round(seconds, 1),
-            **dp_common.bytes_sent(name, num_params, world, step_count, args.freeze_fraction)}
-  log(f"{name:>20}: test accuracy {test_accuracy:.4f}, loss {test_loss:.4f}, "
-      f"{record['bytes_sent_per_rank'] / step_count / 1e3:,.1f} kB sent per rank per step")
-  return record
+def make_optimizer(name: str) -> optax.GradientTransformation:
+  freeze_step = max(10, args.steps // 5)  # the warm-up (exact all-reduces): a fifth of the steps, at least 10
+  # mask_zero_variance: a ReLU unit that never fires has v = 0 exactly, and the 1-bit momentum divided by it would
+  # throw its weights away. mode="drop_in": Adam's (LAMB's) own rule and learning rate; the default is DeepSpeed's.
+  onebit = dict(comm="data", mode="drop_in", mask_zero_variance=True)
+  if name == "onebit_adam":
+    return optax_lamb16.onebit_adam(1e-3, freeze_step=freeze_step, **onebit)
+  if name == "zero_one_adam":  # after its warm-up, also skips whole exchanges: local steps between syncs
+    return optax_lamb16.zero_one_adam(1e-3, var_freeze_step=freeze_step, **onebit)
+  if name == "onebit_lamb":
+    return optax_lamb16.onebit_lamb(1e-2, freeze_step=freeze_step, **onebit)
+  return optax.chain(optax_lamb16.compressed_mean("data"), optax_lamb16.lamb16(1e-2))  # lamb16_1bit
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-  sys.path.insert(0, str(pathlib.Path(__file__).parent))
-  import jax
+with np.load(DATA) as data:
+  x_train, y_train = data["x_train"].reshape(-1, 784).astype(np.float32) / 255, data["y_train"].astype(np.int32)
+  x_test, y_test = data["x_test"].reshape(-1, 784).astype(np.float32) / 255, data["y_test"].astype(np.int32)
 
-  import dp_common
-
-  if jax.device_count() < args.devices:
-    raise SystemExit(f"asked for {args.devices} devices, jax sees {jax.device_count()}")
-  mesh = jax.make_mesh((args.devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:args.devices])
-  data = dp_common.load_data(args.train_samples)
-  runs = [train(name, args, mesh, data) for name in args.optimizers.split(",") if name]
-  dp_common.report(runs, args.out, jax=jax.__version__, platform=jax.devices()[0].platform, devices=args.devices)
-  return runs
+graphdef, params = nnx.split(MLP(nnx.Rngs(0)), nnx.Param)
 
 
-if __name__ == "__main__":
-  main()
+def loss_fn(params, batch):  # the loss of one rank's slice of the global batch
+  logits = nnx.merge(graphdef, params)(batch["x"])
+  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+
+if jax.device_count() < args.devices:
+  raise SystemExit(
+    f"asked for {args.devices} devices, jax sees {jax.device_count()} (XLA_FLAGS={os.environ['XLA_FLAGS']!r})"
+  )
+mesh = jax.make_mesh(
+  (args.devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[: args.devices]
+)
+dp = optax_lamb16.data_parallel(loss_fn, make_optimizer(args.optimizer), mesh, "data")
+params, opt_state = dp.init(params)  # 0/1 Adam keeps one copy of the params per rank: init lays them out
+
+rng = np.random.default_rng(0)
+for step in range(args.steps):
+  index = rng.integers(0, len(x_train), 32 * args.devices)  # the global batch: 32 examples per rank
+  params, opt_state, loss = dp.step(params, opt_state, {"x": x_train[index], "y": y_train[index]})
+  jax.block_until_ready(loss)  # one step at a time: CPU collectives dispatched back to back can deadlock
+  if step % 50 == 0 or step == args.steps - 1:
+    print(f"step {step:4d}: train loss {float(loss):.4f}", flush=True)
+
+model = nnx.merge(graphdef, dp.unstack_params(params))  # rank 0's params (0/1 Adam's ranks agree at each sync)
+accuracy = float(jnp.mean(jnp.argmax(model(x_test), axis=-1) == y_test))
+print(f"{args.optimizer} on {args.devices} devices: test accuracy {accuracy:.4f}")

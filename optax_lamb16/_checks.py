@@ -37,8 +37,16 @@ def _non_scalar_shape(value: Any) -> tuple[int, ...] | None:
     return None
 
 
-def check_range(name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False,
-                high_open: bool = False, fix: str = "") -> None:
+def check_range(
+  name: str,
+  value: Any,
+  low: float,
+  high: float = math.inf,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+  fix: str = "",
+) -> None:
   """Raises ValueError if the concrete `value` is not a scalar in [low, high] (`low_open`/`high_open`: open ends)."""
   hint = f" {fix}" if fix else ""
   shape = _non_scalar_shape(value)
@@ -47,8 +55,13 @@ def check_range(name: str, value: Any, low: float, high: float = math.inf, *, lo
   number = concrete_value(value)
   if number is None:
     return
-  bad = (math.isnan(number) or number < low or number > high or (low_open and number == low)
-         or (high_open and number == high))
+  bad = (
+    math.isnan(number)
+    or number < low
+    or number > high
+    or (low_open and number == low)
+    or (high_open and number == high)
+  )
   if bad:
     interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
     raise ValueError(f"`{name}` must lie in {interval}, got {number:g}.{hint}")
@@ -81,8 +94,12 @@ def check_learning_rate(learning_rate: Any) -> None:
   """A learning rate is a non-negative number or a schedule (a callable of the step count)."""
   if learning_rate is None:
     raise ValueError("`learning_rate` is required: pass a non-negative float or an optax schedule.")
-  check_range("learning_rate", learning_rate, 0.0,
-              fix="Pass a non-negative float or an optax schedule; optax updates are already negated.")
+  check_range(
+    "learning_rate",
+    learning_rate,
+    0.0,
+    fix="Pass a non-negative float or an optax schedule; optax updates are already negated.",
+  )
 
 
 def check_float_leaves(name: str, tree: Any) -> None:
@@ -91,9 +108,10 @@ def check_float_leaves(name: str, tree: Any) -> None:
     dtype = getattr(leaf, "dtype", None)
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-          f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; optax_lamb16 needs real "
-          f"floating-point leaves. Keep integer/complex leaves out of the optimizer, e.g. with "
-          f"`optax.masked` or `optax.partition`.")
+        f"`{name}` leaf {jax.tree_util.keystr(path) or '<root>'} has dtype {dtype}; optax_lamb16 needs real "
+        f"floating-point leaves. Keep integer/complex leaves out of the optimizer, e.g. with "
+        f"`optax.masked` or `optax.partition`."
+      )
 
 
 def check_same_structure(name_a: str, tree_a: Any, name_b: str, tree_b: Any) -> None:
@@ -102,12 +120,14 @@ def check_same_structure(name_a: str, tree_a: Any, name_b: str, tree_b: Any) -> 
   structure_b = jax.tree.structure(tree_b)
   if structure_a != structure_b:
     raise ValueError(
-        f"`{name_a}` and `{name_b}` must have the same pytree structure; got\n  {name_a}: {structure_a}\n"
-        f"  {name_b}: {structure_b}\nPass the gradients of exactly the parameters the optimizer was initialised with.")
+      f"`{name_a}` and `{name_b}` must have the same pytree structure; got\n  {name_a}: {structure_a}\n"
+      f"  {name_b}: {structure_b}\nPass the gradients of exactly the parameters the optimizer was initialised with."
+    )
   paths_and_leaves = jax.tree_util.tree_leaves_with_path(tree_a)
   for (path, leaf_a), leaf_b in zip(paths_and_leaves, jax.tree.leaves(tree_b)):
     shape_a, shape_b = jnp.shape(leaf_a), jnp.shape(leaf_b)
     if shape_a != shape_b:
       raise ValueError(
-          f"Leaf {jax.tree_util.keystr(path)} has shape {shape_a} in `{name_a}` but {shape_b} in `{name_b}`; "
-          f"the shapes must match.")
+        f"Leaf {jax.tree_util.keystr(path)} has shape {shape_a} in `{name_a}` but {shape_b} in `{name_b}`; "
+        f"the shapes must match."
+      )

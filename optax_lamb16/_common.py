@@ -7,16 +7,20 @@ One implementation each, so that the building blocks and the fused or communicat
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_lamb16 import _checks
+
 
 class ScheduleCountState(NamedTuple):
   """Step count of a stateless transform whose hyperparameters include a schedule."""
+
   count: jax.Array  # int32 scalar, the number of updates so far
 
 
@@ -37,8 +41,9 @@ def arithmetic_dtype(dtype: Any) -> np.dtype:
 def widest_arithmetic_dtype(tree: Any) -> np.dtype:
   """The widest `arithmetic_dtype` of `tree`'s leaves (float32 for a tree without leaves): the dtype of the
   scalars that several leaves share (hyperparameters at a step, sums over leaves)."""
-  dtypes = {arithmetic_dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf))
-            for leaf in jax.tree.leaves(tree)}
+  dtypes = {
+    arithmetic_dtype(leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)) for leaf in jax.tree.leaves(tree)
+  }
   return np.dtype(jnp.float64) if np.dtype(jnp.float64) in dtypes else np.dtype(jnp.float32)
 
 
@@ -67,10 +72,11 @@ def advance_schedule_state(state: optax.OptState) -> optax.OptState:
 
 class Decay(NamedTuple):
   """A moment decay rate ``b`` and its complement ``1 - b``, scalars of one dtype (float32, or float64)."""
+
   rate: jax.Array
   complement: jax.Array
 
-  def astype(self, dtype: Any) -> "Decay":
+  def astype(self, dtype: Any) -> Decay:
     return Decay(self.rate.astype(dtype), self.complement.astype(dtype))
 
 
@@ -107,6 +113,13 @@ def moment_update(moment: jax.Array, value: jax.Array, decay: Decay, order: int 
   return decay.rate * moment + weighted
 
 
+def bias_correction(decay: Decay, updates: jax.Array) -> jax.Array:
+  """Adam's bias correction ``1 - b**n`` for `n` updates of an EMA of rate ``b`` (Algorithms sections 6b and 8), a
+  scalar of the decay's dtype."""
+  rate = decay.rate
+  return 1 - rate ** jnp.asarray(updates).astype(rate.dtype)
+
+
 def tree_moment_update(moments: Any, values: Any, decay: Decay, order: int = 1) -> Any:
   """`moment_update` leaf by leaf over two pytrees of the same structure."""
   return jax.tree.map(lambda m, x: moment_update(m, x, decay, order), moments, values)
@@ -131,3 +144,69 @@ def extra_args_transform(init_fn: Callable, update_fn: Callable) -> optax.Gradie
     return update_fn(updates, state, params)
 
   return optax.GradientTransformationExtraArgs(init_fn, update)
+
+
+def is_static_zero(hyperparameter: Any) -> bool:
+  """Whether `hyperparameter` is a plain Python 0 (not a schedule, nor a value `inject_hyperparams` traces): a weight
+  decay that lets a step skip reading the params."""
+  return isinstance(hyperparameter, (int, float)) and hyperparameter == 0
+
+
+# Dtype-preserving weight decay and learning rate. `optax.add_decayed_weights` and `optax.scale_by_learning_rate`
+# multiply by the hyperparameter as given: under `optax.inject_hyperparams` that is a float32 array, which turns
+# bfloat16 updates into float32 ones (or raises under strict dtype promotion), and a Python float is rounded to the
+# updates' dtype first. These compute in each leaf's arithmetic dtype (float32, float64 for float64 leaves) and round
+# once, to the updates' dtype; in float32 they are bitwise optax's ``g + wd * p`` and ``-lr * g``.
+
+
+def add_decayed_weights(
+  weight_decay: optax.ScalarOrSchedule, mask: Any = None
+) -> optax.GradientTransformationExtraArgs:
+  """``updates + weight_decay * params`` (decoupled weight decay, added to the Adam direction), in each leaf's
+  arithmetic dtype, returned in the updates' dtype; only where `mask` allows (as `optax.add_decayed_weights`'s). A
+  schedule sees the number of updates so far."""
+  _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
+
+  def init_fn(params):
+    del params
+    return init_schedule_state(weight_decay)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("Optimizers with weight decay need `params`: call `update(grads, state, params)`.")
+    if is_static_zero(weight_decay):  # do not read the params at all
+      return updates, state
+    decay = value_at(weight_decay, schedule_count(state), widest_arithmetic_dtype(updates))
+
+    def leaf(g, p):
+      dtype = arithmetic_dtype(g.dtype)
+      return (g.astype(dtype) + decay.astype(dtype) * p.astype(dtype)).astype(g.dtype)
+
+    updates = jax.tree.map(leaf, updates, params)
+    return updates, advance_schedule_state(state)
+
+  transform = extra_args_transform(init_fn, update_fn)
+  return transform if mask is None else optax.masked(transform, mask)
+
+
+def scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
+  """``-learning_rate * updates`` in each leaf's arithmetic dtype, returned in the updates' dtype. A schedule sees
+  the number of updates so far."""
+  _checks.check_learning_rate(learning_rate)
+
+  def init_fn(params):
+    del params
+    return init_schedule_state(learning_rate)
+
+  def update_fn(updates, state, params=None):
+    del params
+    step_size = -value_at(learning_rate, schedule_count(state), widest_arithmetic_dtype(updates))
+
+    def leaf(g):
+      dtype = arithmetic_dtype(g.dtype)
+      return (step_size.astype(dtype) * g.astype(dtype)).astype(g.dtype)
+
+    updates = jax.tree.map(leaf, updates)
+    return updates, advance_schedule_state(state)
+
+  return extra_args_transform(init_fn, update_fn)

@@ -17,16 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_lamb16 import _checks, _common, comm as comm_lib, compression
+from optax_lamb16 import _checks, _common, _rank_types
+from optax_lamb16 import _compression as compression
+from optax_lamb16 import comm as comm_lib
 
 # Fix hints shared by the optimizers' argument checks.
 EPS_FIX = "It keeps m / (sqrt(v) + eps) finite where v is 0 (elements or leaves whose gradients are all zero)."
 FREEZE_FIX = (
-    "Steps count as in DeepSpeed (SPEC.md section 2): the state's count starts at 1 (DeepSpeed's set-up call) and "
-    "the first update runs with t = 2, so freeze_step = F gives F - 1 warm-up updates (exact all-reduce, m and v "
-    "updated) and compression from t = F + 1. With 0 or 1 there is no warm-up at all and v stays 0: 1-bit Adam "
-    "would divide by sqrt(0) + eps, 1-bit LAMB would never learn a trust ratio and update by exactly 0. Pass an int "
-    ">= 2 (DeepSpeed's default: 100000).")
+  "Steps count as in DeepSpeed (Algorithms section 2): the state's count starts at 1 (DeepSpeed's set-up call) and "
+  "the first update runs with t = 2, so freeze_step = F gives F - 1 warm-up updates (exact all-reduce, m and v "
+  "updated) and compression from t = F + 1. With 0 or 1 there is no warm-up at all and v stays 0: 1-bit Adam "
+  "would divide by sqrt(0) + eps, 1-bit LAMB would never learn a trust ratio and update by exactly 0. Pass an int "
+  ">= 2 (DeepSpeed's default: 100000)."
+)
 
 
 MODES = ("faithful", "drop_in")
@@ -35,17 +38,12 @@ MODES = ("faithful", "drop_in")
 def check_mode(mode: Any) -> str:
   """`mode` of the 1-bit optimizers: one of MODES (a static string, never injected by `optax.inject_hyperparams`)."""
   if not isinstance(mode, str) or mode not in MODES:
-    raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}. 'faithful' follows DeepSpeed (no bias "
-                     f"correction: use about 1/3 of Adam's learning rate, with a warm-up); 'drop_in' follows the exact "
-                     f"optimizer (optax.adam / optax.lamb) at its own learning rate (SPEC.md section 6b).")
+    raise ValueError(
+      f"`mode` must be one of {MODES}, got {mode!r}. 'faithful' follows DeepSpeed (no bias "
+      f"correction: use about 1/3 of Adam's learning rate, with a warm-up); 'drop_in' follows the exact "
+      f"optimizer (optax.adam / optax.lamb) at its own learning rate (Algorithms section 6b)."
+    )
   return mode
-
-
-def bias_correction(decay: _common.Decay, updates: jax.Array) -> jax.Array:
-  """Adam's bias correction ``1 - b**n`` for `n` updates of an EMA of rate ``b`` (SPEC.md section 6b), a scalar of the
-  decay's dtype."""
-  rate = decay.rate
-  return 1 - rate ** jnp.asarray(updates).astype(rate.dtype)
 
 
 class LargeFirstStepsWarning(UserWarning):
@@ -66,13 +64,15 @@ def warn_if_large_first_steps(optimizer: str, learning_rate: Any, b1: Any, b2: A
   if ratio.max() <= 2:
     return
   warnings.warn(
-      f"{optimizer}(mode='faithful') at the constant learning rate {learning_rate:g}: DeepSpeed's rule has no bias "
-      f"correction, so with b1={b1:g}, b2={b2:g} its update n moves each parameter by up to "
-      f"{ratio.max():.1f} x learning_rate around n = {int(n[ratio.argmax()])} ({ratio[0]:.1f} x on the first; "
-      f"Adam: 1 x) "
-      f"and by more than 2 x for {int(np.sum(ratio > 2))} updates. Use a learning-rate schedule with a warm-up and "
-      f"about 1/3 of Adam's learning rate, or mode='drop_in' at Adam's learning rate (see the docstring).",
-      LargeFirstStepsWarning, stacklevel=3)
+    f"{optimizer}(mode='faithful') at the constant learning rate {learning_rate:g}: DeepSpeed's rule has no bias "
+    f"correction, so with b1={b1:g}, b2={b2:g} its update n moves each parameter by up to "
+    f"{ratio.max():.1f} x learning_rate around n = {int(n[ratio.argmax()])} ({ratio[0]:.1f} x on the first; "
+    f"Adam: 1 x) "
+    f"and by more than 2 x for {int(np.sum(ratio > 2))} updates. Use a learning-rate schedule with a warm-up and "
+    f"about 1/3 of Adam's learning rate, or mode='drop_in' at Adam's learning rate (see the docstring).",
+    LargeFirstStepsWarning,
+    stacklevel=3,
+  )
 
 
 def check_moment_hyperparameters(b1: Any, b2: Any, eps: Any) -> None:
@@ -85,14 +85,7 @@ def check_weight_decay(weight_decay: Any) -> None:
   _checks.check_range("weight_decay", weight_decay, 0.0, fix="Weight decay is a non-negative coefficient.")
 
 
-def is_static_zero(hyperparameter: Any) -> bool:
-  """Whether `hyperparameter` is a plain Python 0 (not a schedule, nor a value `inject_hyperparams` traces): a weight
-  decay that lets a step skip reading the params."""
-  return isinstance(hyperparameter, (int, float)) and hyperparameter == 0
-
-
-def check_common(learning_rate: Any, comm: Any, b1: Any, b2: Any, eps: Any,
-                 weight_decay: Any) -> comm_lib.Communicator:
+def check_common(learning_rate: Any, comm: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any) -> comm_lib.Communicator:
   """Checks the hyperparameters every 1-bit optimizer has; returns the communicator for `comm`."""
   _checks.check_learning_rate(learning_rate)
   check_moment_hyperparameters(b1, b2, eps)
@@ -106,7 +99,7 @@ def check_freeze_step(freeze_step: Any) -> Any:
 
 
 def initial_count() -> jax.Array:
-  """DeepSpeed's engine makes one set-up call with zero gradients that counts as step 1 (SPEC.md section 2)."""
+  """DeepSpeed's engine makes one set-up call with zero gradients that counts as step 1 (Algorithms section 2)."""
   return jnp.ones([], jnp.int32)
 
 
@@ -133,9 +126,13 @@ def zeros_like(tree: Any, communicator: comm_lib.Communicator) -> Any:
   float64 leaf), laid out like it on an Explicit mesh, and typed replicated over the data axis inside `shard_map`
   even where the leaf is per rank (`jnp.zeros_like` would type it varying), but varying over the other axes the
   leaves vary over (a "model" axis: `comm.other_axes`)."""
-  axes = comm_lib.other_axes(communicator, tree)
-  return jax.tree.map(lambda p: comm_lib.mark_varying(
-      jnp.zeros(jnp.shape(p), _common.arithmetic_dtype(p.dtype), out_sharding=jax.typeof(p).sharding), axes), tree)
+  axes = _rank_types.other_axes(communicator, tree)
+  return jax.tree.map(
+    lambda p: _rank_types.mark_varying(
+      jnp.zeros(jnp.shape(p), _common.arithmetic_dtype(p.dtype), out_sharding=jax.typeof(p).sharding), axes
+    ),
+    tree,
+  )
 
 
 def skipped_exchange(tree: Any, communicator: comm_lib.Communicator) -> Any:
@@ -145,9 +142,10 @@ def skipped_exchange(tree: Any, communicator: comm_lib.Communicator) -> Any:
   n_pad = compression.padded_length(compression.tree_size(tree), world, local)
   if n_pad == 0 or world // local == 1:  # an exact mean: a tree like `tree`
     return zeros_like(tree, communicator)
-  varying = lambda x: comm_lib.mark_varying(x, comm_lib.other_axes(communicator, tree))
-  return compression.SignPayload(varying(jnp.zeros([world, n_pad // world // 8], jnp.uint8)),
-                                 varying(jnp.zeros([world], jnp.float32)))
+  varying = lambda x: _rank_types.mark_varying(x, _rank_types.other_axes(communicator, tree))
+  return compression.SignPayload(
+    varying(jnp.zeros([world, n_pad // world // 8], jnp.uint8)), varying(jnp.zeros([world], jnp.float32))
+  )
 
 
 def check_update_args(updates: Any, like: Any, params: Any, params_required: bool = True) -> tuple[Any, Any]:
@@ -168,8 +166,9 @@ def as_dtypes_of(tree: Any, like: Any) -> Any:
   return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
-def check_exchange(communicator: comm_lib.Communicator, exchange: compression.CompressedAllReduceState,
-                   tree: Any) -> int:
+def check_exchange(
+  communicator: comm_lib.Communicator, exchange: compression.CompressedAllReduceState, tree: Any
+) -> int:
   """Returns the world size; raises a clear error if `comm` is unusable here or `exchange` fits another world size.
 
   Checked up front: the warm-up branch would otherwise fail first, inside a collective, with an error that names no
@@ -180,18 +179,20 @@ def check_exchange(communicator: comm_lib.Communicator, exchange: compression.Co
   return world
 
 
-def checked_inputs(updates: Any, state: Any, params: Any, communicator: comm_lib.Communicator,
-                   params_required: bool = True) -> tuple[Any, Any, int]:
+def checked_inputs(
+  updates: Any, state: Any, params: Any, communicator: comm_lib.Communicator, params_required: bool = True
+) -> tuple[Any, Any, int]:
   """What every 1-bit update starts with: the grads and params in the state's dtypes, checked against the state's
   `nu` (laid out like the params in every 1-bit state, in each param's arithmetic dtype), and the world size its
   exchange state fits."""
-  comm_lib.check_local_gradients(communicator, updates)
+  _rank_types.check_local_gradients(communicator, updates)
   grads, params = check_update_args(updates, state.nu, params, params_required)
   return grads, params, check_exchange(communicator, state.exchange, grads)
 
 
-def warmup_moments(grads: Any, mu: Any, nu: Any, b1: _common.Decay, b2: _common.Decay,
-                   communicator: comm_lib.Communicator) -> tuple[Any, Any]:
+def warmup_moments(
+  grads: Any, mu: Any, nu: Any, b1: _common.Decay, b2: _common.Decay, communicator: comm_lib.Communicator
+) -> tuple[Any, Any]:
   """The uncompressed step all three optimizers share (1-bit Adam's and 1-bit LAMB's warm-up, 0/1 Adam's variance
   steps): the exact mean of the ranks' gradients, then ``m = b1*m + (1-b1)*g`` and ``v = b2*v + (1-b2)*g*g``."""
   mean = compression.exact_mean(grads, communicator)
@@ -210,13 +211,15 @@ def run_if(pred: jax.Array, fn: Any, operands: Any, carry: Any) -> tuple[Any, An
   the carry too, since XLA copies a loop's operands that are read after it, and the optimization barrier ties them
   to the trip counter, so that XLA cannot hoist the body's work out of the loop and run it on every step.
   """
+
   def body(loop):
     counter, operands, carry = loop
     return counter + 1, operands, fn(_tied_to(counter, operands), carry)
 
   trips = jnp.asarray(pred).astype(jnp.int32)
-  _, operands, carry = jax.lax.while_loop(lambda loop: loop[0] < trips, body,
-                                          (jnp.zeros([], jnp.int32), operands, _typed_as_outputs(fn, operands, carry)))
+  _, operands, carry = jax.lax.while_loop(
+    lambda loop: loop[0] < trips, body, (jnp.zeros([], jnp.int32), operands, _typed_as_outputs(fn, operands, carry))
+  )
   return operands, carry
 
 
@@ -226,8 +229,10 @@ def _typed_as_outputs(fn: Any, operands: Any, carry: Any) -> Any:
   the params do)."""
   for _ in range(4):  # types only widen, over a few mesh axes
     outputs = jax.tree.leaves(jax.eval_shape(fn, operands, carry))
-    widened = [comm_lib.mark_varying(x, tuple(comm_lib.varying_axes(out))) for x, out in
-               zip(jax.tree.leaves(carry), outputs)]
+    widened = [
+      _rank_types.mark_varying(x, tuple(_rank_types.varying_axes(out)))
+      for x, out in zip(jax.tree.leaves(carry), outputs)
+    ]
     if all(w is x for w, x in zip(widened, jax.tree.leaves(carry))):
       return carry
     carry = jax.tree.unflatten(jax.tree.structure(carry), widened)
@@ -240,7 +245,7 @@ def _tied_to(counter: jax.Array, tree: Any) -> Any:
   leaves, treedef = jax.tree.flatten(tree)
   groups = {}
   for index, leaf in enumerate(leaves):
-    groups.setdefault(comm_lib.varying_axes(leaf), []).append(index)
+    groups.setdefault(_rank_types.varying_axes(leaf), []).append(index)
   for indices in groups.values():
     _, tied = jax.lax.optimization_barrier((counter, [leaves[i] for i in indices]))
     for index, leaf in zip(indices, tied):
@@ -272,60 +277,3 @@ def to_per_rank_layout(tree: Any) -> Any:
 def from_per_rank_layout(tree: Any, like: Any) -> Any:
   """Inverse of `to_per_rank_layout`: leaves shaped like those of `like` again."""
   return jax.tree.map(lambda x, p: jnp.reshape(x, ()) if jnp.ndim(p) == 0 else x, tree, like)
-
-
-# Dtype-preserving weight decay and learning rate. `optax.add_decayed_weights` and `optax.scale_by_learning_rate`
-# multiply by the hyperparameter as given: under `optax.inject_hyperparams` that is a float32 array, which turns
-# bfloat16 updates into float32 ones (or raises under strict dtype promotion), and a Python float is rounded to the
-# updates' dtype first. These compute in each leaf's arithmetic dtype (float32, float64 for float64 leaves) and round
-# once, to the updates' dtype; in float32 they are bitwise optax's ``g + wd * p`` and ``-lr * g``.
-
-def add_decayed_weights(weight_decay: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
-  """``updates + weight_decay * params`` (DeepSpeed's decoupled form, added to the Adam direction), in each leaf's
-  arithmetic dtype, returned in the updates' dtype. A schedule sees the number of updates so far."""
-  check_weight_decay(weight_decay)
-
-  def init_fn(params):
-    del params
-    return _common.init_schedule_state(weight_decay)
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("The 1-bit optimizers need `params` (for the weight decay): call `update(grads, state, "
-                       "params)`.")
-    if is_static_zero(weight_decay):  # do not read the params at all
-      return updates, state
-    decay = _common.value_at(weight_decay, _common.schedule_count(state), _common.widest_arithmetic_dtype(updates))
-
-    def leaf(g, p):
-      dtype = _common.arithmetic_dtype(g.dtype)
-      return (g.astype(dtype) + decay.astype(dtype) * p.astype(dtype)).astype(g.dtype)
-
-    updates = jax.tree.map(leaf, updates, params)
-    return updates, _common.advance_schedule_state(state)
-
-  return _common.extra_args_transform(init_fn, update_fn)
-
-
-def scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformationExtraArgs:
-  """``-learning_rate * updates`` in each leaf's arithmetic dtype, returned in the updates' dtype. A schedule sees
-  the number of updates so far."""
-  _checks.check_learning_rate(learning_rate)
-
-  def init_fn(params):
-    del params
-    return _common.init_schedule_state(learning_rate)
-
-  def update_fn(updates, state, params=None):
-    del params
-    step_size = -_common.value_at(learning_rate, _common.schedule_count(state),
-                                  _common.widest_arithmetic_dtype(updates))
-
-    def leaf(g):
-      dtype = _common.arithmetic_dtype(g.dtype)
-      return (step_size.astype(dtype) * g.astype(dtype)).astype(g.dtype)
-
-    updates = jax.tree.map(leaf, updates)
-    return updates, _common.advance_schedule_state(state)
-
-  return _common.extra_args_transform(init_fn, update_fn)

@@ -7,7 +7,7 @@ Every communicating transform takes one argument, `comm`, turned into a `Communi
 - an mpi4py communicator (e.g. `MPI.COMM_WORLD`): mpi4jax collectives inside `jax.jit`, one device per process;
 - `None`: a single device, every exchange is the identity;
 - `TwoLevel(fast, slow)`: ranks on a grid of hosts (`slow`) by ranks per host (`fast`); the compressed exchange
-  then reduces exactly inside each host and compresses only between hosts (SPEC.md section 3b);
+  then reduces exactly inside each host and compresses only between hosts (Algorithms section 3b);
 - any object implementing `Communicator` (its four members below; optionally ``per_rank(x)``, which marks a fresh
   per-rank buffer for `shard_map`'s type checks, as `MeshAxis.per_rank` does).
 
@@ -22,6 +22,20 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from optax_lamb16._rank_types import mark_varying
+
+__all__ = [
+  "Communicator",
+  "as_communicator",
+  "SingleDevice",
+  "MeshAxis",
+  "TwoLevel",
+  "MPI",
+  "SimulatedRanks",
+  "world_size",
+  "ranks_per_host",
+]
 
 
 @runtime_checkable
@@ -39,7 +53,7 @@ class Communicator(Protocol):
     """`x` has shape (size, ...): row i goes to rank i; returns (size, ...) whose row j came from rank j."""
 
   def all_gather(self, x: jax.Array) -> jax.Array:
-    """Returns (size, *x.shape): row j is rank j's `x`, identical on every rank."""
+    """Returns ``(size, *x.shape)``: row j is rank j's `x`, identical on every rank."""
 
 
 class SingleDevice:
@@ -98,11 +112,12 @@ class MeshAxis:
       return int(jax.lax.axis_size(self.axis_name))
     except NameError as error:
       raise ValueError(
-          f"comm={self.axis_name!r} names a mesh axis that is not bound here. Call `init` and `update` inside "
-          f"`jax.shard_map(..., mesh=mesh)` over a mesh with an axis {self.axis_name!r} (or `jax.pmap(..., "
-          f"axis_name={self.axis_name!r})`); `optax_lamb16.data_parallel(loss_fn, tx, mesh, {self.axis_name!r})` "
-          f"builds that step for you from plain `jax.jit` code. comm=None is for one device: under `jax.jit` with a "
-          f"sharded batch it would train with a float32 all-reduce and no compression.") from error
+        f"comm={self.axis_name!r} names a mesh axis that is not bound here. Call `init` and `update` inside "
+        f"`jax.shard_map(..., mesh=mesh)` over a mesh with an axis {self.axis_name!r} (or `jax.pmap(..., "
+        f"axis_name={self.axis_name!r})`); `optax_lamb16.data_parallel(loss_fn, tx, mesh, {self.axis_name!r})` "
+        f"builds that step for you from plain `jax.jit` code. comm=None is for one device: under `jax.jit` with a "
+        f"sharded batch it would train with a float32 all-reduce and no compression."
+      ) from error
 
   def mean(self, x):
     return jax.lax.pmean(x, self.axis_name)
@@ -123,7 +138,7 @@ class MeshAxis:
   def per_rank(self, x):
     # Per-rank buffers (zeros at init, replicated values that become per-rank) must be typed as varying over the
     # axis, like what they will hold.
-    self.size  # a clear error if the axis is not bound
+    _ = self.size  # a clear error if the axis is not bound
     if not self._typed():
       return x  # a named `jax.vmap` axis: nothing to mark
     return mark_varying(x, (self.axis_name,))
@@ -137,7 +152,7 @@ class TwoLevel:
   devices of one process). Rank ``(h, l)`` is rank ``h * L + l`` of the whole grid (hosts major, as the mesh spec
   ``P((slow, fast))`` lays it out).
 
-  Exact collectives span all ranks. The compressed exchange (SPEC.md section 3b) reduces exactly over `fast`,
+  Exact collectives span all ranks. The compressed exchange (Algorithms section 3b) reduces exactly over `fast`,
   compresses only over `slow` and gathers over `fast` again: each rank compresses 1/L of the buffer, so the bytes
   that cross between hosts drop by another factor of L = `fast.size`.
 
@@ -154,8 +169,10 @@ class TwoLevel:
 
   def __init__(self, fast: Any, slow: Any):
     if isinstance(fast, str) and fast == slow:
-      raise ValueError(f"TwoLevel needs two different mesh axes, got fast=slow={fast!r}: `fast` names the axis of the "
-                       f"ranks inside a host, `slow` the axis of the hosts (e.g. fast='local', slow='hosts').")
+      raise ValueError(
+        f"TwoLevel needs two different mesh axes, got fast=slow={fast!r}: `fast` names the axis of the "
+        f"ranks inside a host, `slow` the axis of the hosts (e.g. fast='local', slow='hosts')."
+      )
     self.fast, self.slow = as_communicator(fast), as_communicator(slow)
 
   @property
@@ -190,7 +207,10 @@ class TwoLevel:
     return self.slow.all_gather(self.fast.all_gather(x)).reshape(self.size, *x.shape)
 
   def per_rank(self, x):
-    return mark_per_rank(self.slow, mark_per_rank(self.fast, x))
+    for level in (self.fast, self.slow):
+      if hasattr(level, "per_rank"):
+        x = level.per_rank(x)
+    return x
 
   def __repr__(self):
     return f"TwoLevel(fast={self.fast!r}, slow={self.slow!r})"
@@ -229,6 +249,7 @@ class MPI:
   def mean(self, x):
     import mpi4jax
     from mpi4py import MPI as _MPI
+
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"MPI.mean needs a floating array, got {x.dtype}")
     wide = jnp.float64 if x.dtype == jnp.float64 else jnp.float32  # mpi4jax has no float16 / bfloat16
@@ -237,11 +258,13 @@ class MPI:
 
   def all_to_all(self, x):
     import mpi4jax
+
     payload, dtype = _to_mpi(x)
     return _from_mpi(mpi4jax.alltoall(payload, comm=self.comm), dtype)
 
   def all_gather(self, x):
     import mpi4jax
+
     payload, dtype = _to_mpi(x)
     return _from_mpi(mpi4jax.allgather(payload, comm=self.comm), dtype)
 
@@ -254,129 +277,39 @@ def _is_mpi4py_comm(comm: Any) -> bool:
   return module.startswith("mpi4py") and hasattr(comm, "Get_size")
 
 
+_BUILT_IN = (SingleDevice, SimulatedRanks, MeshAxis, TwoLevel, MPI)
+
+
 def as_communicator(comm: Any) -> Communicator:
   """Turns the user-facing `comm` argument into a `Communicator` (see the module docstring)."""
+  if isinstance(comm, _BUILT_IN):
+    return comm
   if comm is None:
     return SingleDevice()
   if isinstance(comm, str):
     return MeshAxis(comm)
   if _is_mpi4py_comm(comm):
     return MPI(comm)
-  if isinstance(comm, TwoLevel):  # before the protocol check, which would read `size` where no axis is bound
-    return comm
   if isinstance(comm, Communicator):
     return comm
   # Passing the mesh itself is an easy mistake: `comm` names its data-parallel axis instead.
-  hint = " For a `jax.sharding.Mesh`, pass the name of its data-parallel axis, e.g. comm='data'." if isinstance(
-      comm, jax.sharding.Mesh) else ""
+  hint = (
+    " For a `jax.sharding.Mesh`, pass the name of its data-parallel axis, e.g. comm='data'."
+    if isinstance(comm, jax.sharding.Mesh)
+    else ""
+  )
   raise TypeError(
-      f"`comm` must be a mesh-axis name (str), an mpi4py communicator, None (one device) or an object with `size`, "
-      f"`mean`, `all_to_all` and `all_gather`; got {type(comm).__name__}: {comm!r}.{hint}")
-
-
-def mark_per_rank(comm: Communicator, x: jax.Array) -> jax.Array:
-  """Marks a freshly made buffer as per-rank state (needed by `shard_map`'s type checks; a no-op elsewhere).
-
-  Communicators may define ``per_rank(x)``; the others need nothing.
-  """
-  per_rank = getattr(comm, "per_rank", None)
-  return x if per_rank is None else per_rank(x)
-
-
-def varying_axes(x: Any) -> frozenset:
-  """The manual mesh axes that `x` (an array or an abstract value) is typed varying over inside `shard_map`."""
-  # An abstract value (`jax.ShapeDtypeStruct`) carries the type itself; `jax.typeof` of one fails under a
-  # `shard_map` that leaves some mesh axes automatic.
-  manual = getattr(x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x), "manual_axis_type", None)
-  return frozenset(manual.varying) if manual is not None else frozenset()
-
-
-def _own_axes(comm: Communicator) -> frozenset:
-  if isinstance(comm, MeshAxis):
-    return frozenset([comm.axis_name])
-  if isinstance(comm, TwoLevel):
-    return _own_axes(comm.fast) | _own_axes(comm.slow)
-  return frozenset()
-
-
-def other_axes(comm: Communicator, tree: Any) -> tuple[str, ...]:
-  """The `shard_map` axes other than the communicator's over which the leaves of `tree` vary (e.g. a "model" axis
-  that shards them), the same for every leaf; () outside `shard_map`.
-
-  The 1-bit exchange sends all leaves as one buffer over the data axis, so state built from them varies over these
-  axes too, and leaves that differ in them (some sharded over "model", some replicated) cannot share one optimizer.
-  """
-  own = _own_axes(comm)
-  found = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    found.setdefault(varying_axes(leaf) - own, jax.tree_util.keystr(path) or "<root>")
-  if len(found) > 1:
-    kinds = "; ".join(f"{path} varies over {sorted(axes) or 'no other axis'}" for axes, path in found.items())
-    raise ValueError(
-        f"The leaves given to a 1-bit optimizer or exchange over {comm!r} vary over different mesh axes ({kinds}). "
-        f"One compressed exchange carries all leaves as one buffer, so they must all be sharded alike over the "
-        f"axes other than the data axis. Give each kind its own optimizer with `optax.partition` (e.g. "
-        f"model-sharded leaves and replicated ones).")
-  return tuple(sorted(next(iter(found)))) if found else ()
-
-
-def _invariant_leaf(comm: Communicator, tree: Any) -> tuple[str, tuple[str, ...]] | None:
-  """The path of the first floating leaf of `tree` typed the same on every rank of the communicator's `shard_map`
-  axes, with those axes; None when there is none or no such axis is manual and type-checked here (outside
-  `shard_map`, with ``check_vma=False``, under `jax.pmap` or a named `jax.vmap`, or with a non-mesh communicator)."""
-  axes = tuple(sorted(_own_axes(comm) & frozenset(jax.sharding.get_abstract_mesh().manual_axes)))
-  # Under `shard_map(..., check_vma=False)` nothing is typed varying, not even the rank's own index: no verdict.
-  if not axes or not all(axis in varying_axes(jax.lax.axis_index(axis)) for axis in axes):
-    return None
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and not set(axes) <= varying_axes(leaf):
-      return jax.tree_util.keystr(path) or "<root>", axes
-  return None
-
-
-def check_local_gradients(comm: Communicator, updates: Any) -> None:
-  """Raises when a communicating transform is given gradients that are already the same on every rank.
-
-  Inside `shard_map`, the gradient with respect to replicated params comes out of autodiff summed over the axis
-  (a float32 all-reduce in the backward pass), typed invariant: exchanging it again would train, but with the very
-  all-reduce this library removes, and nothing would look wrong.
-  """
-  found = _invariant_leaf(comm, updates)
-  if found:
-    path, axes = found
-    raise ValueError(
-        f"`updates` leaf {path} is the same on every rank of {axes} (typed invariant): these gradients were already "
-        f"summed over the ranks by autodiff, a float32 all-reduce in the backward pass, because they were taken with "
-        f"respect to replicated params. Take them with respect to `optax_lamb16.local_view(params, {_axis_arg(axes)})` "
-        f"so that each rank's own gradients reach the optimizer, or let `optax_lamb16.data_parallel` build the step.")
-
-
-def check_per_rank_params(comm: Communicator, params: Any) -> None:
-  """Raises when an optimizer whose params differ per rank (0/1 Adam) is given params replicated over the axis."""
-  found = _invariant_leaf(comm, params)
-  if found:
-    path, axes = found
-    raise ValueError(
-        f"`params` leaf {path} is replicated over {axes}, but 0/1 Adam's params drift apart per rank between syncs, "
-        f"so they must be per rank: keep one copy per rank stacked on a leading axis with spec "
-        f"P({_axis_arg(axes)}) and pass this rank's copy to `update` (`optax_lamb16.data_parallel` lays them out "
-        f"for you). Replicated params (spec P()) cannot hold them.")
-
-
-def _axis_arg(axes: tuple[str, ...]) -> str:
-  return repr(axes[0]) if len(axes) == 1 else repr(axes)
-
-
-def mark_varying(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-  """`x` typed as varying over `axes` (those of `other_axes`) inside `shard_map`; unchanged where it already is."""
-  missing = tuple(a for a in axes if a not in varying_axes(x))
-  return jax.lax.pcast(x, missing, to="varying") if missing else x
+    f"`comm` must be a mesh-axis name (str), an mpi4py communicator, None (one device) or an object with `size`, "
+    f"`mean`, `all_to_all` and `all_gather`; got {type(comm).__name__}: {comm!r}.{hint}"
+  )
 
 
 def world_size(comm: Communicator) -> int:
   """The communicator's size as a checked positive Python int."""
   size = comm.size
   if not isinstance(size, (int, np.integer)) or size < 1:
-    raise ValueError(f"`comm.size` must be a positive Python int (the static number of data-parallel ranks), got "
-                     f"{size!r} from {comm!r}. Make the communicator's `size` return an int.")
+    raise ValueError(
+      f"`comm.size` must be a positive Python int (the static number of data-parallel ranks), got "
+      f"{size!r} from {comm!r}. Make the communicator's `size` return an int."
+    )
   return int(size)

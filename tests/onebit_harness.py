@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tests import reference
 
 NAMES = ("b", "s", "w", "z")  # tree-flatten order of the params dict; "s" is 0-d; "z" never gets a gradient
@@ -23,13 +24,18 @@ OFFSET = 2.0  # of the targets, learnt by the 0-d parameter "s"
 
 def make_problem(world: int, steps: int, seed: int = 0):
   rng = np.random.default_rng(seed)
-  params = {"b": np.zeros(OUT, np.float32), "w": (rng.standard_normal((DIM, OUT)) * 0.3).astype(np.float32),
-            "z": np.ones(5, np.float32)}
+  params = {
+    "b": np.zeros(OUT, np.float32),
+    "w": (rng.standard_normal((DIM, OUT)) * 0.3).astype(np.float32),
+    "z": np.ones(5, np.float32),
+  }
   x = rng.standard_normal((world, EXAMPLES, DIM)).astype(np.float32)
   y = (x @ rng.standard_normal((DIM, OUT)) + rng.standard_normal((world, EXAMPLES, OUT)) * 0.1).astype(np.float32)
-  noise = {"b": rng.standard_normal((steps, world, OUT)).astype(np.float32) * 0.2,
-           "w": rng.standard_normal((steps, world, DIM, OUT)).astype(np.float32) * 0.2,
-           "z": np.zeros((steps, world, 5), np.float32)}
+  noise = {
+    "b": rng.standard_normal((steps, world, OUT)).astype(np.float32) * 0.2,
+    "w": rng.standard_normal((steps, world, DIM, OUT)).astype(np.float32) * 0.2,
+    "z": np.zeros((steps, world, 5), np.float32),
+  }
   # The 0-d offset: its noise drawn last, so that the other leaves' draws do not depend on it; the targets are offset
   # by OFFSET, so that s moves from 0.75 towards it and stays well away from 0 (relative errors stay meaningful).
   y = y + np.float32(OFFSET)
@@ -51,8 +57,12 @@ def numpy_grads(params: dict, x: np.ndarray, y: np.ndarray, noise_t: dict, rank:
   """Gradient of mean((x w + b - y)^2) on `rank`'s data, plus its noise; leaves in NAMES order."""
   residual = x[rank] @ params["w"] + params["b"] + params["s"] - y[rank]
   scale = np.float32(2.0 / residual.size)
-  grads = {"b": scale * residual.sum(axis=0), "s": scale * residual.sum(), "w": scale * (x[rank].T @ residual),
-           "z": np.zeros(5, np.float32)}
+  grads = {
+    "b": scale * residual.sum(axis=0),
+    "s": scale * residual.sum(),
+    "w": scale * (x[rank].T @ residual),
+    "z": np.zeros(5, np.float32),
+  }
   return [(grads[n] + noise_t[n][rank]).astype(np.float32) for n in NAMES]
 
 
@@ -64,8 +74,9 @@ def host_mesh(world: int | None = None, axis: str = "data"):
 
 def grid_mesh(hosts: int, local: int):
   """A 2-D mesh ("hosts", "local") over the first hosts * local devices, for `comm.TwoLevel`."""
-  return jax.make_mesh((hosts, local), GRID_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2,
-                       devices=jax.devices()[:hosts * local])
+  return jax.make_mesh(
+    (hosts, local), GRID_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 2, devices=jax.devices()[: hosts * local]
+  )
 
 
 GRID_AXES = ("hosts", "local")
@@ -110,8 +121,9 @@ def trajectory_fn(make_tx, mesh, per_rank_params: bool = False, with_states: boo
     def step(carry, noise_t):
       params, state = carry
       # local_view: this rank's own gradients (autodiff would otherwise psum them over the axis).
-      grads = jax.grad(_loss)(optax_lamb16.local_view(jax.tree.map(lambda p: p.astype(jnp.float32), params), data),
-                              x[0], y[0])
+      grads = jax.grad(_loss)(
+        optax_lamb16.local_view(jax.tree.map(lambda p: p.astype(jnp.float32), params), data), x[0], y[0]
+      )
       grads = jax.tree.map(lambda g, n, p: (g + n[0]).astype(p.dtype), grads, noise_t, params)
       updates, state = tx.update(grads, state, params)
       params = optax.apply_updates(params, updates)
@@ -121,21 +133,32 @@ def trajectory_fn(make_tx, mesh, per_rank_params: bool = False, with_states: boo
     return jax.tree.map(lambda a: a[None], trajectory)
 
   noise_specs = {n: P(None, data) for n in NAMES}
-  return jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(), P(data), P(data), noise_specs),
-                               out_specs=P(data)))
+  return jax.jit(jax.shard_map(per_rank, mesh=mesh, in_specs=(P(), P(data), P(data), noise_specs), out_specs=P(data)))
 
 
 def global_inputs(mesh, params, x, y, noise, param_dtype=jnp.float32):
   """The problem as global arrays over `mesh` (works across jax.distributed processes too)."""
+
   def put(array, spec):
     return jax.make_array_from_callback(array.shape, NamedSharding(mesh, spec), lambda index: array[index])
+
   params = {n: put(np.asarray(p).astype(param_dtype), P()) for n, p in params.items()}
   _, data = data_axes(mesh)
   return params, put(x, P(data)), put(y, P(data)), {n: put(a, P(None, data)) for n, a in noise.items()}
 
 
-def run_jax(make_tx, world: int, params: dict, x, y, noise, param_dtype=jnp.float32, per_rank_params=False,
-            with_states=False, hosts=None):
+def run_jax(
+  make_tx,
+  world: int,
+  params: dict,
+  x,
+  y,
+  noise,
+  param_dtype=jnp.float32,
+  per_rank_params=False,
+  with_states=False,
+  hosts=None,
+):
   """`trajectory_fn` on the first `world` host devices of this process, as NumPy arrays: the params trajectory, or
   (params, states) with `with_states` (every state leaf (P, T, ...): rank r's state after step t at [r, t]).
   With `hosts`, over a `grid_mesh` of `hosts` x `world // hosts` ranks and a `comm.TwoLevel` communicator."""
@@ -172,6 +195,7 @@ def zero_one_adam_phases(states, rank: int = 0) -> list[str]:
 
 def run_mpi_rank(tx, rank: int, params: dict, x, y, noise):
   """This MPI rank's trajectory (no shard_map: one device per process, `tx` built with an mpi4py comm)."""
+
   def step(carry, noise_t):
     params, state = noisy_step(tx, *carry, x, y, noise_t, rank)
     return (params, state), params
@@ -179,6 +203,7 @@ def run_mpi_rank(tx, rank: int, params: dict, x, y, noise):
   @jax.jit
   def run(params):
     return jax.lax.scan(step, (params, tx.init(params)), jax.tree.map(jnp.asarray, noise))[1]
+
   return jax.tree.map(np.asarray, run(jax.tree.map(jnp.asarray, params)))
 
 
@@ -211,7 +236,6 @@ def assert_close_to_oracle(got: dict, trajectory, world: int, rtol: float = 1e-5
         assert gap <= rtol * max(np.linalg.norm(want), 1e-30), (t, r, name, gap, np.linalg.norm(want))
 
 
-
 class Stepper:
   """Step-by-step runs over global arrays, for loops that save, restore or inject between steps.
 
@@ -235,13 +259,19 @@ class Stepper:
       params = {n: np.broadcast_to(p, (world, *p.shape)) for n, p in params.items()}
     self.params = {n: self.put(np.asarray(p), param_spec) for n, p in params.items()}
     local_init = lambda p: self.tx.init(self._mine(p))
-    shapes = jax.eval_shape(jax.shard_map(local_init, mesh=mesh, in_specs=param_spec, out_specs=P(),
-                                          check_vma=False), self.params)
+    shapes = jax.eval_shape(
+      jax.shard_map(local_init, mesh=mesh, in_specs=param_spec, out_specs=P(), check_vma=False), self.params
+    )
     specs = optax_lamb16.state_partition_specs(shapes, "data")
     self.state = jax.jit(jax.shard_map(local_init, mesh=mesh, in_specs=param_spec, out_specs=specs))(self.params)
-    self.step = jax.jit(jax.shard_map(self._local_step, mesh=mesh,
-                                      in_specs=(param_spec, specs, P("data"), P("data"), P("data")),
-                                      out_specs=(param_spec, specs)))
+    self.step = jax.jit(
+      jax.shard_map(
+        self._local_step,
+        mesh=mesh,
+        in_specs=(param_spec, specs, P("data"), P("data"), P("data")),
+        out_specs=(param_spec, specs),
+      )
+    )
 
   def put(self, array: np.ndarray, spec) -> jax.Array:
     if self.mesh is None:

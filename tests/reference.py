@@ -48,16 +48,17 @@ class Lamb16LeafState:
 class Lamb16Reference:
   """SPEC.md section 1, one leaf at a time, in the order the spec lists the steps."""
 
-  def __init__(self, params, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, trust_scale=0.382, reference_lr=1e-3,
-               decay_mask=None):
+  def __init__(
+    self, params, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, trust_scale=0.382, reference_lr=1e-3, decay_mask=None
+  ):
     self.b1, self.b2, self.eps = F32(b1), F32(b2), F32(eps)
     self.c1, self.c2 = complement(b1), complement(b2)
     self.weight_decay, self.trust_scale, self.reference_lr = F32(weight_decay), F32(trust_scale), F32(reference_lr)
     self.decay_mask = decay_mask if decay_mask is not None else [True] * len(params)
     self.count = 0  # steps taken: SPEC.md 1b's stochastic rounding hashes it
     self.states = [
-        Lamb16LeafState(to_float8_e4m3fn(np.zeros(p.shape)), to_float8_e5m2(np.zeros(p.shape)), F32(1), F32(1))
-        for p in params
+      Lamb16LeafState(to_float8_e4m3fn(np.zeros(p.shape)), to_float8_e5m2(np.zeros(p.shape)), F32(1), F32(1))
+      for p in params
     ]
 
   def step(self, params: list[np.ndarray], grads: list[np.ndarray], lr: float) -> list[np.ndarray]:
@@ -106,7 +107,7 @@ class Lamb16Reference:
 class Lamb16BlockwiseReference(Lamb16Reference):
   """SPEC.md section 1b: section 1 with one scale per block of `block_size` elements of the flattened leaf."""
 
-  M_TOP, V_TOP, FLOOR = F32(448), F32(57344), F32(2.0 ** -126)
+  M_TOP, V_TOP, FLOOR = F32(448), F32(57344), F32(2.0**-126)
 
   def __init__(self, params, block_size=256, stochastic_rounding=False, **kwargs):
     super().__init__(params, **kwargs)
@@ -126,7 +127,7 @@ class Lamb16BlockwiseReference(Lamb16Reference):
   def _block_maxima(self, x: np.ndarray) -> np.ndarray:
     blocks = -(-x.size // self.block_size)
     padded = np.zeros(blocks * self.block_size, F32)
-    padded[:x.size] = x.reshape(-1)
+    padded[: x.size] = x.reshape(-1)
     return padded.reshape(blocks, self.block_size).max(axis=1)
 
   def requantize(self, s, m, v, leaf):
@@ -137,6 +138,56 @@ class Lamb16BlockwiseReference(Lamb16Reference):
     s.mq = to_float8_e4m3fn(m / self._per_element(s.sm, m.shape))
     y = v / self._per_element(s.sv, v.shape)
     s.vq = stochastic_e5m2(y, self.count, leaf) if self.stochastic_rounding else to_float8_e5m2(y)
+
+
+class AdamW16Reference(Lamb16BlockwiseReference):
+  """SPEC.md section 8: optax.adamw's step with m and v in section 1b's storage (v rounded stochastically unless
+  `stochastic_rounding=False`)."""
+
+  def __init__(
+    self,
+    params,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    eps_root=0.0,
+    weight_decay=1e-4,
+    nesterov=False,
+    block_size=256,
+    stochastic_rounding=True,
+    decay_mask=None,
+  ):
+    super().__init__(
+      params, block_size=block_size, stochastic_rounding=stochastic_rounding, b1=b1, b2=b2, decay_mask=decay_mask
+    )
+    self.b1_value, self.b2_value = b1, b2
+    self.eps, self.eps_root, self.weight_decay, self.nesterov = F32(eps), F32(eps_root), F32(weight_decay), nesterov
+
+  def step(self, params, grads, lr):
+    lr = F32(lr)
+    t = self.count + 1
+    # 2. bias corrections in float32, as optax forms them: 1 - float32(b) ** t
+    c1, c2 = F32(1) - self.b1 ** F32(t), F32(1) - self.b2 ** F32(t)
+    new_params = []
+    for index, (p, g) in enumerate(zip(params, grads)):
+      p, g, s = np.asarray(p, F32), np.asarray(g, F32), self.states[index]
+      # 1. dequantize, moments
+      m, v = self.dequantize(s)
+      m = self.b1 * m + self.c1 * g
+      v = self.b2 * v + self.c2 * g * g
+      if self.nesterov:
+        m_hat = self.b1 * m / (F32(1) - self.b1 ** F32(t + 1)) + self.c1 * g / c1
+      else:
+        m_hat = m / c1
+      # 3. direction from this step's float32 moments
+      u = m_hat / (np.sqrt(v / c2 + self.eps_root) + self.eps)
+      # 4. store
+      self.requantize(s, m, v, index)
+      if self.decay_mask[index]:
+        u = u + self.weight_decay * p
+      new_params.append((p + (-lr) * u).astype(F32))
+    self.count += 1
+    return new_params
 
 
 def fmix32(h: np.ndarray) -> np.ndarray:
@@ -159,7 +210,7 @@ def stochastic_e5m2(y: np.ndarray, step: int, leaf: int) -> np.ndarray:
   upper = np.where(nearest.astype(F32) < flat, (nearest.view(np.uint8) + 1).view(ml_dtypes.float8_e5m2), nearest)
   low, gap = lower.astype(np.float64), upper.astype(np.float64) - lower.astype(np.float64)
   frac = np.divide(flat - low, gap, out=np.zeros_like(low), where=gap > 0)
-  up = frac * 2.0 ** 21 >= 2.0 ** 21 - t.astype(np.float64)
+  up = frac * 2.0**21 >= 2.0**21 - t.astype(np.float64)
   return np.where(up, upper, lower).reshape(np.shape(y))
 
 
@@ -207,7 +258,7 @@ class CompressedAllReduceReference:
       scale = rms(a)
       self.server_error[server] = (a - scale * sgn(a)).astype(F32)
       output[part] = scale * sgn(a)
-    return output[:self.n]
+    return output[: self.n]
 
 
 class TwoLevelCompressedAllReduceReference:
@@ -230,26 +281,27 @@ class TwoLevelCompressedAllReduceReference:
     hosts, local, shard = self.hosts, self.local, self.shard
     padded = [np.concatenate([np.asarray(x, F32), np.zeros(self.n_pad - self.n, F32)]) for x in inputs]
     output = np.zeros(self.n_pad, F32)
-    for l in range(local):
-      part = slice(l * shard, (l + 1) * shard)
+    for j in range(local):
+      part = slice(j * shard, (j + 1) * shard)
       host_means = []
       for h in range(hosts):
         total = np.zeros(shard, F32)
         for other in range(local):  # summed in rank order, then divided
           total = total + padded[h * local + other][part]
         host_means.append((total / F32(local)).astype(F32))
-      output[part] = self.exchanges[l](host_means) if hosts > 1 else host_means[0]
-    return output[:self.n]
+      output[part] = self.exchanges[j](host_means) if hosts > 1 else host_means[0]
+    return output[: self.n]
 
   def errors(self, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """(worker_error, server_error) of grid rank `rank`."""
-    h, l = divmod(rank, self.local)
-    return self.exchanges[l].worker_error[h], self.exchanges[l].server_error[h]
+    h, j = divmod(rank, self.local)
+    return self.exchanges[j].worker_error[h], self.exchanges[j].server_error[h]
 
   def set_errors(self, rank: int, worker_error: np.ndarray, server_error: np.ndarray) -> None:
-    h, l = divmod(rank, self.local)
-    self.exchanges[l].worker_error[h], self.exchanges[l].server_error[h] = list(map(np.asarray, (worker_error,
-                                                                                                server_error)))
+    h, j = divmod(rank, self.local)
+    self.exchanges[j].worker_error[h], self.exchanges[j].server_error[h] = list(
+      map(np.asarray, (worker_error, server_error))
+    )
 
 
 def on_grid(oracle, hosts: int):
@@ -268,7 +320,7 @@ def _flat(leaves: list[np.ndarray], dtype=F32) -> np.ndarray:
 def _unflat(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
   out, offset = [], 0
   for x in like:
-    out.append(flat[offset:offset + x.size].reshape(x.shape))
+    out.append(flat[offset : offset + x.size].reshape(x.shape))
     offset += x.size
   return out
 
@@ -304,8 +356,22 @@ class OnebitAdamReference:
   `dtype` (float32 by default; np.float64 for float64 params): the arithmetic's dtype, of m, v and the exact mean;
   the compressed exchange takes m rounded to float32. `drop_in`: SPEC.md section 6b's drop-in mode."""
 
-  def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, mask=None,
-               mask_zero_variance=False, param_dtype=None, dtype=F32, drop_in=False):
+  def __init__(
+    self,
+    params,
+    world,
+    freeze_step,
+    lr,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    mask=None,
+    mask_zero_variance=False,
+    param_dtype=None,
+    dtype=F32,
+    drop_in=False,
+  ):
     F = self.F = dtype
     self.drop_in = drop_in
     self.round = rounding_to(param_dtype, F)
@@ -354,9 +420,25 @@ class ZeroOneAdamReference:
   ``p + step``. `dtype` (float32 by default; np.float64 for float64 params): the arithmetic's dtype; the compressed
   exchanges take their inputs rounded to float32. `drop_in`: SPEC.md section 6b's drop-in mode."""
 
-  def __init__(self, params, world, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, var_freeze_step=100000,
-               var_update_scaler=16, local_step_scaler=32678, local_step_clipper=16, mask=None,
-               mask_zero_variance=False, param_dtype=None, dtype=F32, drop_in=False):
+  def __init__(
+    self,
+    params,
+    world,
+    lr,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    var_freeze_step=100000,
+    var_update_scaler=16,
+    local_step_scaler=32678,
+    local_step_clipper=16,
+    mask=None,
+    mask_zero_variance=False,
+    param_dtype=None,
+    dtype=F32,
+    drop_in=False,
+  ):
     F = self.F = dtype
     self.drop_in, self.variance_updates = drop_in, 0
     self.param_dtype, self.round = param_dtype, rounding_to(param_dtype, F)
@@ -452,9 +534,28 @@ class OnebitLambReference:
   arithmetic's dtype; the compressed exchange takes the scaled momenta rounded to float32 (its padding tail stays
   float32). `drop_in`: SPEC.md section 6b's drop-in mode."""
 
-  def __init__(self, params, world, freeze_step, lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, max_coeff=10.0,
-               min_coeff=0.01, coeff_beta=0.9, factor_max=4.0, factor_min=0.5, factor_threshold=0.1, mask=None,
-               mask_zero_variance=False, param_dtype=None, dtype=F32, drop_in=False):
+  def __init__(
+    self,
+    params,
+    world,
+    freeze_step,
+    lr,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=0.0,
+    max_coeff=10.0,
+    min_coeff=0.01,
+    coeff_beta=0.9,
+    factor_max=4.0,
+    factor_min=0.5,
+    factor_threshold=0.1,
+    mask=None,
+    mask_zero_variance=False,
+    param_dtype=None,
+    dtype=F32,
+    drop_in=False,
+  ):
     F = self.F = dtype
     self.drop_in = drop_in
     self.round = rounding_to(param_dtype, F)
@@ -507,8 +608,7 @@ class OnebitLambReference:
       mean_rms = F(sum(rms) / F(len(rms)))
       # Guard (not in DeepSpeed): a leaf without momentum gets scaling 0 and keeps zero momentum.
       self.scaling = [F(mean_rms / r) if r > 0 else F(0) for r in rms]
-    local = [[(b1 * m + c1 * gi) * s for m, gi, s in zip(self.m, grads, self.scaling)]
-             for grads in local_grads]
+    local = [[(b1 * m + c1 * gi) * s for m, gi, s in zip(self.m, grads, self.scaling)] for grads in local_grads]
     if self.world > 1:
       buffers = [np.concatenate([_flat(leaves), self.tail]) for leaves in local]
       saved_n = self.car.n

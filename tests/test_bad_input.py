@@ -12,18 +12,22 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
-from optax_lamb16 import float8
+from optax_lamb16 import _float8 as float8
 from tests import onebit_harness as h
 
 # comm=None or a mesh-axis name; short warm-ups so that a few steps cross every phase.
 MAKERS = {
-    "lamb16": lambda lr, comm=None, **kw: optax_lamb16.lamb16(lr, **kw),
-    "onebit_adam": lambda lr, comm=None, **kw: optax_lamb16.onebit_adam(lr, comm=comm, **{"freeze_step": 2, **kw}),
-    "zero_one_adam": lambda lr, comm=None, **kw: optax_lamb16.zero_one_adam(lr, comm=comm, **{
-        "var_freeze_step": 4, "var_update_scaler": 1, "local_step_scaler": 2, "local_step_clipper": 2, **kw}),
-    "onebit_lamb": lambda lr, comm=None, **kw: optax_lamb16.onebit_lamb(lr, comm=comm, **{"freeze_step": 2, **kw}),
-    "compressed_mean": lambda lr, comm=None, **kw: optax.chain(optax_lamb16.compressed_mean(comm),
-                                                               optax_lamb16.lamb16(lr, **kw)),
+  "lamb16": lambda lr, comm=None, **kw: optax_lamb16.lamb16(lr, **kw),
+  "onebit_adam": lambda lr, comm=None, **kw: optax_lamb16.onebit_adam(lr, comm=comm, **{"freeze_step": 2, **kw}),
+  "zero_one_adam": lambda lr, comm=None, **kw: optax_lamb16.zero_one_adam(
+    lr,
+    comm=comm,
+    **{"var_freeze_step": 4, "var_update_scaler": 1, "local_step_scaler": 2, "local_step_clipper": 2, **kw},
+  ),
+  "onebit_lamb": lambda lr, comm=None, **kw: optax_lamb16.onebit_lamb(lr, comm=comm, **{"freeze_step": 2, **kw}),
+  "compressed_mean": lambda lr, comm=None, **kw: optax.chain(
+    optax_lamb16.compressed_mean(comm), optax_lamb16.lamb16(lr, **kw)
+  ),
 }
 ONEBIT = ("onebit_adam", "zero_one_adam", "onebit_lamb")
 COMMUNICATING = ONEBIT + ("compressed_mean",)
@@ -35,8 +39,11 @@ def make_mesh(world, axis="data"):
 
 
 def all_finite(tree):
-  return all(bool(jnp.all(jnp.isfinite(jnp.asarray(x).astype(jnp.float32)))) for x in jax.tree.leaves(tree)
-             if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating))
+  return all(
+    bool(jnp.all(jnp.isfinite(jnp.asarray(x).astype(jnp.float32))))
+    for x in jax.tree.leaves(tree)
+    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+  )
 
 
 # A `Communicator` of `size` ranks on one device, all holding rank 0's values: enough to build and use states.
@@ -47,43 +54,52 @@ IdenticalRanks = optax_lamb16.comm.SimulatedRanks
 # Hyperparameters out of range: the message names the argument, the allowed range and the fix.
 
 _COMMON_CASES = [
-    (dict(learning_rate=-1.0), r"`learning_rate` must lie in \[0\.0, inf\], got -1\. Pass a non-negative float"),
-    (dict(learning_rate=jnp.array([0.1, 0.2])), r"`learning_rate` must be a scalar \(or a schedule\).*\(2,\)"),
-    (dict(b1=1.0), r"`b1` must lie in \[0\.0, 1\.0\), got 1\. Typical value: 0\.9"),
-    (dict(b1=-0.5), r"`b1` must lie in \[0\.0, 1\.0\), got -0\.5\. Typical value"),
-    (dict(b2=1.0), r"`b2` must lie in \[0\.0, 1\.0\), got 1\. Typical value: 0\.999"),
-    (dict(eps=-1e-8), r"`eps` must lie in \(0\.0, inf\], got -1e-08\. It .* finite"),
-    (dict(eps=0.0), r"`eps` must lie in \(0\.0, inf\], got 0\. It .*(all-zero|all zero)"),
-    (dict(weight_decay=-0.1), r"`weight_decay` must lie in \[0\.0, inf\], got -0\.1\. Weight decay is a non-negative"),
+  (dict(learning_rate=-1.0), r"`learning_rate` must lie in \[0\.0, inf\], got -1\. Pass a non-negative float"),
+  (dict(learning_rate=jnp.array([0.1, 0.2])), r"`learning_rate` must be a scalar \(or a schedule\).*\(2,\)"),
+  (dict(b1=1.0), r"`b1` must lie in \[0\.0, 1\.0\), got 1\. Typical value: 0\.9"),
+  (dict(b1=-0.5), r"`b1` must lie in \[0\.0, 1\.0\), got -0\.5\. Typical value"),
+  (dict(b2=1.0), r"`b2` must lie in \[0\.0, 1\.0\), got 1\. Typical value: 0\.999"),
+  (dict(eps=-1e-8), r"`eps` must lie in \(0\.0, inf\], got -1e-08\. It .* finite"),
+  (dict(eps=0.0), r"`eps` must lie in \(0\.0, inf\], got 0\. It .*(all-zero|all zero)"),
+  (dict(weight_decay=-0.1), r"`weight_decay` must lie in \[0\.0, inf\], got -0\.1\. Weight decay is a non-negative"),
 ]
 _SPECIFIC_CASES = [
-    ("lamb16", dict(reference_lr=0.0), r"`reference_lr` must lie in \(0\.0, inf\], got 0\. It is the learning rate"),
-    ("lamb16", dict(trust_scale=-1.0), r"`trust_scale` must lie in \[0\.0, inf\], got -1\. The reference uses 0\.382"),
-    ("onebit_adam", dict(freeze_step=-1), r"`freeze_step` must lie in \[2, inf\], got -1\. Steps count as in"),
-    ("onebit_adam", dict(freeze_step=1), r"`freeze_step` must lie in \[2, inf\], got 1\. .*no warm-up .*int >= 2"),
-    ("onebit_adam", dict(freeze_step=2.5), r"`freeze_step` must be a whole number of steps, got 2\.5\. Steps count"),
-    ("onebit_lamb", dict(freeze_step=-3), r"`freeze_step` must lie in \[2, inf\], got -3\. Steps count as in"),
-    ("onebit_lamb", dict(freeze_step=0), r"`freeze_step` must lie in \[2, inf\], got 0\. .*would never learn a trust"),
-    ("zero_one_adam", dict(var_freeze_step=-1), r"`var_freeze_step` must lie in \[0, inf\], got -1\. Pass a"),
-    ("zero_one_adam", dict(var_update_scaler=0), r"`var_update_scaler` must lie in \[1, inf\], got 0\. Pass a pos"),
-    ("zero_one_adam", dict(local_step_scaler=0), r"`local_step_scaler` must lie in \[1, inf\], got 0\. Pass a pos"),
-    ("zero_one_adam", dict(local_step_scaler=-5), r"`local_step_scaler` must lie in \[1, inf\], got -5\. Pass a"),
-    ("zero_one_adam", dict(local_step_clipper=0), r"`local_step_clipper` must lie in \[1, inf\], got 0\. Pass a"),
-    ("zero_one_adam", dict(local_step_clipper=2.5), r"`local_step_clipper` must be a whole number of steps, got 2\.5"),
-    ("zero_one_adam", dict(var_update_scaler=1.5), r"`var_update_scaler` must be a whole number of steps, got 1\.5"),
-    ("onebit_lamb", dict(factor_min=5.0, factor_max=4.0),
-     r"`factor_min` \(5\) must not exceed `factor_max` \(4\)\. .*pass factor_min <= factor_max"),
-    ("onebit_lamb", dict(min_coeff=2.0, max_coeff=1.0),
-     r"`min_coeff` \(2\) must not exceed `max_coeff` \(1\)\. .*pass min_coeff <= max_coeff"),
-    ("onebit_lamb", dict(min_coeff=-0.1), r"`min_coeff` must lie in \[0\.0, inf\], got -0\.1\. DeepSpeed's default"),
-    ("onebit_lamb", dict(factor_max=-1.0), r"`factor_max` must lie in \[0\.0, inf\], got -1\. DeepSpeed's default"),
-    ("onebit_lamb", dict(factor_threshold=1.5), r"`factor_threshold` must lie in \[0\.0, 1\.0\], got 1\.5\. DeepSpeed"),
+  ("lamb16", dict(reference_lr=0.0), r"`reference_lr` must lie in \(0\.0, inf\], got 0\. It is the learning rate"),
+  ("lamb16", dict(trust_scale=-1.0), r"`trust_scale` must lie in \[0\.0, inf\], got -1\. The reference uses 0\.382"),
+  ("onebit_adam", dict(freeze_step=-1), r"`freeze_step` must lie in \[2, inf\], got -1\. Steps count as in"),
+  ("onebit_adam", dict(freeze_step=1), r"`freeze_step` must lie in \[2, inf\], got 1\. .*no warm-up .*int >= 2"),
+  ("onebit_adam", dict(freeze_step=2.5), r"`freeze_step` must be a whole number of steps, got 2\.5\. Steps count"),
+  ("onebit_lamb", dict(freeze_step=-3), r"`freeze_step` must lie in \[2, inf\], got -3\. Steps count as in"),
+  ("onebit_lamb", dict(freeze_step=0), r"`freeze_step` must lie in \[2, inf\], got 0\. .*would never learn a trust"),
+  ("zero_one_adam", dict(var_freeze_step=-1), r"`var_freeze_step` must lie in \[0, inf\], got -1\. Pass a"),
+  ("zero_one_adam", dict(var_update_scaler=0), r"`var_update_scaler` must lie in \[1, inf\], got 0\. Pass a pos"),
+  ("zero_one_adam", dict(local_step_scaler=0), r"`local_step_scaler` must lie in \[1, inf\], got 0\. Pass a pos"),
+  ("zero_one_adam", dict(local_step_scaler=-5), r"`local_step_scaler` must lie in \[1, inf\], got -5\. Pass a"),
+  ("zero_one_adam", dict(local_step_clipper=0), r"`local_step_clipper` must lie in \[1, inf\], got 0\. Pass a"),
+  ("zero_one_adam", dict(local_step_clipper=2.5), r"`local_step_clipper` must be a whole number of steps, got 2\.5"),
+  ("zero_one_adam", dict(var_update_scaler=1.5), r"`var_update_scaler` must be a whole number of steps, got 1\.5"),
+  (
+    "onebit_lamb",
+    dict(factor_min=5.0, factor_max=4.0),
+    r"`factor_min` \(5\) must not exceed `factor_max` \(4\)\. .*pass factor_min <= factor_max",
+  ),
+  (
+    "onebit_lamb",
+    dict(min_coeff=2.0, max_coeff=1.0),
+    r"`min_coeff` \(2\) must not exceed `max_coeff` \(1\)\. .*pass min_coeff <= max_coeff",
+  ),
+  ("onebit_lamb", dict(min_coeff=-0.1), r"`min_coeff` must lie in \[0\.0, inf\], got -0\.1\. DeepSpeed's default"),
+  ("onebit_lamb", dict(factor_max=-1.0), r"`factor_max` must lie in \[0\.0, inf\], got -1\. DeepSpeed's default"),
+  ("onebit_lamb", dict(factor_threshold=1.5), r"`factor_threshold` must lie in \[0\.0, 1\.0\], got 1\.5\. DeepSpeed"),
 ]
 HYPERPARAMETER_CASES = [
-    pytest.param(name, kwargs, pattern, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}")
-    for name in ("lamb16",) + ONEBIT for kwargs, pattern in _COMMON_CASES] + [
-    pytest.param(name, kwargs, pattern, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}")
-    for name, kwargs, pattern in _SPECIFIC_CASES]
+  pytest.param(name, kwargs, pattern, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}")
+  for name in ("lamb16",) + ONEBIT
+  for kwargs, pattern in _COMMON_CASES
+] + [
+  pytest.param(name, kwargs, pattern, id=f"{name}-{'-'.join(f'{k}={v}' for k, v in kwargs.items())}")
+  for name, kwargs, pattern in _SPECIFIC_CASES
+]
 
 
 @pytest.mark.parametrize("name, kwargs, pattern", HYPERPARAMETER_CASES)
@@ -98,8 +114,12 @@ def test_out_of_range_hyperparameter_names_the_argument_and_the_fix(name, kwargs
 def test_injected_hyperparameters_are_checked_when_concrete_and_skipped_when_traced(name):
   """`optax.inject_hyperparams` builds the optimizer with concrete arrays in `init` (checked) and with tracers inside
   a jitted `update` (not checkable: skipped, as the whole step must still trace)."""
-  static = {"lamb16": {}, "onebit_adam": dict(freeze_step=2), "onebit_lamb": dict(freeze_step=2),
-            "zero_one_adam": dict(var_freeze_step=2)}[name]
+  static = {
+    "lamb16": {},
+    "onebit_adam": dict(freeze_step=2),
+    "onebit_lamb": dict(freeze_step=2),
+    "zero_one_adam": dict(var_freeze_step=2),
+  }[name]
   factory = getattr(optax_lamb16, name)
   static_args = ("comm",) + tuple(static) if name != "lamb16" else ()
   extra = dict(static, comm=None) if name != "lamb16" else {}
@@ -119,10 +139,14 @@ def test_whole_float_step_counts_act_as_ints():
   params = {"w": jnp.array([1.0, -2.0, 3.0])}
   grads = [{"w": jnp.array([0.5, -0.25, 1.0]) * (t + 1)} for t in range(STEPS)]
   for name, as_int, as_float in [
-      ("onebit_adam", dict(freeze_step=3), dict(freeze_step=3.0)),
-      ("onebit_lamb", dict(freeze_step=3), dict(freeze_step=np.float32(3))),
-      ("zero_one_adam", dict(var_freeze_step=3, var_update_scaler=1, local_step_scaler=2, local_step_clipper=2),
-       dict(var_freeze_step=3.0, var_update_scaler=1.0, local_step_scaler=2.0, local_step_clipper=2.0))]:
+    ("onebit_adam", dict(freeze_step=3), dict(freeze_step=3.0)),
+    ("onebit_lamb", dict(freeze_step=3), dict(freeze_step=np.float32(3))),
+    (
+      "zero_one_adam",
+      dict(var_freeze_step=3, var_update_scaler=1, local_step_scaler=2, local_step_clipper=2),
+      dict(var_freeze_step=3.0, var_update_scaler=1.0, local_step_scaler=2.0, local_step_clipper=2.0),
+    ),
+  ]:
     runs = []
     for kwargs in (as_int, as_float):
       tx = MAKERS[name](0.01, None, **kwargs)
@@ -158,8 +182,9 @@ def test_comm_axis_missing_from_the_shard_map_mesh_names_comm(name):
   init = jax.jit(jax.shard_map(tx.init, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False))
   with pytest.raises(ValueError, match=UNBOUND):
     init(params)
-  update = jax.jit(jax.shard_map(lambda s, p: tx.update(p, s, p)[0], mesh=mesh, in_specs=P(), out_specs=P(),
-                                 check_vma=False))
+  update = jax.jit(
+    jax.shard_map(lambda s, p: tx.update(p, s, p)[0], mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
+  )
   with pytest.raises(ValueError, match=UNBOUND):
     update(MAKERS[name](0.01, None).init(params), params)
 
@@ -182,17 +207,19 @@ class _FloatSize(IdenticalRanks):
 
 
 BAD_COMMS = {
-    "int": (42, r"got int: 42\."),
-    "mesh": (make_mesh(2), r"got Mesh: .*pass the name of its data-parallel axis, e\.g\. comm='data'"),
-    "tuple-of-names": (("data", "model"), r"got tuple: \('data', 'model'\)"),
-    "missing-all_gather": (_MissingAllGather(), r"got _MissingAllGather"),
+  "int": (42, r"got int: 42\."),
+  "mesh": (make_mesh(2), r"got Mesh: .*pass the name of its data-parallel axis, e\.g\. comm='data'"),
+  "tuple-of-names": (("data", "model"), r"got tuple: \('data', 'model'\)"),
+  "missing-all_gather": (_MissingAllGather(), r"got _MissingAllGather"),
 }
 ENTRY_POINTS = {
-    **{name: (lambda name: lambda comm: MAKERS[name](0.01, comm).init({"w": jnp.ones(3)}))(name)
-       for name in COMMUNICATING},
-    "init_compressed_allreduce": lambda comm: optax_lamb16.init_compressed_allreduce(16, comm),
-    "compressed_allreduce": lambda comm: optax_lamb16.compressed_allreduce(
-        jnp.ones(16), optax_lamb16.init_compressed_allreduce(16, None), comm),
+  **{
+    name: (lambda name: lambda comm: MAKERS[name](0.01, comm).init({"w": jnp.ones(3)}))(name) for name in COMMUNICATING
+  },
+  "init_compressed_allreduce": lambda comm: optax_lamb16.init_compressed_allreduce(16, comm),
+  "compressed_allreduce": lambda comm: optax_lamb16.compressed_allreduce(
+    jnp.ones(16), optax_lamb16.init_compressed_allreduce(16, None), comm
+  ),
 }
 
 
@@ -200,9 +227,12 @@ ENTRY_POINTS = {
 @pytest.mark.parametrize("entry", ENTRY_POINTS)
 def test_unknown_comm_type_names_comm_and_what_it_may_be(entry, comm):
   value, detail = BAD_COMMS[comm]
-  with pytest.raises(TypeError, match=r"`comm` must be a mesh-axis name \(str\), an mpi4py communicator, None "
-                                      r"\(one device\) or an object with `size`, `mean`, `all_to_all` and "
-                                      r"`all_gather`; " + detail):
+  with pytest.raises(
+    TypeError,
+    match=r"`comm` must be a mesh-axis name \(str\), an mpi4py communicator, None "
+    r"\(one device\) or an object with `size`, `mean`, `all_to_all` and "
+    r"`all_gather`; " + detail,
+  ):
     ENTRY_POINTS[entry](value)
 
 
@@ -217,8 +247,10 @@ def _build_and_update(name, tree, world_init, world_new):
   comm_of = lambda world: None if world == 1 else IdenticalRanks(world)
   tx_init, tx_new = MAKERS[name](0.01, comm_of(world_init)), MAKERS[name](0.01, comm_of(world_new))
   if name == "compressed_mean":  # the exchange alone: its update needs no params
-    tx_init, tx_new = optax_lamb16.compressed_mean(comm_of(world_init)), optax_lamb16.compressed_mean(
-        comm_of(world_new))
+    tx_init, tx_new = (
+      optax_lamb16.compressed_mean(comm_of(world_init)),
+      optax_lamb16.compressed_mean(comm_of(world_new)),
+    )
   state = tx_init.init(tree)
   return jax.eval_shape(tx_new.update, tree, state, tree)
 
@@ -229,8 +261,11 @@ def test_state_from_another_world_size_is_rejected_naming_both_sizes(name, world
   tree = {"w": jnp.ones((5, 7)), "b": jnp.ones(5)}  # 40 elements: padded to 48 for 2 ranks, 64 for 4 and 8, 72 for 3
   _build_and_update(name, tree, world_new, world_new)  # the same world size is fine
   made_for = "1 rank" if world_init == 1 else f"{world_init} ranks"
-  with pytest.raises(ValueError, match=rf"at world size {world_new} need .*it looks made for {made_for}.*"
-                                       r"re-create it with `init`"):
+  with pytest.raises(
+    ValueError,
+    match=rf"at world size {world_new} need .*it looks made for {made_for}.*"
+    r"re-create it with `init`",
+  ):
     _build_and_update(name, tree, world_init, world_new)
 
 
@@ -257,23 +292,31 @@ def test_state_sharded_for_2_ranks_used_on_4_inside_shard_map_is_rejected():
 
   params = {"w": jnp.ones((4, 8)), "b": jnp.ones(8)}  # each rank's error vectors: 40 (b and w) and 8 (padding)
   state, step = state_and_step(params)
-  with pytest.raises(ValueError, match=r"hold 24 and 12 elements, but 40 elements at world size 4 need 64 and 16 "
-                                       r"\(it looks made for 2 ranks\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"hold 24 and 12 elements, but 40 elements at world size 4 need 64 and 16 "
+    r"\(it looks made for 2 ranks\)",
+  ):
     step(params, state)
   # Vectors that do not split into 4 ranks' parts: `shard_map` itself names them before the update runs.
   odd = {"w": jnp.ones((5, 7))}  # 35 elements, padded to 48: vectors of 35 and 13 per rank
   state, step = state_and_step(odd)
-  with pytest.raises(ValueError, match=r"exchange\.worker_error\[0\] of shape float32\[70\].*4 does not evenly "
-                                       r"divide 70"):
+  with pytest.raises(
+    ValueError,
+    match=r"exchange\.worker_error\[0\] of shape float32\[70\].*4 does not evenly "
+    r"divide 70",
+  ):
     step(odd, state)
   # The global arrays passed to a rank whole (no per-rank specs) are recognised as such.
   with pytest.raises(ValueError, match=r"look like the global arrays of all ranks.*`state_partition_specs`"):
-    jax.jit(jax.shard_map(lambda p, s: tx.update(p, s, p)[0], mesh=make_mesh(2), in_specs=P(), out_specs=P(),
-                          check_vma=False))(odd, state)
+    jax.jit(
+      jax.shard_map(lambda p, s: tx.update(p, s, p)[0], mesh=make_mesh(2), in_specs=P(), out_specs=P(), check_vma=False)
+    )(odd, state)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Grads and params that do not match, integer / complex leaves.
+
 
 @pytest.mark.parametrize("name", MAKERS)
 def test_grads_with_other_shapes_than_state_or_params_name_the_leaf(name):
@@ -307,8 +350,10 @@ BAD_DTYPES = [jnp.int32, jnp.complex64, jnp.bool_, jnp.uint8]
 @pytest.mark.parametrize("name", MAKERS)
 def test_non_float_leaves_are_rejected_at_init_and_update_naming_the_leaf(name, dtype):
   tx = MAKERS[name](0.01, None)
-  fix = r"optax_lamb16 needs real floating-point leaves\. Keep integer/complex leaves out of the optimizer, e\.g\. " \
-        r"with `optax\.masked`"
+  fix = (
+    r"optax_lamb16 needs real floating-point leaves\. Keep integer/complex leaves out of the optimizer, e\.g\. "
+    r"with `optax\.masked`"
+  )
   dtype_name = jnp.dtype(dtype).name
   with pytest.raises(TypeError, match=rf"`params` leaf \['n'\] has dtype {dtype_name}; " + fix):
     tx.init({"w": jnp.ones(3), "n": jnp.zeros(2, dtype)})
@@ -332,30 +377,35 @@ def test_non_float_leaves_are_rejected_by_the_building_blocks(dtype):
   with pytest.raises(TypeError, match=rf"`updates` leaf \['n'\] has dtype {name}"):
     optax_lamb16.scale_by_lamb16_trust_ratio(0.01).update(tree, optax.EmptyState(), tree)
   with pytest.raises(TypeError, match=rf"`updates` leaf \['n'\] has dtype {name}"):
-    optax_lamb16.scale_by_lamb16().update(tree, optax_lamb16.scale_by_lamb16().init({"w": jnp.ones(3),
-                                                                                      "n": jnp.ones(2)}))
+    optax_lamb16.scale_by_lamb16().update(
+      tree, optax_lamb16.scale_by_lamb16().init({"w": jnp.ones(3), "n": jnp.ones(2)})
+    )
   with pytest.raises(ValueError, match=r"`tree_or_length` must be a pytree or a non-negative element count, got -1"):
     optax_lamb16.init_compressed_allreduce(-1, None)
   # A NumPy integer is an element count, not a one-element tree.
   assert [w.shape for w in optax_lamb16.init_compressed_allreduce(np.int64(40), IdenticalRanks(2)).worker_error] == [
-      (40,), (8,)]
+    (40,),
+    (8,),
+  ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Empty (size-0) and all-zero leaves: they must work and stay finite, on one device and inside shard_map.
 
+
 def _tree(kind, rng, lead=()):
   """Params (lead=()) or gradients (lead=(world, steps)) of a test tree: `kind` is one of TREES."""
   shapes = TREES[kind]
-  draw = lambda name, shape: (rng.standard_normal((*lead, *shape)) if name == "w" and kind != "all-zero"
-                              else np.zeros((*lead, *shape)))
+  draw = lambda name, shape: (
+    rng.standard_normal((*lead, *shape)) if name == "w" and kind != "all-zero" else np.zeros((*lead, *shape))
+  )
   return {name: jnp.asarray(draw(name, shape), jnp.float32) for name, shape in shapes.items()}
 
 
 TREES = {
-    "mixed": {"e": (0, 3), "w": (4, 6), "z": (5,), "e1": (0,)},  # empty leaves, an all-zero leaf, a trained leaf
-    "only-empty": {"e": (0, 3), "e1": (0,)},
-    "all-zero": {"w": (4, 6), "z": (5,)},
+  "mixed": {"e": (0, 3), "w": (4, 6), "z": (5,), "e1": (0,)},  # empty leaves, an all-zero leaf, a trained leaf
+  "only-empty": {"e": (0, 3), "e1": (0,)},
+  "all-zero": {"w": (4, 6), "z": (5,)},
 }
 
 
@@ -375,8 +425,9 @@ def test_empty_and_all_zero_leaves_on_one_device(name, kind):
   rng = np.random.default_rng(0)
   params, grads = _tree(kind, rng), _tree(kind, rng, lead=(1, STEPS))
   shapes = jax.tree.map(jnp.shape, params)
-  abstract = jax.eval_shape(MAKERS[name](0.01, None).init, jax.tree.map(
-      lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params))
+  abstract = jax.eval_shape(
+    MAKERS[name](0.01, None).init, jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  )
   final, state, updates = _run_single(name, params, grads)
   assert jax.tree.map(jnp.shape, final) == shapes
   assert [x.shape for x in jax.tree.leaves(state)] == [x.shape for x in jax.tree.leaves(abstract)]
@@ -426,8 +477,7 @@ def _run_on_mesh(name, params, grads, world):
     (params, state), updates = jax.lax.scan(step, (params, state), jax.tree.map(lambda g: g[0], grads))
     return jax.tree.map(lambda a: a[None], (params, state, updates)), batch
 
-  f = jax.jit(jax.shard_map(per_rank, mesh=make_mesh(world), in_specs=(P(), P("data"), P("data")),
-                            out_specs=P("data")))
+  f = jax.jit(jax.shard_map(per_rank, mesh=make_mesh(world), in_specs=(P(), P("data"), P("data")), out_specs=P("data")))
   return jax.block_until_ready(f(params, grads, jnp.ones(world)))[0]
 
 
@@ -457,8 +507,9 @@ def test_empty_and_all_zero_leaves_inside_shard_map_with_compression(name, kind)
 # ----------------------------------------------------------------------------------------------------------------------
 # Float8 overflow of LAMB16's second moment: faithful, documented, and as documented.
 
+
 def test_variance_encode_overflows_exactly_where_documented():
-  scale = jnp.float32(2.0 ** -20)  # about eps = 1e-6, and a power of two: v / scale is exact
+  scale = jnp.float32(2.0**-20)  # about eps = 1e-6, and a power of two: v / scale is exact
   below, at = 61439.0 * scale, 61440.0 * scale
   stored = float8.encode_variance(jnp.array([below, at, 10.0]), scale).astype(jnp.float32)
   assert stored[0] == 57344.0  # the largest finite e5m2 value: rounds down, no saturation needed

@@ -6,13 +6,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
-import orbax.checkpoint as ocp
-from optax_lamb16 import sharding
-from optax_lamb16.checkpointing import MANIFEST, CheckpointFallbackWarning, DamagedCheckpointError, newest_intact_step
+from optax_lamb16 import _sharding as sharding
+from optax_lamb16._checkpointing import MANIFEST, CheckpointFallbackWarning, DamagedCheckpointError, newest_intact_step
 from tests import onebit_harness as h
 from tests.workers import launch
 from tests.workers.optimizers import make_optimizer
@@ -66,8 +66,9 @@ def test_a_world_size_change_is_an_error_unless_error_feedback_is_reset(name, tm
     fresh = h.Stepper(lambda comm: make_optimizer(name, comm), h.make_problem(2, 1)[0], _mesh(2))
     with pytest.raises(ValueError, match=r"4 data-parallel ranks, this job has 2 \(`world_size`\).*reset_error"):
       checkpoints.restore({"opt_state": fresh.state}, world_size=2)
-    restored = checkpoints.restore({"opt_state": fresh.state}, world_size=2,
-                                   on_world_size_change="reset_error_feedback")["opt_state"]
+    restored = checkpoints.restore(
+      {"opt_state": fresh.state}, world_size=2, on_world_size_change="reset_error_feedback"
+    )["opt_state"]
   # Error feedback (and 1-bit LAMB's padding tail) from zero, laid out for 2 ranks; everything else as saved.
   roles = jax.tree.leaves(sharding.leaf_roles(restored))
   assert sharding.ERROR_FEEDBACK in roles
@@ -77,8 +78,9 @@ def test_a_world_size_change_is_an_error_unless_error_feedback_is_reset(name, tm
     else:
       assert got.shape == want.shape and got.sharding == want.sharding and not np.asarray(got).any()
   x, y, noise = h.make_problem(2, 1)[1:]
-  params, _ = fresh.step(fresh.params, restored, fresh.put(x, P("data")), fresh.put(y, P("data")),
-                         fresh.noise(noise, 0))  # and training goes on
+  params, _ = fresh.step(
+    fresh.params, restored, fresh.put(x, P("data")), fresh.put(y, P("data")), fresh.noise(noise, 0)
+  )  # and training goes on
   assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(params))
 
 
@@ -89,9 +91,11 @@ def test_error_buffers_of_another_layout_restart_from_zero_only_when_asked(tmp_p
   saved = _trained("onebit_adam", 4, 9)  # in the compression phase: error buffers are non-zero
   exchange = _exchange(saved.state)
   flat = jnp.concatenate(exchange.worker_error)  # rank blocks differ in the flat layout, but one array all the same
-  old_layout = jax.tree.map(lambda node: node._replace(worker_error=flat)
-                            if isinstance(node, optax_lamb16.CompressedAllReduceState) else node, saved.state,
-                            is_leaf=lambda node: isinstance(node, optax_lamb16.CompressedAllReduceState))
+  old_layout = jax.tree.map(
+    lambda node: node._replace(worker_error=flat) if isinstance(node, optax_lamb16.CompressedAllReduceState) else node,
+    saved.state,
+    is_leaf=lambda node: isinstance(node, optax_lamb16.CompressedAllReduceState),
+  )
   with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
     checkpoints.save(9, {"opt_state": old_layout}, world_size=4)
     with pytest.raises(ValueError, match=r"error-feedback buffers in another layout.*reset_error_feedback"):
@@ -103,8 +107,9 @@ def test_error_buffers_of_another_layout_restart_from_zero_only_when_asked(tmp_p
     for option in ("error", "reset_error_feedback"):
       with pytest.raises(ValueError, match=r"\['w'\] is float32\[\d+, \d+\].*`target` has.*differs"):
         checkpoints.restore({"opt_state": other}, world_size=4, on_world_size_change=option)
-    restored = checkpoints.restore({"opt_state": saved.state}, world_size=4,
-                                   on_world_size_change="reset_error_feedback")["opt_state"]
+    restored = checkpoints.restore(
+      {"opt_state": saved.state}, world_size=4, on_world_size_change="reset_error_feedback"
+    )["opt_state"]
   roles = jax.tree.leaves(sharding.leaf_roles(restored))
   for role, got, was in zip(roles, jax.tree.leaves(restored), jax.tree.leaves(saved.state)):
     assert got.shape == was.shape and got.sharding == was.sharding
@@ -172,14 +177,18 @@ def test_a_world_size_change_checks_per_rank_leaves_against_the_new_world_size(t
   saved = _trained("zero_one_adam", 4, 14, per_rank_params=True)
   with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
     checkpoints.save(14, saved.state, world_size=4)
-    with pytest.raises(ValueError, match=r"\.mu\['b'\] is float32\[48\] \(per_rank, saved by 4 ranks\), `target` "
-                                         r"has float32\[48\].*does not hold 2 blocks of the saved per-rank shape \[12\]"):
+    with pytest.raises(
+      ValueError,
+      match=r"\.mu\['b'\] is float32\[48\] \(per_rank, saved by 4 ranks\), `target` "
+      r"has float32\[48\].*does not hold 2 blocks of the saved per-rank shape \[12\]",
+    ):
       checkpoints.restore(saved.state, world_size=2, on_world_size_change="reset_error_feedback")
   onebit = h.Stepper(lambda comm: make_optimizer("onebit_adam", comm), h.make_problem(4, 1)[0], _mesh(4)).state
   with optax_lamb16.Checkpointer(tmp_path / "onebit") as checkpoints:
     checkpoints.save(1, onebit, world_size=4)
-    with pytest.raises(ValueError,
-                       match=r"exchange\.worker_error\[\d\] is float32\[\d+\].*is not laid out for 3 ranks"):
+    with pytest.raises(
+      ValueError, match=r"exchange\.worker_error\[\d\] is float32\[\d+\].*is not laid out for 3 ranks"
+    ):
       checkpoints.restore(onebit, world_size=3, on_world_size_change="reset_error_feedback")
 
 
@@ -228,6 +237,7 @@ def test_saving_an_older_step_than_the_latest_is_not_skipped_and_an_existing_ste
 
 # -- damaged checkpoints ------------------------------------------------------------------------------------------
 
+
 def _damage_tree():
   rng = np.random.default_rng(0)
   params = {"w": jnp.asarray(rng.standard_normal((64, 32)), jnp.float32), "s": jnp.float32(0.5)}
@@ -251,11 +261,14 @@ def _flip(path):
   path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, problem", [
+@pytest.mark.parametrize(
+  "damage, problem",
+  [
     (lambda path: path.unlink(), "is missing"),
     (_cut_short, r"has \d+ bytes, \d+ were saved \(cut short"),
     (_flip, r"does not match the SHA-256 checksum written at save time"),
-])
+  ],
+)
 def test_a_damaged_checkpoint_is_an_error_naming_the_step_and_the_file(damage, problem, tmp_path):
   tree = _damage_tree()
   with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
@@ -307,8 +320,11 @@ def test_fallback_restores_the_newest_intact_checkpoint_and_says_which(tmp_path)
     _flip(_leaf_file(tmp_path / "8"))
     with pytest.raises(DamagedCheckpointError, match="step 8"):
       checkpoints.restore(tree, world_size=1)
-    with pytest.warns(CheckpointFallbackWarning, match=r"restored checkpoint step 4 .* skipped step 8 \(.*SHA-256.*"
-                                                       r"Moved the damaged newer steps \[8\] aside"):
+    with pytest.warns(
+      CheckpointFallbackWarning,
+      match=r"restored checkpoint step 4 .* skipped step 8 \(.*SHA-256.*"
+      r"Moved the damaged newer steps \[8\] aside",
+    ):
       restored = checkpoints.restore(tree, world_size=1, fallback=True)
     assert checkpoints.restored_step == 4 and _bits(restored) == _bits(older)
     assert checkpoints.latest_step() == 4 and (tmp_path / "8.damaged").is_dir()  # kept, not deleted
@@ -316,6 +332,7 @@ def test_fallback_restores_the_newest_intact_checkpoint_and_says_which(tmp_path)
     assert _bits(checkpoints.restore(tree, world_size=1)) == _bits(tree)
     _flip(_leaf_file(tmp_path / "4"))
     _flip(_leaf_file(tmp_path / "8"))
-    with pytest.raises(DamagedCheckpointError, match="holds no intact checkpoint at or before this step.*step 8.*"
-                                                     "step 4"):
+    with pytest.raises(
+      DamagedCheckpointError, match="holds no intact checkpoint at or before this step.*step 8.*step 4"
+    ):
       checkpoints.restore(tree, world_size=1, fallback=True)

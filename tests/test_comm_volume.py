@@ -1,18 +1,15 @@
 """The communication-volume benchmark's measurement, on a small model: read from the compiled HLO."""
 
-import pathlib
-import sys
-
 import jax.numpy as jnp
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import comm_volume  # noqa: E402
+from benchmarks import comm_volume
 
 
 def test_hlo_shapes_are_costed_with_tuples_and_comments():
-  line = ("  %all-reduce = (f32[1000,10]{1,0}, /*index=1*/bf16[8]{0}) all-reduce(%a, %b), channel_id=1\n"
-          "  %all-to-all.3 = u8[4,16]{1,0} all-to-all(%c), dimensions={0}\n")
+  line = (
+    "  %all-reduce = (f32[1000,10]{1,0}, /*index=1*/bf16[8]{0}) all-reduce(%a, %b), channel_id=1\n"
+    "  %all-to-all.3 = u8[4,16]{1,0} all-to-all(%c), dimensions={0}\n"
+  )
   ops = comm_volume.collectives_of(line, 4)
   assert [op["op"] for op in ops] == ["all-reduce", "all-to-all"]
   assert ops[0]["bytes"] == 40_016 and ops[0]["sent_per_rank"] == 2 * 3 / 4 * 40_016

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
-from optax_lamb16 import compression as car
+from optax_lamb16 import _compression as car
 from tests import onebit_harness as h
 from tests import reference
 from tests.workers.inputs import random_inputs
@@ -35,6 +35,7 @@ def run_calls(inputs, comm="data", all_states=False):
     def call(state, x_t):
       out, state = optax_lamb16.compressed_allreduce(x_t, state, comm)
       return state, (out, state)
+
     state, (outs, states) = jax.lax.scan(call, state, x[0])
     return outs[None], jax.tree.map(lambda s: s[None], states) if all_states else state
 
@@ -96,15 +97,34 @@ def test_empty_input_passes_through():
 
 
 def test_sign_bits_are_packed_most_significant_first():
-  x = jnp.array([1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 0.0,  # + - - - - - - +  -> 0b10000001
-                 -0.5, jnp.nan, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0])  # NaN counts as +1 -> 0b01000000
+  x = jnp.array(
+    [
+      1.0,
+      -1.0,
+      -1.0,
+      -1.0,
+      -1.0,
+      -1.0,
+      -1.0,
+      0.0,  # + - - - - - - +  -> 0b10000001
+      -0.5,
+      jnp.nan,
+      -1.0,
+      -1.0,
+      -1.0,
+      -1.0,
+      -1.0,
+      -1.0,
+    ]
+  )  # NaN counts as +1 -> 0b01000000
   np.testing.assert_array_equal(car.pack_signs(x), [0b10000001, 0b01000000])
   np.testing.assert_array_equal(car.unpack_signs(car.pack_signs(x)), car.signs(x))
   np.testing.assert_array_equal(car.signs(x), reference.sgn(np.asarray(x)))
 
 
-@pytest.mark.parametrize("lengths", [(3, 5, 16), (0, 13, 0, 64, 7, 1, 26, 2), (1,) * 24, (20, 100, 4, 5, 3, 0, 27),
-                                     (0, 0)])
+@pytest.mark.parametrize(
+  "lengths", [(3, 5, 16), (0, 13, 0, 64, 7, 1, 26, 2), (1,) * 24, (20, 100, 4, 5, 3, 0, 27), (0, 0)]
+)
 def test_parts_are_packed_as_their_concatenation(lengths):
   """The exchange packs a buffer kept in parts part by part; parts that do not start or end on a byte boundary
   share bytes with their neighbours."""
@@ -120,8 +140,10 @@ def test_decoding_leaf_by_leaf_is_bitwise_the_decoded_buffer(rows):
   boundary, across more than 8, empty and 0-d): bitwise the slices of the whole decoded buffer."""
   chunk = 64
   rng = np.random.default_rng(rows)
-  payload = car.SignPayload(jnp.asarray(rng.integers(0, 256, (rows, chunk // 8)), jnp.uint8),
-                            jnp.asarray(rng.uniform(0.5, 2.0, rows), jnp.float32))
+  payload = car.SignPayload(
+    jnp.asarray(rng.integers(0, 256, (rows, chunk // 8)), jnp.uint8),
+    jnp.asarray(rng.uniform(0.5, 2.0, rows), jnp.float32),
+  )
   total = rows * chunk
   sizes = []
   for size in (5, 0, 1, 59, chunk + 3, 9 * chunk + 1):  # inside one chunk, empty, across 1, 1 and 9 boundaries
@@ -144,9 +166,10 @@ def test_error_feedback_makes_the_running_sum_converge():
   outs, _ = run_calls(inputs)
   error = np.linalg.norm(np.cumsum(outs[0], axis=0) - true_running, axis=1) / np.linalg.norm(true_running, axis=1)
   # Without feedback: every call starts from zero error buffers.
-  no_feedback = np.stack([run_calls(inputs[:, t:t + 1])[0][0, 0] for t in range(0, calls, 8)])
-  error_nf = np.linalg.norm(np.cumsum(no_feedback, axis=0) - np.cumsum(inputs.mean(axis=0)[::8], axis=0),
-                            axis=1) / np.linalg.norm(np.cumsum(inputs.mean(axis=0)[::8], axis=0), axis=1)
+  no_feedback = np.stack([run_calls(inputs[:, t : t + 1])[0][0, 0] for t in range(0, calls, 8)])
+  error_nf = np.linalg.norm(
+    np.cumsum(no_feedback, axis=0) - np.cumsum(inputs.mean(axis=0)[::8], axis=0), axis=1
+  ) / np.linalg.norm(np.cumsum(inputs.mean(axis=0)[::8], axis=0), axis=1)
   assert error[255] < error[31] / 4, (error[31], error[255])  # shrinks ~ 1/T (8x more calls)
   assert error[255] < 0.05
   assert error_nf[-1] > 0.3 and error_nf[-1] > 0.5 * error_nf[3]  # does not shrink
@@ -174,8 +197,11 @@ def test_compressed_mean_transform_in_a_chain_keeps_replicas_identical():
   for _ in range(3):
     params, state = jax.block_until_ready(step(params, state, x))
   # The replicated output spec P() type-checks only because every rank holds the same params; check it directly.
-  local = jax.jit(jax.shard_map(lambda p: jax.tree.map(lambda a: a[None], p), mesh=mesh, in_specs=P(),
-                                out_specs=P("data"), check_vma=False))(params)
+  local = jax.jit(
+    jax.shard_map(
+      lambda p: jax.tree.map(lambda a: a[None], p), mesh=mesh, in_specs=P(), out_specs=P("data"), check_vma=False
+    )
+  )(params)
   for leaf in jax.tree.leaves(local):
     for r in range(1, world):
       np.testing.assert_array_equal(leaf[r], leaf[0])
@@ -204,8 +230,13 @@ def test_large_leaves_keep_their_own_error_vectors_and_the_exchange_is_unchanged
 
   outs, state = jax.jit(jax.vmap(per_rank, axis_name="data"))(inputs)
   pad = car.padded_length(n, world) - n
-  assert [w.shape for w in state.worker_error] == [(world, 300), (world, big + 200), (world, 47), (world, big),
-                                                   (world, pad)]
+  assert [w.shape for w in state.worker_error] == [
+    (world, 300),
+    (world, big + 200),
+    (world, 47),
+    (world, big),
+    (world, pad),
+  ]
   oracle = reference.CompressedAllReduceReference(n, world)
   flat = lambda tree, r: np.concatenate([np.ravel(np.asarray(tree[k][r])) for k in shapes])
   for t in range(calls):
@@ -235,11 +266,13 @@ def test_unbound_axis_name_is_a_clear_error():
 
 def test_state_of_another_world_size_is_rejected():
   mesh = make_mesh(4)
-  state_for_2 = optax_lamb16.CompressedAllReduceState((jnp.zeros(100), jnp.zeros(car.padded_length(100, 2) - 100)),
-                                                      jnp.zeros(car.padded_length(100, 2) // 2))
+  state_for_2 = optax_lamb16.CompressedAllReduceState(
+    (jnp.zeros(100), jnp.zeros(car.padded_length(100, 2) - 100)), jnp.zeros(car.padded_length(100, 2) // 2)
+  )
 
   def f(x):
     return optax_lamb16.compressed_allreduce(x[0], state_for_2, "data")[0]
+
   with pytest.raises(ValueError, match="another world size"):
     jax.jit(jax.shard_map(f, mesh=mesh, in_specs=P("data"), out_specs=P()))(jnp.zeros((4, 100)))
 
@@ -306,6 +339,7 @@ def _exchange_and_mean_calls(tree):
     def call(state, x_t):
       out, state = compressed.update(x_t, state)
       return state, (out, exact.update(x_t, exact.init(x_t))[0])
+
     state, (outs, means) = jax.lax.scan(call, state, tree)
     return jax.tree.map(lambda x: x[None], (outs, means)), state
 
@@ -341,20 +375,30 @@ def test_float64_leaves_are_exchanged_in_float32_and_averaged_exactly_in_float64
   np.testing.assert_allclose(means["b"], np.broadcast_to(tree["b"].mean(axis=0), means["b"].shape), rtol=1e-6)
 
 
-DOCTESTED = ("compression", "gradient_mean", "onebit_adam", "zero_one_adam", "onebit_lamb", "comm", "sharding",
-             "data_parallel")
+DOCTESTED = (
+  "_compression",
+  "_gradient_mean",
+  "_onebit_adam",
+  "_zero_one_adam",
+  "_onebit_lamb",
+  "comm",
+  "_sharding",
+  "_data_parallel",
+)
 
 
 def test_docstring_examples_run_on_a_single_device(tmp_path):
   """The examples must not rely on the 8 host devices this suite forces: run them with `doctest` in a fresh
   process that has one."""
   from tests.workers import launch
+
   script = tmp_path / "doctests.py"
   script.write_text(
-      "import doctest, importlib, jax\n"
-      "assert jax.device_count() == 1, jax.devices()\n"
-      f"for name in {DOCTESTED!r}:\n"
-      "  result = doctest.testmod(importlib.import_module('optax_lamb16.' + name))\n"
-      "  assert result.failed == 0, (name, result)\n"
-      "  print(name, result.attempted)\n")
+    "import doctest, importlib, jax\n"
+    "assert jax.device_count() == 1, jax.devices()\n"
+    f"for name in {DOCTESTED!r}:\n"
+    "  result = doctest.testmod(importlib.import_module('optax_lamb16.' + name))\n"
+    "  assert result.failed == 0, (name, result)\n"
+    "  print(name, result.attempted)\n"
+  )
   launch.run_process(script, [], devices=1)

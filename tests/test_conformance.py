@@ -24,7 +24,8 @@ import functools
 import inspect
 import logging
 import re
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -32,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
 from tests import onebit_harness as h
@@ -43,23 +45,45 @@ pytestmark = pytest.mark.filterwarnings("ignore::optax_lamb16._onebit.LargeFirst
 STEPS = 5  # 1-bit Adam/LAMB: warm-up t = 2, compression from t = 3; 0/1 Adam: variance, compressed, sync, local
 # Hyperparameters every case gets where its factory has them: short phases, and non-zero weight decay so that a
 # dropped or mis-scheduled weight decay shows.
-KNOWN_VALUES = {"learning_rate": 1e-2, "weight_decay": 1e-2, "freeze_step": 2, "var_freeze_step": 2,
-                "var_update_scaler": 1, "local_step_scaler": 1, "local_step_clipper": 2,
-                "max_consecutive_errors": 2, "block_size": 16}
+KNOWN_VALUES = {
+  "learning_rate": 1e-2,
+  "weight_decay": 1e-2,
+  "freeze_step": 2,
+  "var_freeze_step": 2,
+  "var_update_scaler": 1,
+  "local_step_scaler": 1,
+  "local_step_clipper": 2,
+  "max_consecutive_errors": 2,
+  "block_size": 16,
+}
 # Hyperparameters that `optax.inject_hyperparams` cannot turn into arrays (they shape the program: step counts,
 # communicators, masks, inner transformations), as optax's own list of uninjectable ones.
-STATIC = ("comm", "freeze_step", "var_freeze_step", "var_update_scaler", "local_step_scaler", "local_step_clipper",
-          "max_consecutive_errors", "mask", "momentum_mask", "mask_zero_variance", "inner", "block_size")
-ALIASES = ("lamb16", "lamb16_blockwise", "onebit_adam", "zero_one_adam", "onebit_lamb")
+STATIC = (
+  "comm",
+  "freeze_step",
+  "var_freeze_step",
+  "var_update_scaler",
+  "local_step_scaler",
+  "local_step_clipper",
+  "max_consecutive_errors",
+  "mask",
+  "momentum_mask",
+  "mask_zero_variance",
+  "inner",
+  "block_size",
+)
+ALIASES = ("lamb16", "lamb16_blockwise", "adamw16", "onebit_adam", "zero_one_adam", "onebit_lamb")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The cases.
 
+
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One transformation under test. `make(comm)` returns ``(factory, kwargs)``: `factory(**kwargs)` builds it (the
   factory is what `inject_hyperparams` wraps and whose signature is inspected)."""
+
   name: str
   make: Callable[[Any], tuple[Callable[..., Any], dict]]
   communicating: bool = False
@@ -92,18 +116,21 @@ def _known_kwargs(fn, comm) -> dict:
       kwargs[name] = comm
     elif name in KNOWN_VALUES:
       kwargs[name] = KNOWN_VALUES[name]
-    elif parameter.default is inspect.Parameter.empty and parameter.kind not in (parameter.VAR_POSITIONAL,
-                                                                                 parameter.VAR_KEYWORD):
-      raise TypeError(f"tests/test_conformance.py cannot build {fn.__name__}: no value for its required argument "
-                      f"`{name}`; add one to KNOWN_VALUES or a Case to CASES.")
+    elif parameter.default is inspect.Parameter.empty and parameter.kind not in (
+      parameter.VAR_POSITIONAL,
+      parameter.VAR_KEYWORD,
+    ):
+      raise TypeError(
+        f"tests/test_conformance.py cannot build {fn.__name__}: no value for its required argument "
+        f"`{name}`; add one to KNOWN_VALUES or a Case to CASES."
+      )
   return kwargs
 
 
 def public(name: str, per_rank_params: bool = False) -> Case:
   """A public factory of optax_lamb16, called with the hyperparameters of KNOWN_VALUES it has."""
   fn = getattr(optax_lamb16, name)
-  return Case(name, lambda comm: (fn, _known_kwargs(fn, comm)), "comm" in _signature(fn).parameters,
-              per_rank_params)
+  return Case(name, lambda comm: (fn, _known_kwargs(fn, comm)), "comm" in _signature(fn).parameters, per_rank_params)
 
 
 def finite_guard(inner: str) -> Case:
@@ -114,25 +141,31 @@ def finite_guard(inner: str) -> Case:
   def make(comm):
     wrapper = functools.partial(optax_lamb16.apply_if_finite, inner_case.build(comm))
     return wrapper, {"max_consecutive_errors": 2, "comm": comm}
+
   return Case(f"apply_if_finite({inner})", make, inner_case.communicating)
 
 
 KNOWN = [
-    public("lamb16"),
-    public("lamb16_blockwise"),
-    public("scale_by_lamb16"),
-    public("scale_by_lamb16_trust_ratio"),
-    public("onebit_adam"),
-    public("zero_one_adam", per_rank_params=True),
-    public("onebit_lamb"),
-    public("compressed_mean"),
-    public("uncompressed_mean"),
-    finite_guard("onebit_adam"),
+  public("lamb16"),
+  public("lamb16_blockwise"),
+  public("adamw16"),
+  public("scale_by_lamb16"),
+  public("scale_by_lamb16_trust_ratio"),
+  public("onebit_adam"),
+  public("zero_one_adam", per_rank_params=True),
+  public("onebit_lamb"),
+  public("compressed_mean"),
+  public("uncompressed_mean"),
+  finite_guard("onebit_adam"),
 ]
 # Building blocks added since this table was written (e.g. the 1-bit family's scale_by_* blocks) join by themselves.
-DISCOVERED = [public(name, per_rank_params="zero_one" in name) for name in sorted(dir(optax_lamb16))
-              if name.startswith("scale_by_") and callable(getattr(optax_lamb16, name))
-              and name not in {case.name for case in KNOWN}]
+DISCOVERED = [
+  public(name, per_rank_params="zero_one" in name)
+  for name in sorted(dir(optax_lamb16))
+  if name.startswith("scale_by_")
+  and callable(getattr(optax_lamb16, name))
+  and name not in {case.name for case in KNOWN}
+]
 # optax's own transforms are not written for strict dtype promotion (e.g. float32 hyperparameters times bfloat16
 # leaves): the control runs under standard promotion (`_control_promotion`), the library under strict.
 CONTROL = Case("optax.lion (control)", lambda comm: (optax.lion, {"learning_rate": 1e-2, "weight_decay": 1e-2}))
@@ -156,8 +189,11 @@ def cases(selection=CASES):
 
 # A 2-D and a 0-d float32 leaf and a 1-D bfloat16 leaf (tree-flatten order b, s, w): one tree checks that updates
 # follow each leaf's dtype, for both dtypes, at the cost of one run.
-PARAM_VALUES = {"w": np.linspace(-1.0, 1.0, 12).reshape(4, 3), "b": np.array([0.5, -0.25, 1.0, 0.0]),
-                "s": np.array(0.75)}
+PARAM_VALUES = {
+  "w": np.linspace(-1.0, 1.0, 12).reshape(4, 3),
+  "b": np.array([0.5, -0.25, 1.0, 0.0]),
+  "s": np.array(0.75),
+}
 PARAM_DTYPES = {"w": jnp.float32, "b": jnp.bfloat16, "s": jnp.float32}
 
 
@@ -168,8 +204,10 @@ def make_params() -> dict:
 def grads_at(t: int, lead: tuple = ()) -> dict:
   """Step t's gradients, like the params (with leading axes `lead`, e.g. one row per rank)."""
   rng = np.random.default_rng(100 + t)
-  return {name: jnp.asarray(rng.standard_normal(lead + np.shape(value)), PARAM_DTYPES[name])
-          for name, value in PARAM_VALUES.items()}
+  return {
+    name: jnp.asarray(rng.standard_normal(lead + np.shape(value)), PARAM_DTYPES[name])
+    for name, value in PARAM_VALUES.items()
+  }
 
 
 def loss_value(params) -> jax.Array:
@@ -178,8 +216,14 @@ def loss_value(params) -> jax.Array:
 
 def comparable(tree):
   """Float leaves (float8 and bfloat16 included) as float32 NumPy arrays, others as they are."""
-  return jax.tree.map(lambda x: np.asarray(jnp.asarray(x).astype(jnp.float32))
-                      if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating) else np.asarray(x), tree)
+  return jax.tree.map(
+    lambda x: (
+      np.asarray(jnp.asarray(x).astype(jnp.float32))
+      if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
+      else np.asarray(x)
+    ),
+    tree,
+  )
 
 
 def assert_close(actual, desired, rtol=1e-6, atol=1e-7):
@@ -189,15 +233,18 @@ def assert_close(actual, desired, rtol=1e-6, atol=1e-7):
 
 def apply_step(tx, **extra_args):
   """step(params, state, grads) -> (params, state, updates), one update with `extra_args` passed to `update`."""
+
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params, **extra_args)
     return optax.apply_updates(params, updates), state, updates
+
   return step
 
 
 class Run(NamedTuple):
   """A run from `make_params` and `init`: params[t] and states[t] before step t (and after the last one), updates[t]
   of step t."""
+
   params: list
   states: list
   updates: list
@@ -265,13 +312,16 @@ def type_mismatches(before, after) -> list[str]:
   """Paths of the leaves whose `jax.typeof` (shape, dtype, weak type, sharding) differs between two states."""
   chex.assert_trees_all_equal_structs(before, after)
   paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(before)[0]]
-  return [f"{path}: {jax.typeof(a)} -> {jax.typeof(b)}"
-          for path, a, b in zip(paths, jax.tree.leaves(before), jax.tree.leaves(after))
-          if jax.typeof(a) != jax.typeof(b)]
+  return [
+    f"{path}: {jax.typeof(a)} -> {jax.typeof(b)}"
+    for path, a, b in zip(paths, jax.tree.leaves(before), jax.tree.leaves(after))
+    if jax.typeof(a) != jax.typeof(b)
+  ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The generic checks (comm=None for the 1-bit optimizers).
+
 
 @cases()
 def test_is_an_extra_args_transformation(case):
@@ -284,8 +334,11 @@ def test_update_accepts_extra_args_and_does_not_recompile(case):
   """optax's ``test_optimizers_accept_extra_args``: `update(..., value=..., <unknown>=...)` works, changes nothing,
   and the second call of the jitted step compiles nothing."""
   tx = case.build()
-  step = jax.jit(lambda params, state, grads: apply_step(
-      tx, value=loss_value(params), unexpected_extra_args_your_optimizer_doesnt_expect=1)(params, state, grads))
+  step = jax.jit(
+    lambda params, state, grads: apply_step(
+      tx, value=loss_value(params), unexpected_extra_args_your_optimizer_doesnt_expect=1
+    )(params, state, grads)
+  )
   first = run(step, tx, steps=1)
   with compilations() as compiled:
     params, state, second = jax.block_until_ready(step(first.params[-1], first.states[-1], grads_at(1)))
@@ -297,12 +350,14 @@ def test_update_accepts_extra_args_and_does_not_recompile(case):
 
 # optax's own aliases fail this check on a tree with a bfloat16 leaf: the injected float32 learning rate promotes
 # that leaf's updates to float32. The control shows that the check sees it.
-PROMOTING_CONTROL = pytest.mark.xfail(strict=True, reason="optax promotes bfloat16 updates with injected float32 "
-                                                          "hyperparameters")
+PROMOTING_CONTROL = pytest.mark.xfail(
+  strict=True, reason="optax promotes bfloat16 updates with injected float32 hyperparameters"
+)
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, id=case.name, marks=PROMOTING_CONTROL if case is CONTROL else ())
-                                  for case in CASES])
+@pytest.mark.parametrize(
+  "case", [pytest.param(case, id=case.name, marks=PROMOTING_CONTROL if case is CONTROL else ()) for case in CASES]
+)
 def test_inject_hyperparams_gives_the_same_updates_and_states(case):
   """optax's ``test_optimizers_can_be_wrapped_in_inject_hyperparams``, over every step of the plain run."""
   injected = inject(case)
@@ -331,8 +386,10 @@ def test_updates_follow_the_params_dtype_and_the_state_keeps_its_types(case):
 # optax's ``test_state_shape_dtype_shard_stability`` runs every optimizer on float16, bfloat16, float32 and float64
 # params (float64 with jax_enable_x64). The float32 and bfloat16 leaves are the runs above; these trees add float64,
 # alone and next to float16 and float32 leaves.
-WIDE_DTYPES = ({"w": jnp.float64, "b": jnp.float64, "s": jnp.float64},
-               {"w": jnp.float64, "b": jnp.float16, "s": jnp.float32})
+WIDE_DTYPES = (
+  {"w": jnp.float64, "b": jnp.float64, "s": jnp.float64},
+  {"w": jnp.float64, "b": jnp.float16, "s": jnp.float32},
+)
 
 
 def _cond_steps(tx, params, grads, pred, steps=2):
@@ -366,8 +423,12 @@ def test_float64_params_keep_their_dtype_and_the_state_its_types(case):
         return jax.tree.map(lambda p: p[None], _cond_steps(tx, params, jax.tree.map(lambda g: g[0], grads), pred))
 
       per_rank = jax.tree.map(lambda p: jnp.broadcast_to(p, (WORLD, *p.shape)), params)
-      got = jax.eval_shape(jax.shard_map(local, mesh=h.host_mesh(WORLD), in_specs=(P(), P("data"), P()),
-                                         out_specs=P("data")), params, per_rank, pred)
+      got = jax.eval_shape(
+        jax.shard_map(local, mesh=h.host_mesh(WORLD), in_specs=(P(), P("data"), P()), out_specs=P("data")),
+        params,
+        per_rank,
+        pred,
+      )
       assert {name: x.dtype for name, x in got.items()} == dtypes
 
 
@@ -423,7 +484,8 @@ def _schedulable(case: Case) -> list[str]:
   for name, parameter in _signature(case.factory()).parameters.items():
     annotation = parameter.annotation
     if annotation in (optax.ScalarOrSchedule, optax.Schedule) or (
-        isinstance(annotation, str) and re.search(r"\b(ScalarOrSchedule|Schedule)\b", annotation)):
+      isinstance(annotation, str) and re.search(r"\b(ScalarOrSchedule|Schedule)\b", annotation)
+    ):
       names.append(name)
   return names
 
@@ -460,13 +522,18 @@ def test_schedules_are_accepted_where_the_signature_says_so(case):
 
 
 # Building blocks of an alias: a hyperparameter both take must be accepted as a schedule by both or rejected by both.
-FAMILIES = {alias: [case for case in CASES if case.name.startswith("scale_by_") and alias in case.name]
-            for alias in ALIASES}
-SHARED = [pytest.param(alias, block, name, id=f"{alias}-{block.name}-{name}")
-          for alias, blocks in FAMILIES.items() for block in blocks
-          for name, parameter in _signature(block.factory()).parameters.items()
-          if name in _signature(getattr(optax_lamb16, alias)).parameters and name != "comm"
-          and isinstance(parameter.default, float)]
+FAMILIES = {
+  alias: [case for case in CASES if case.name.startswith("scale_by_") and alias in case.name] for alias in ALIASES
+}
+SHARED = [
+  pytest.param(alias, block, name, id=f"{alias}-{block.name}-{name}")
+  for alias, blocks in FAMILIES.items()
+  for block in blocks
+  for name, parameter in _signature(block.factory()).parameters.items()
+  if name in _signature(getattr(optax_lamb16, alias)).parameters
+  and name != "comm"
+  and isinstance(parameter.default, float)
+]
 CASE_OF = {case.name: case for case in CASES}
 
 
@@ -538,8 +605,9 @@ def _mesh_step(case: Case, tx, specs, **extra_args):
     mine = optax.apply_updates(mine, updates)
     return (jax.tree.map(lambda a: a[None], mine) if case.per_rank_params else mine), state
 
-  return jax.shard_map(local_step, mesh=h.host_mesh(WORLD), in_specs=(param_spec, specs, P("data")),
-                       out_specs=(param_spec, specs))
+  return jax.shard_map(
+    local_step, mesh=h.host_mesh(WORLD), in_specs=(param_spec, specs, P("data")), out_specs=(param_spec, specs)
+  )
 
 
 def _mesh_init(case: Case, tx):
@@ -595,8 +663,11 @@ def test_mesh_step_with_extra_args_and_donated_state(case):
   assert not compiled, f"a later call of the jitted shard_map step recompiles: {compiled}"
   for t, state in enumerate(states + more):  # the donated ones keep their types and shardings
     mismatches = type_mismatches(state0, state)
-    shardings = [(a.sharding, b.sharding) for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state))
-                 if not a.sharding.is_equivalent_to(b.sharding, a.ndim)]
+    shardings = [
+      (a.sharding, b.sharding)
+      for a, b in zip(jax.tree.leaves(state0), jax.tree.leaves(state))
+      if not a.sharding.is_equivalent_to(b.sharding, a.ndim)
+    ]
     assert not mismatches and not shardings, (t, mismatches, shardings)
   want_params, want_states = mesh_reference_run(case)
   assert_close((params, more[-1]), (want_params, want_states[-1]))

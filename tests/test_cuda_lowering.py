@@ -32,10 +32,25 @@ import optax_lamb16
 from tests import onebit_harness as h
 
 WORLD = 4
-COLLECTIVES = ("stablehlo.all_reduce", "stablehlo.all_to_all", "stablehlo.all_gather", "stablehlo.reduce_scatter",
-               "stablehlo.collective_permute", "stablehlo.collective_broadcast")
-_NUMPY = {"i1": np.bool_, "i8": np.int8, "i32": np.int32, "i64": np.int64, "ui8": np.uint8, "ui32": np.uint32,
-          "ui64": np.uint64, "f32": np.float32, "f64": np.float64}
+COLLECTIVES = (
+  "stablehlo.all_reduce",
+  "stablehlo.all_to_all",
+  "stablehlo.all_gather",
+  "stablehlo.reduce_scatter",
+  "stablehlo.collective_permute",
+  "stablehlo.collective_broadcast",
+)
+_NUMPY = {
+  "i1": np.bool_,
+  "i8": np.int8,
+  "i32": np.int32,
+  "i64": np.int64,
+  "ui8": np.uint8,
+  "ui32": np.uint32,
+  "ui64": np.uint64,
+  "f32": np.float32,
+  "f64": np.float64,
+}
 
 
 def lower_for_cuda(f, *args, **jit_kwargs):
@@ -60,8 +75,11 @@ class Program:
 
   def __init__(self, lowered, inputs=()):
     self.module = lowered.compiler_ir("stablehlo")
-    self.functions = {ir.StringAttr(op.attributes["sym_name"]).value: op for op in self.module.body.operations
-                      if op.operation.name == "func.func"}
+    self.functions = {
+      ir.StringAttr(op.attributes["sym_name"]).value: op
+      for op in self.module.body.operations
+      if op.operation.name == "func.func"
+    }
     main = self.functions["main"].regions[0].blocks[0]
     inputs = [np.asarray(x) for x in inputs]
     if inputs:
@@ -108,11 +126,24 @@ class Program:
     with np.errstate(over="ignore"):
       if name == "stablehlo.compare":
         direction = re.search(r"comparison_direction (\w+)", str(op.attributes["comparison_direction"])).group(1)
-        return {"EQ": np.equal, "NE": np.not_equal, "LT": np.less, "LE": np.less_equal, "GT": np.greater,
-                "GE": np.greater_equal}[direction](a[0], a[1])
-      binary = {"stablehlo.add": np.add, "stablehlo.subtract": np.subtract, "stablehlo.multiply": np.multiply,
-                "stablehlo.remainder": np.fmod, "stablehlo.and": np.logical_and, "stablehlo.or": np.logical_or,
-                "stablehlo.maximum": np.maximum, "stablehlo.minimum": np.minimum}
+        return {
+          "EQ": np.equal,
+          "NE": np.not_equal,
+          "LT": np.less,
+          "LE": np.less_equal,
+          "GT": np.greater,
+          "GE": np.greater_equal,
+        }[direction](a[0], a[1])
+      binary = {
+        "stablehlo.add": np.add,
+        "stablehlo.subtract": np.subtract,
+        "stablehlo.multiply": np.multiply,
+        "stablehlo.remainder": np.fmod,
+        "stablehlo.and": np.logical_and,
+        "stablehlo.or": np.logical_or,
+        "stablehlo.maximum": np.maximum,
+        "stablehlo.minimum": np.minimum,
+      }
       if name in binary:
         result = binary[name](a[0], a[1])
       elif name == "stablehlo.not":
@@ -173,14 +204,18 @@ def _float8_converts(program: Program) -> set[tuple[str, str]]:
 
 PARAMS = {"b": jnp.linspace(-1.0, 1.0, 48).astype(jnp.bfloat16), "w": jnp.linspace(-1.0, 1.0, 64 * 48).reshape(64, 48)}
 FLOAT8 = {
-    "lamb16": lambda: optax_lamb16.lamb16(1e-2, weight_decay=1e-2),
-    "lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-2, weight_decay=1e-2, block_size=64),
-    "lamb16_blockwise-stochastic_rounding": lambda: optax_lamb16.lamb16_blockwise(
-        1e-2, weight_decay=1e-2, block_size=64, stochastic_rounding=True),
-    "scale_by_lamb16": lambda: optax_lamb16.scale_by_lamb16(),
-    "scale_by_lamb16_blockwise": lambda: optax_lamb16.scale_by_lamb16_blockwise(block_size=64),
-    "scale_by_lamb16_blockwise-stochastic_rounding": lambda: optax_lamb16.scale_by_lamb16_blockwise(
-        block_size=64, stochastic_rounding=True),
+  "lamb16": lambda: optax_lamb16.lamb16(1e-2, weight_decay=1e-2),
+  "lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-2, weight_decay=1e-2, block_size=64),
+  "lamb16_blockwise-stochastic_rounding": lambda: optax_lamb16.lamb16_blockwise(
+    1e-2, weight_decay=1e-2, block_size=64, stochastic_rounding=True
+  ),
+  "scale_by_lamb16": lambda: optax_lamb16.scale_by_lamb16(),
+  "scale_by_lamb16_blockwise": lambda: optax_lamb16.scale_by_lamb16_blockwise(block_size=64),
+  "scale_by_lamb16_blockwise-stochastic_rounding": lambda: optax_lamb16.scale_by_lamb16_blockwise(
+    block_size=64, stochastic_rounding=True
+  ),
+  "adamw16-stochastic_rounding": lambda: optax_lamb16.adamw16(1e-2, block_size=64),
+  "adamw16": lambda: optax_lamb16.adamw16(1e-2, block_size=64, stochastic_rounding=False),
 }
 
 
@@ -227,25 +262,36 @@ def exchange_collectives(n: int, world: int) -> list[tuple[str, str, tuple[int, 
 
 EXACT_MEAN = [("all_reduce", "f32", (N,))]  # one float32 all-reduce of the flattened tree
 ONEBIT = {  # name: (factory, per-rank params, {phase: (scalar state fields, collectives)})
-    "onebit_adam": (lambda: optax_lamb16.onebit_adam(1e-2, comm="data", freeze_step=4, weight_decay=1e-2), False,
-                    {"warm-up": ({"count": 1}, EXACT_MEAN),
-                     "compression": ({"count": 4}, exchange_collectives(N, WORLD))}),
-    "onebit_lamb": (lambda: optax_lamb16.onebit_lamb(1e-2, comm="data", freeze_step=4, weight_decay=1e-2), False,
-                    {"warm-up": ({"count": 1}, EXACT_MEAN),
-                     "compression": ({"count": 4}, exchange_collectives(N, WORLD))}),
-    "zero_one_adam": (lambda: optax_lamb16.zero_one_adam(1e-2, comm="data", var_freeze_step=4, weight_decay=1e-2),
-                      True,
-                      {"variance": ({"count": 1}, EXACT_MEAN),
-                       "compressed": ({"count": 2, "var_interval": 2}, exchange_collectives(N, WORLD)),
-                       "local": ({"count": 2, "frozen": True, "local_step_interval": 2, "lr_sum": 0.01}, []),
-                       "sync": ({"count": 3, "frozen": True, "local_step_interval": 2, "lr_sum": 0.01},
-                                exchange_collectives(N, WORLD))}),
-    "compressed_mean": (lambda: optax_lamb16.compressed_mean("data"), False,
-                        {"every step": ({}, exchange_collectives(N, WORLD))}),
-    "uncompressed_mean": (lambda: optax_lamb16.uncompressed_mean("data"), False, {"every step": ({}, EXACT_MEAN)}),
+  "onebit_adam": (
+    lambda: optax_lamb16.onebit_adam(1e-2, comm="data", freeze_step=4, weight_decay=1e-2),
+    False,
+    {"warm-up": ({"count": 1}, EXACT_MEAN), "compression": ({"count": 4}, exchange_collectives(N, WORLD))},
+  ),
+  "onebit_lamb": (
+    lambda: optax_lamb16.onebit_lamb(1e-2, comm="data", freeze_step=4, weight_decay=1e-2),
+    False,
+    {"warm-up": ({"count": 1}, EXACT_MEAN), "compression": ({"count": 4}, exchange_collectives(N, WORLD))},
+  ),
+  "zero_one_adam": (
+    lambda: optax_lamb16.zero_one_adam(1e-2, comm="data", var_freeze_step=4, weight_decay=1e-2),
+    True,
+    {
+      "variance": ({"count": 1}, EXACT_MEAN),
+      "compressed": ({"count": 2, "var_interval": 2}, exchange_collectives(N, WORLD)),
+      "local": ({"count": 2, "frozen": True, "local_step_interval": 2, "lr_sum": 0.01}, []),
+      "sync": ({"count": 3, "frozen": True, "local_step_interval": 2, "lr_sum": 0.01}, exchange_collectives(N, WORLD)),
+    },
+  ),
+  "compressed_mean": (
+    lambda: optax_lamb16.compressed_mean("data"),
+    False,
+    {"every step": ({}, exchange_collectives(N, WORLD))},
+  ),
+  "uncompressed_mean": (lambda: optax_lamb16.uncompressed_mean("data"), False, {"every step": ({}, EXACT_MEAN)}),
 }
-PHASES = [pytest.param(name, phase, id=f"{name}-{phase}") for name, (_, _, phases) in ONEBIT.items()
-          for phase in phases]
+PHASES = [
+  pytest.param(name, phase, id=f"{name}-{phase}") for name, (_, _, phases) in ONEBIT.items() for phase in phases
+]
 
 
 def _with_scalars(state, fields: dict):
@@ -267,8 +313,9 @@ def onebit_programs():
     tx = make()
     state = optax_lamb16.sharded_init(tx, ONEBIT_PARAMS, mesh, "data")
     specs = optax_lamb16.state_partition_specs(state, "data")
-    params = jax.tree.map(lambda p: jnp.broadcast_to(p, (WORLD, *p.shape)), ONEBIT_PARAMS) if per_rank \
-        else ONEBIT_PARAMS
+    params = (
+      jax.tree.map(lambda p: jnp.broadcast_to(p, (WORLD, *p.shape)), ONEBIT_PARAMS) if per_rank else ONEBIT_PARAMS
+    )
     grads = jax.tree.map(lambda p: jnp.zeros((WORLD, *p.shape), p.dtype), ONEBIT_PARAMS)
 
     def local(params, state, grads, tx=tx, per_rank=per_rank):

@@ -4,7 +4,6 @@
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -16,10 +15,14 @@ DATA, MODEL, STEPS = 2, 2, 12
 SHAPE = (16, 12)  # "w" is sharded over "model" along its columns, "b" along its only axis
 
 OPTIMIZERS = {
-    "onebit_adam": (lambda: optax_lamb16.onebit_adam(0.01, comm="data", freeze_step=5), False),
-    "zero_one_adam": (lambda: optax_lamb16.zero_one_adam(0.01, comm="data", var_freeze_step=5, var_update_scaler=2,
-                                                         local_step_scaler=2, local_step_clipper=4), True),
-    "onebit_lamb": (lambda: optax_lamb16.onebit_lamb(0.01, comm="data", freeze_step=5), False),
+  "onebit_adam": (lambda: optax_lamb16.onebit_adam(0.01, comm="data", freeze_step=5), False),
+  "zero_one_adam": (
+    lambda: optax_lamb16.zero_one_adam(
+      0.01, comm="data", var_freeze_step=5, var_update_scaler=2, local_step_scaler=2, local_step_clipper=4
+    ),
+    True,
+  ),
+  "onebit_lamb": (lambda: optax_lamb16.onebit_lamb(0.01, comm="data", freeze_step=5), False),
 }
 
 
@@ -50,8 +53,10 @@ def trajectory_fn(make_tx, per_rank_params, mesh, w_spec, b_spec):
 def problem(seed=0):
   rng = np.random.default_rng(seed)
   params = {"w": rng.standard_normal(SHAPE).astype(np.float32), "b": np.zeros(SHAPE[1], np.float32)}
-  grads = {"w": rng.standard_normal((STEPS, DATA, *SHAPE)).astype(np.float32),
-           "b": rng.standard_normal((STEPS, DATA, SHAPE[1])).astype(np.float32)}
+  grads = {
+    "w": rng.standard_normal((STEPS, DATA, *SHAPE)).astype(np.float32),
+    "b": rng.standard_normal((STEPS, DATA, SHAPE[1])).astype(np.float32),
+  }
   return params, grads
 
 
@@ -59,7 +64,7 @@ def problem(seed=0):
 def test_model_shards_train_as_separate_blocks_and_only_data_communicates(name):
   make_tx, per_rank_params = OPTIMIZERS[name]
   params, grads = problem()
-  devices = np.array(jax.devices()[:DATA * MODEL]).reshape(DATA, MODEL)
+  devices = np.array(jax.devices()[: DATA * MODEL]).reshape(DATA, MODEL)
   auto = jax.sharding.AxisType.Auto
   mesh = jax.sharding.Mesh(devices, ("data", "model"), axis_types=(auto, auto))
   f = trajectory_fn(make_tx, per_rank_params, mesh, P(None, "model"), P("model"))
@@ -68,8 +73,11 @@ def test_model_shards_train_as_separate_blocks_and_only_data_communicates(name):
   # Every collective runs among devices of one model index: the optimizer touches the data axis only.
   model_of = {int(d.id): j for row in devices for j, d in enumerate(row)}
   hlo = f.lower(params, grads).compile().as_text()
-  collectives = re.findall(r"(all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)(?:-start)?\(.*?"
-                           r"replica_groups=\{([0-9,{}]*)\}", hlo)
+  collectives = re.findall(
+    r"(all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)(?:-start)?\(.*?"
+    r"replica_groups=\{([0-9,{}]*)\}",
+    hlo,
+  )
   assert any(op == "all-to-all" for op, _ in collectives), "no compressed exchange found"
   for op, groups in collectives:
     for group in re.findall(r"\{([0-9,]+)\}", groups):
@@ -81,8 +89,9 @@ def test_model_shards_train_as_separate_blocks_and_only_data_communicates(name):
   for j in range(MODEL):
     columns = slice(j * block, (j + 1) * block)
     alone = trajectory_fn(make_tx, per_rank_params, data_mesh, P(), P())(
-        {"w": params["w"][:, columns], "b": params["b"][columns]},
-        {"w": grads["w"][..., columns], "b": grads["b"][..., columns]})
+      {"w": params["w"][:, columns], "b": params["b"][columns]},
+      {"w": grads["w"][..., columns], "b": grads["b"][..., columns]},
+    )
     np.testing.assert_array_equal(got["w"][..., columns], np.asarray(alone["w"]), err_msg=f"model shard {j}")
     np.testing.assert_array_equal(got["b"][..., columns], np.asarray(alone["b"]), err_msg=f"model shard {j}")
 
@@ -91,8 +100,9 @@ def test_leaves_sharded_differently_over_the_model_axis_are_a_clear_error():
   """One compressed exchange carries every leaf: a model-sharded leaf and a replicated one cannot share it."""
   params, grads = problem()
   auto = jax.sharding.AxisType.Auto
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:DATA * MODEL]).reshape(DATA, MODEL), ("data", "model"),
-                           axis_types=(auto, auto))
+  mesh = jax.sharding.Mesh(
+    np.array(jax.devices()[: DATA * MODEL]).reshape(DATA, MODEL), ("data", "model"), axis_types=(auto, auto)
+  )
   f = trajectory_fn(OPTIMIZERS["onebit_adam"][0], False, mesh, P(None, "model"), P())
   with pytest.raises(ValueError, match=r"vary over different mesh axes.*optax.partition"):
     f(params, grads)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
 from tests import onebit_harness as h
@@ -33,17 +34,17 @@ def problem(seed=0):
 
 
 OPTIMIZERS = {
-    # The 1-bit rules have no bias correction: their first steps are about 3x Adam's. Once compressed, every element
-    # of the momentum comes back at the scale of the whole buffer, which a tiny v turns into a big step: a larger
-    # eps keeps this small fit (the offset "b" dwarfs the gradients of "w") from jumping after the freeze.
-    "onebit_adam": lambda: optax_lamb16.onebit_adam(3e-3, comm="data", freeze_step=FREEZE, eps=1e-3),
-    "zero_one_adam": lambda: optax_lamb16.zero_one_adam(3e-3, comm="data", var_freeze_step=FREEZE,
-                                                        local_step_scaler=1,
-                                                        local_step_clipper=2),
-    "onebit_lamb": lambda: optax_lamb16.onebit_lamb(3e-3, comm="data", freeze_step=FREEZE, eps=1e-3),
-    "compressed_mean+lamb16": lambda: optax.chain(optax_lamb16.compressed_mean("data"), optax_lamb16.lamb16(1e-2)),
-    "lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-2, block_size=64),
-    "optax.adam": lambda: optax.adam(3e-2),
+  # The 1-bit rules have no bias correction: their first steps are about 3x Adam's. Once compressed, every element
+  # of the momentum comes back at the scale of the whole buffer, which a tiny v turns into a big step: a larger
+  # eps keeps this small fit (the offset "b" dwarfs the gradients of "w") from jumping after the freeze.
+  "onebit_adam": lambda: optax_lamb16.onebit_adam(3e-3, comm="data", freeze_step=FREEZE, eps=1e-3),
+  "zero_one_adam": lambda: optax_lamb16.zero_one_adam(
+    3e-3, comm="data", var_freeze_step=FREEZE, local_step_scaler=1, local_step_clipper=2
+  ),
+  "onebit_lamb": lambda: optax_lamb16.onebit_lamb(3e-3, comm="data", freeze_step=FREEZE, eps=1e-3),
+  "compressed_mean+lamb16": lambda: optax.chain(optax_lamb16.compressed_mean("data"), optax_lamb16.lamb16(1e-2)),
+  "lamb16_blockwise": lambda: optax_lamb16.lamb16_blockwise(1e-2, block_size=64),
+  "optax.adam": lambda: optax.adam(3e-2),
 }
 COMPRESSED = ("onebit_adam", "zero_one_adam", "onebit_lamb", "compressed_mean+lamb16")
 
@@ -68,7 +69,7 @@ COLLECTIVE = r" (all-reduce|all-gather|all-to-all|collective-permute)(-start)?\(
 def elements(instruction: str) -> int:
   """Elements of a collective's result: the largest array of its (possibly tuple) shape (XLA combines the loss's
   scalar mean with another all-reduce)."""
-  result = instruction.split("=", 1)[1][:re.search(COLLECTIVE, instruction).start()]
+  result = instruction.split("=", 1)[1][: re.search(COLLECTIVE, instruction).start()]
   return max(int(np.prod([int(d) for d in dims.split(",") if d])) for dims in re.findall(r"\w+\[([\d,]*)\]", result))
 
 
@@ -97,8 +98,9 @@ def train_and_check_communication(name):
   one = dp.unstack_params(params)
   assert jax.tree.map(jnp.shape, one) == {"b": (16,), "w": (32, 16)}
   if dp.params_per_rank:  # stacked per rank; the last step is a sync
-    np.testing.assert_allclose(np.asarray(params["w"]), np.broadcast_to(np.asarray(one["w"]), (WORLD, 32, 16)),
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+      np.asarray(params["w"]), np.broadcast_to(np.asarray(one["w"]), (WORLD, 32, 16)), rtol=1e-6, atol=1e-7
+    )
 
   hlo = dp._chosen["step"].lower(params, opt_state, jax.device_put(batches[0], dp.batch_sharding)).compile().as_text()
   every_step = outside_loops(hlo)
@@ -170,8 +172,10 @@ def test_model_axis_sharding_is_kept_and_training_matches_the_data_only_mesh():
   params, batches = problem()
   auto = jax.sharding.AxisType.Auto
   mesh = jax.make_mesh((WORLD // 2, 2), ("data", "model"), axis_types=(auto, auto), devices=jax.devices()[:WORLD])
-  sharded = {"b": jax.device_put(params["b"], NamedSharding(mesh, P("model"))),
-             "w": jax.device_put(params["w"], NamedSharding(mesh, P(None, "model")))}
+  sharded = {
+    "b": jax.device_put(params["b"], NamedSharding(mesh, P("model"))),
+    "w": jax.device_put(params["w"], NamedSharding(mesh, P(None, "model"))),
+  }
   runs = []
   for mesh_, start in ((mesh, sharded), (h.host_mesh(WORLD // 2), params)):
     dp = optax_lamb16.data_parallel(loss_fn, OPTIMIZERS["onebit_adam"](), mesh_)
@@ -186,8 +190,9 @@ def test_model_axis_sharding_is_kept_and_training_matches_the_data_only_mesh():
 def test_two_level_grid():
   params, batches = problem()
   grid = optax_lamb16.comm.TwoLevel(fast="local", slow="hosts")
-  dp = optax_lamb16.data_parallel(loss_fn, optax_lamb16.onebit_adam(1e-2, comm=grid, freeze_step=FREEZE),
-                                  h.grid_mesh(2, 2), grid)
+  dp = optax_lamb16.data_parallel(
+    loss_fn, optax_lamb16.onebit_adam(1e-2, comm=grid, freeze_step=FREEZE), h.grid_mesh(2, 2), grid
+  )
   params, opt_state = dp.init(params)
   assert dp.batch_sharding.spec == P(("hosts", "local"))
   losses = [float(jax.block_until_ready(dp.step(params, opt_state, batches[0]))[2])]
@@ -207,6 +212,7 @@ def test_has_aux_is_averaged_over_ranks():
 # ----------------------------------------------------------------------------------------------------------------------
 # Mistakes that used to pass silently or fail with JAX's own words.
 
+
 def manual_step(tx, mesh, param_spec, forget_local_view=False):
   """The explicit shard_map pattern, optionally with the `local_view` mistake."""
   state = optax_lamb16.sharded_init(tx, {"w": jnp.zeros(8)}, mesh, "data", param_specs=param_spec)
@@ -218,14 +224,20 @@ def manual_step(tx, mesh, param_spec, forget_local_view=False):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  return jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(param_spec, specs, P("data")),
-                               out_specs=(param_spec, specs))), state
+  return jax.jit(
+    jax.shard_map(step, mesh=mesh, in_specs=(param_spec, specs, P("data")), out_specs=(param_spec, specs))
+  ), state
 
 
-@pytest.mark.parametrize("make", [lambda: optax_lamb16.onebit_adam(1e-2, comm="data"),
-                                  lambda: optax.chain(optax_lamb16.compressed_mean("data"), optax.sgd(0.1)),
-                                  lambda: optax.chain(optax_lamb16.uncompressed_mean("data"), optax.sgd(0.1))],
-                         ids=["onebit_adam", "compressed_mean", "uncompressed_mean"])
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda: optax_lamb16.onebit_adam(1e-2, comm="data"),
+    lambda: optax.chain(optax_lamb16.compressed_mean("data"), optax.sgd(0.1)),
+    lambda: optax.chain(optax_lamb16.uncompressed_mean("data"), optax.sgd(0.1)),
+  ],
+  ids=["onebit_adam", "compressed_mean", "uncompressed_mean"],
+)
 def test_forgetting_local_view_is_an_error_naming_it(make):
   mesh = h.host_mesh(WORLD)
   step, state = manual_step(make(), mesh, P(), forget_local_view=True)
@@ -294,6 +306,7 @@ def test_steps_run_inside_jit_and_scan():
     def one(carry, batch):
       params, opt_state, loss = dp.step(*carry, batch)
       return (params, opt_state), loss
+
     return jax.lax.scan(one, (params, opt_state), stacked)
 
   (scanned, _), losses = jax.block_until_ready(three_steps(start, opt_state, stacked))
@@ -302,3 +315,24 @@ def test_steps_run_inside_jit_and_scan():
     want, state, _ = jax.block_until_ready(dp.step(want, state, batch))
   np.testing.assert_array_equal(np.asarray(scanned["w"]), np.asarray(want["w"]))
   assert losses.shape == (3,)
+
+
+@pytest.mark.parametrize("name", ["onebit_adam", "zero_one_adam"])
+def test_init_places_copies_on_the_mesh_and_a_restored_run_steps_on(name, tmp_path):
+  """`init` returns params on the mesh and never the caller's arrays (the step donates them); params restored
+  from a checkpoint into `init`'s layout step on, bitwise as the run that never stopped."""
+  params, batches = problem()
+  caller = jax.tree.map(jnp.asarray, params)
+  dp = optax_lamb16.data_parallel(loss_fn, OPTIMIZERS[name](), h.host_mesh(WORLD))
+  laid_out, opt_state = dp.init(caller)
+  for leaf in jax.tree.leaves(laid_out):
+    assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == dp.mesh
+  laid_out, opt_state, _ = jax.block_until_ready(dp.step(laid_out, opt_state, batches[0]))
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(caller))
+  with optax_lamb16.Checkpointer(tmp_path) as checkpoints:
+    checkpoints.save(1, {"params": laid_out, "opt_state": opt_state}, world_size=WORLD)
+    target = dict(zip(("params", "opt_state"), dp.init(caller)))
+    restored = checkpoints.restore(target, world_size=WORLD)
+  want, _, _ = jax.block_until_ready(dp.step(laid_out, opt_state, batches[1]))
+  got, _, _ = jax.block_until_ready(dp.step(restored["params"], restored["opt_state"], batches[1]))
+  np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(want["w"]))

@@ -30,8 +30,10 @@ def _one_rank_trajectories(make_a, make_b, steps=STEPS):
     def step(carry, noise_t):
       carry = h.noisy_step(tx, *carry, x, y, noise_t, 0)
       return carry, carry[0]
+
     with jax.numpy_dtype_promotion("standard"):  # optax's own optimizers mix weakly typed scalars
       return jax.jit(lambda p: jax.lax.scan(step, (p, tx.init(p)), noise)[1])(params)
+
   return run(make_a()), run(make_b())
 
 
@@ -50,23 +52,26 @@ def test_onebit_adam_warmup_is_optax_adamw_with_one_rank(weight_decay):
   if weight_decay:
     return
   # The faithful mode (no bias correction) is not: its first step is 3.2 x Adam's.
-  faithful, _ = _one_rank_trajectories(lambda: optax_lamb16.onebit_adam(LR, comm=None, freeze_step=NEVER),
-                                       lambda: optax.adam(LR))
+  faithful, _ = _one_rank_trajectories(
+    lambda: optax_lamb16.onebit_adam(LR, comm=None, freeze_step=NEVER), lambda: optax.adam(LR)
+  )
   with pytest.raises(AssertionError):
     _assert_same_trajectory(faithful, want)
 
 
 def test_zero_one_adam_with_every_step_a_variance_step_is_optax_adam_with_one_rank():
-  make = lambda: optax_lamb16.zero_one_adam(LR, comm=None, var_freeze_step=NEVER, var_update_scaler=NEVER,
-                                            mode="drop_in")
+  make = lambda: optax_lamb16.zero_one_adam(
+    LR, comm=None, var_freeze_step=NEVER, var_update_scaler=NEVER, mode="drop_in"
+  )
   _assert_same_trajectory(*_one_rank_trajectories(make, lambda: optax.adam(LR)))
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_onebit_lamb_warmup_is_optax_lamb_with_one_rank(weight_decay):
   # Unclipped trust ratios as optax's; the problem's zero bias and gradient-free leaf take optax's ratio 1.
-  make = lambda: optax_lamb16.onebit_lamb(LR, comm=None, freeze_step=NEVER, weight_decay=weight_decay, min_coeff=0.0,
-                                          max_coeff=float("inf"), mode="drop_in")
+  make = lambda: optax_lamb16.onebit_lamb(
+    LR, comm=None, freeze_step=NEVER, weight_decay=weight_decay, min_coeff=0.0, max_coeff=float("inf"), mode="drop_in"
+  )
   want = lambda: optax.lamb(LR, eps=1e-8, weight_decay=weight_decay)  # optax.lamb's default eps is 1e-6
   _assert_same_trajectory(*_one_rank_trajectories(make, want))
 
@@ -81,42 +86,51 @@ def _against_oracle(make, oracle, per_rank_params=False):
 
 
 def test_onebit_adam_matches_the_oracle_through_both_phases():
-  _against_oracle(lambda comm: optax_lamb16.onebit_adam(LR, comm=comm, freeze_step=5, weight_decay=0.01,
-                                                        mode="drop_in"),
-                  lambda p: reference.OnebitAdamReference(p, WORLD, 5, LR, weight_decay=0.01, drop_in=True))
+  _against_oracle(
+    lambda comm: optax_lamb16.onebit_adam(LR, comm=comm, freeze_step=5, weight_decay=0.01, mode="drop_in"),
+    lambda p: reference.OnebitAdamReference(p, WORLD, 5, LR, weight_decay=0.01, drop_in=True),
+  )
 
 
 def test_zero_one_adam_matches_the_oracle_through_every_phase():
   # Variance steps at doubling intervals (t = 2, 3, 4, 6), compressed ones between, then local steps with syncs.
   schedules = dict(var_freeze_step=6, var_update_scaler=2, local_step_scaler=2, local_step_clipper=4)
   oracle = lambda p: reference.ZeroOneAdamReference(p, WORLD, LR, weight_decay=0.01, drop_in=True, **schedules)
-  _against_oracle(lambda comm: optax_lamb16.zero_one_adam(LR, comm=comm, weight_decay=0.01, mode="drop_in",
-                                                          **schedules), oracle, per_rank_params=True)
+  _against_oracle(
+    lambda comm: optax_lamb16.zero_one_adam(LR, comm=comm, weight_decay=0.01, mode="drop_in", **schedules),
+    oracle,
+    per_rank_params=True,
+  )
 
 
 def test_onebit_lamb_matches_the_oracle_through_both_phases():
-  _against_oracle(lambda comm: optax_lamb16.onebit_lamb(LR, comm=comm, freeze_step=5, weight_decay=0.01,
-                                                        mode="drop_in"),
-                  lambda p: reference.OnebitLambReference(p, WORLD, 5, LR, weight_decay=0.01, drop_in=True))
+  _against_oracle(
+    lambda comm: optax_lamb16.onebit_lamb(LR, comm=comm, freeze_step=5, weight_decay=0.01, mode="drop_in"),
+    lambda p: reference.OnebitLambReference(p, WORLD, 5, LR, weight_decay=0.01, drop_in=True),
+  )
 
 
 def test_the_modes_differ_after_the_freeze_too():
   """With one rank the drop-in 1-bit Adam's compression phase is Adam with v frozen at its bias-corrected value: not
   the faithful mode's frozen uncorrected v, and not Adam (whose v keeps moving)."""
   params, x, y, noise = h.make_problem(1, STEPS)
-  run = lambda mode: h.run_oracle(reference.OnebitAdamReference([params[n] for n in h.NAMES], 1, 4, LR,
-                                                                drop_in=mode), 1, params, x, y, noise)
-  got = h.run_jax(lambda comm: optax_lamb16.onebit_adam(LR, comm=comm, freeze_step=4, mode="drop_in"), 1, params, x,
-                  y, noise)
+  run = lambda mode: h.run_oracle(
+    reference.OnebitAdamReference([params[n] for n in h.NAMES], 1, 4, LR, drop_in=mode), 1, params, x, y, noise
+  )
+  got = h.run_jax(
+    lambda comm: optax_lamb16.onebit_adam(LR, comm=comm, freeze_step=4, mode="drop_in"), 1, params, x, y, noise
+  )
   h.assert_close_to_oracle(got, run(True), 1)
   with pytest.raises(AssertionError):
     h.assert_close_to_oracle(got, run(False), 1)
 
 
-FACTORIES = {"onebit_adam": lambda **kw: optax_lamb16.onebit_adam(LR, comm=None, **kw),
-             "scale_by_onebit_adam": lambda **kw: optax_lamb16.scale_by_onebit_adam(None, **kw),
-             "zero_one_adam": lambda **kw: optax_lamb16.zero_one_adam(LR, comm=None, **kw),
-             "onebit_lamb": lambda **kw: optax_lamb16.onebit_lamb(LR, comm=None, **kw)}
+FACTORIES = {
+  "onebit_adam": lambda **kw: optax_lamb16.onebit_adam(LR, comm=None, **kw),
+  "scale_by_onebit_adam": lambda **kw: optax_lamb16.scale_by_onebit_adam(None, **kw),
+  "zero_one_adam": lambda **kw: optax_lamb16.zero_one_adam(LR, comm=None, **kw),
+  "onebit_lamb": lambda **kw: optax_lamb16.onebit_lamb(LR, comm=None, **kw),
+}
 
 
 @pytest.mark.parametrize("name", FACTORIES)
@@ -130,7 +144,8 @@ def test_mode_stays_static_under_inject_hyperparams():
   params = {"w": jnp.array([1.0, -2.0])}
   grads = {"w": jnp.array([0.5, 0.5])}
   tx = optax.inject_hyperparams(optax_lamb16.onebit_adam, static_args=("comm", "freeze_step"))(
-      learning_rate=LR, comm=None, freeze_step=10, mode="drop_in")
+    learning_rate=LR, comm=None, freeze_step=10, mode="drop_in"
+  )
   updates, state = tx.update(grads, tx.init(params), params)
   assert "mode" not in state.hyperparams
   np.testing.assert_allclose(updates["w"], [-LR, -LR], rtol=1e-6)  # Adam's first step: lr * sign(g)

@@ -1,7 +1,7 @@
 """Faults as they happen in multi-host jobs: one dead worker, a hung worker, kills at any moment.
 
-- A SIGKILLed worker of `examples/multihost.py`: the launcher kills the others and exits non-zero within the bound,
-  naming the dead process and the checkpoint the same command resumes from; that command then resumes there.
+- A SIGKILLed worker of `experiments/mnist_multihost.py`: the launcher kills the others and exits non-zero within the
+  bound, naming the dead process and the checkpoint the same command resumes from; that command then resumes there.
 - A hung worker (SIGSTOP: no crash, no closed connection): `jax.distributed`'s heartbeat terminates the others.
 - A 2-process run (1-bit Adam and 0/1 Adam side by side) SIGKILLed at 5 seeded random moments, one inside a save,
   restarted by the same command each time, ends bitwise equal to an uninterrupted run.
@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from optax_lamb16.checkpointing import step_directories
+from optax_lamb16._checkpointing import step_directories
 from tests.workers import soak_worker
 
 # They time how fast a fault is noticed: run alone (`make test` runs the serial tests after the others).
@@ -39,16 +39,27 @@ def _env(devices: int | None = None) -> dict:
 
 def _cached_env(directory: pathlib.Path) -> dict:
   # Restarts share compiled programs (JAX's persistent cache): each restart pays start-up, not compilation.
-  return dict(_env(), JAX_COMPILATION_CACHE_DIR=str(directory / "jax_cache"),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return dict(
+    _env(),
+    JAX_COMPILATION_CACHE_DIR=str(directory / "jax_cache"),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
 
 class Job:
   """A command in its own process group, its merged output collected line by line as it comes."""
 
   def __init__(self, command: list[str], env: dict | None = None, timeout: float = 300):
-    self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                 env=env or _env(), start_new_session=True)
+    self.proc = subprocess.Popen(
+      command,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      cwd=ROOT,
+      env=env or _env(),
+      start_new_session=True,
+    )
     self.lines: list[str] = []
     self._new = threading.Condition()
     self._reader = threading.Thread(target=self._read, daemon=True)
@@ -91,16 +102,39 @@ class Job:
     return code, "\n".join(self.lines)
 
 
-# -- one dead worker of examples/multihost.py ---------------------------------------------------------------------
+# -- one dead worker of experiments/mnist_multihost.py ------------------------------------------------------------
 
 EVERY, KILL_AFTER = 4, 4  # checkpoint every 4 steps (of 16); kill process 1 once the checkpoint of step 4 is complete
 
 
 def multihost_command(directory: pathlib.Path) -> list[str]:
-  return [sys.executable, str(ROOT / "examples" / "multihost.py"), "--processes", "2", "--devices-per-process", "1",
-          "--optimizers", "zero_one_adam", "--train-samples", "1024", "--global-batch", "64", "--epochs", "1",
-          "--freeze-fraction", "0.3", "--eps", "1e-5", "--checkpoint-every", str(EVERY),
-          "--checkpoint-dir", str(directory / "checkpoints"), "--out", str(directory / "out")]
+  return [
+    sys.executable,
+    "-m",
+    "experiments.mnist_multihost",
+    "--processes",
+    "2",
+    "--devices-per-process",
+    "1",
+    "--optimizers",
+    "zero_one_adam",
+    "--train-samples",
+    "1024",
+    "--global-batch",
+    "64",
+    "--epochs",
+    "1",
+    "--freeze-fraction",
+    "0.3",
+    "--eps",
+    "1e-5",
+    "--checkpoint-every",
+    str(EVERY),
+    "--checkpoint-dir",
+    str(directory / "checkpoints"),
+    "--out",
+    str(directory / "out"),
+  ]
 
 
 @pytest.mark.slow
@@ -139,10 +173,33 @@ HEARTBEAT_S = 4
 def test_a_hung_worker_is_detected_by_the_heartbeat_and_the_others_terminate(hung, tmp_path):
   # No launcher here, as on a cluster: the workers alone must not wait for ever inside a collective.
   from tests.workers import launch
+
   port = launch.free_port()
-  workers = [Job([sys.executable, str(SOAK), "--out", str(tmp_path), "--steps", "2000", "--every", "100000",
-                  "--processes", "2", "--coordinator", f"127.0.0.1:{port}", "--process-id", str(i),
-                  "--heartbeat-timeout", str(HEARTBEAT_S)], env=_env(devices=1), timeout=120) for i in range(2)]
+  workers = [
+    Job(
+      [
+        sys.executable,
+        str(SOAK),
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "2000",
+        "--every",
+        "100000",
+        "--processes",
+        "2",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--process-id",
+        str(i),
+        "--heartbeat-timeout",
+        str(HEARTBEAT_S),
+      ],
+      env=_env(devices=1),
+      timeout=120,
+    )
+    for i in range(2)
+  ]
   try:
     watch = workers[0]  # process 0 prints the steps
     assert watch.wait_for(lambda line: line == "step 20"), watch.finish()[1][-3000:]
@@ -164,8 +221,18 @@ SOAK_SEED, SOAK_STEPS, SOAK_EVERY, KILLS = 15, 200, 10, 5
 
 
 def soak_command(directory: pathlib.Path) -> list[str]:
-  return [sys.executable, str(SOAK), "--out", str(directory), "--steps", str(SOAK_STEPS), "--every", str(SOAK_EVERY),
-          "--devices-per-process", "1"]
+  return [
+    sys.executable,
+    str(SOAK),
+    "--out",
+    str(directory),
+    "--steps",
+    str(SOAK_STEPS),
+    "--every",
+    str(SOAK_EVERY),
+    "--devices-per-process",
+    "1",
+  ]
 
 
 def _step_line(line: str, word: str) -> int | None:

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from optax_lamb16 import float8
+from optax_lamb16 import _float8 as float8
 
 
 def probes(low_exponent: int, high_exponent: int, seed: int = 0) -> np.ndarray:
@@ -14,9 +14,11 @@ def probes(low_exponent: int, high_exponent: int, seed: int = 0) -> np.ndarray:
   float8 value, every midpoint between two, and the values just beside them), and the special values."""
   rng = np.random.default_rng(seed)
   n = 300_000
-  bits = ((rng.integers(0, 2, n, dtype=np.uint32) << 31)
-          | (rng.integers(low_exponent + 127, high_exponent + 127, n).astype(np.uint32) << 23)
-          | rng.integers(0, 1 << 23, n, dtype=np.uint32))
+  bits = (
+    (rng.integers(0, 2, n, dtype=np.uint32) << 31)
+    | (rng.integers(low_exponent + 127, high_exponent + 127, n).astype(np.uint32) << 23)
+    | rng.integers(0, 1 << 23, n, dtype=np.uint32)
+  )
   halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
   halves = halves[np.isfinite(halves)]
   near = [halves, (halves.view(np.uint32) + 1).view(np.float32), (halves.view(np.uint32) - 1).view(np.float32)]
@@ -40,16 +42,23 @@ def test_e5m2_cast_is_bitwise_the_reference_cast():
   same_bytes(jax.jit(float8.to_e5m2)(x), ml_dtypes.float8_e5m2, x)
 
 
-@pytest.mark.parametrize("scale", [1.0, 2.0 ** -8])
+@pytest.mark.parametrize("scale", [1.0, 2.0**-8])
 def test_e4m3fn_cast_is_bitwise_the_reference_cast(scale):
   x = probes(-20, 10) * np.float32(scale)
-  x = np.concatenate([x, np.array([448, -448, 463.99997, 464, -464, 480, 1e6, np.inf, -np.inf, 15, -15, 2.0 ** -9,
-                                   2.0 ** -10, 3 * 2.0 ** -11], np.float32)])
+  x = np.concatenate(
+    [
+      x,
+      np.array(
+        [448, -448, 463.99997, 464, -464, 480, 1e6, np.inf, -np.inf, 15, -15, 2.0**-9, 2.0**-10, 3 * 2.0**-11],
+        np.float32,
+      ),
+    ]
+  )
   same_bytes(jax.jit(float8.to_e4m3fn)(x), ml_dtypes.float8_e4m3fn, x)
 
 
 @pytest.mark.parametrize("dtype", [float8.MOMENTUM_DTYPE, float8.VARIANCE_DTYPE])
-@pytest.mark.parametrize("scale", [1.0, 3.7e-5, 1e-6 + 2.0 ** -30, 2.5])
+@pytest.mark.parametrize("scale", [1.0, 3.7e-5, 1e-6 + 2.0**-30, 2.5])
 def test_decode_is_bitwise_the_plain_cast_times_the_scale(dtype, scale):
   every_byte = np.arange(256, dtype=np.uint8).view(dtype)
   got = np.asarray(jax.jit(float8.decode)(every_byte, np.float32(scale)))
@@ -84,9 +93,15 @@ def test_stochastic_e5m2_is_the_spec_rounding_and_unbiased():
   """SPEC.md 1b's stochastic rounding of v: bit for bit the NumPy oracle's (written from the spec), always one of
   the two e5m2 neighbours, grid values kept, the top never exceeded, NaN kept; and unbiased."""
   from tests import reference
+
   rng = np.random.default_rng(0)
-  x = np.concatenate([rng.uniform(0, 57344, 4000), 10.0 ** rng.uniform(-12, 4.7, 4000),
-                      [0.0, 2.0 ** -16, 1.5 * 2.0 ** -15, 57344.0, 57344.0 * (1 + 2 ** -20), np.nan]]).astype(np.float32)
+  x = np.concatenate(
+    [
+      rng.uniform(0, 57344, 4000),
+      10.0 ** rng.uniform(-12, 4.7, 4000),
+      [0.0, 2.0**-16, 1.5 * 2.0**-15, 57344.0, 57344.0 * (1 + 2**-20), np.nan],
+    ]
+  ).astype(np.float32)
   for step, leaf in [(0, 0), (7, 3)]:
     bits = float8.random_bits(float8.rounding_key(jax.numpy.int32(step), leaf), x.size)
     got = np.asarray(jax.jit(float8.stochastic_e5m2)(x, bits))
@@ -100,8 +115,9 @@ def test_stochastic_e5m2_is_the_spec_rounding_and_unbiased():
   # for normal e5m2 values; 2^-16 / 3e-6 = 5.1 for the subnormal one).
   for value, relative_gap in ((1.3e-3, 0.25), (1000.7, 0.25), (3e-6, 5.1)):
     draws = np.full(100_000, value, np.float32)
-    mean = np.asarray(float8.stochastic_e5m2(draws, float8.random_bits(jax.numpy.uint32(11), draws.size)),
-                      np.float64).mean()
+    mean = np.asarray(
+      float8.stochastic_e5m2(draws, float8.random_bits(jax.numpy.uint32(11), draws.size)), np.float64
+    ).mean()
     assert abs(mean / value - 1) < 5 * relative_gap / 2 / np.sqrt(draws.size), (value, mean / value)
   # Rounded to nearest, the same draws would all be 1.22e-3, 6 % below.
   assert float(np.float32(1.3e-3).astype(ml_dtypes.float8_e5m2)) < 1.3e-3 * 0.97
@@ -112,6 +128,7 @@ def test_two_stage_reductions_fold_large_leaves_and_keep_their_results():
   the last axis (fewer under 8 devices, so that no group spans two of them), and not smaller ones; the block maxima
   stay exact and the sums within a few ulps of the exactly rounded sum."""
   from tests import reference
+
   assert float8.FOLD_MIN_SIZE == 1 << 19 and jax.device_count() == 8
   assert [float8._fold_width(n) for n in (1024, 512, 500, 1000, 641)] == [8, 8, 1, 1, 1]
   rng = np.random.default_rng(5)

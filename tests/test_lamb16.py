@@ -59,18 +59,17 @@ def run_both(tx_kwargs, steps, grad_scale, lr_of_step, seed=0):
 
 
 SETTINGS = [
-    # (learning rate, weight decay, gradient scale): reference lr, the MNIST settings, scales at eps, clips biting.
-    pytest.param(1e-3, 0.0, 1.0, id="reference-lr"),
-    pytest.param(0.02, 0.01, 1.0, id="mnist-batch1024"),
-    pytest.param(0.01, 0.01, 1e-3, id="tiny-grads-scales-at-eps"),
-    pytest.param(0.01, 0.1, 100.0, id="huge-grads-clips-bite"),
+  # (learning rate, weight decay, gradient scale): reference lr, the MNIST settings, scales at eps, clips biting.
+  pytest.param(1e-3, 0.0, 1.0, id="reference-lr"),
+  pytest.param(0.02, 0.01, 1.0, id="mnist-batch1024"),
+  pytest.param(0.01, 0.01, 1e-3, id="tiny-grads-scales-at-eps"),
+  pytest.param(0.01, 0.1, 100.0, id="huge-grads-clips-bite"),
 ]
 
 
 @pytest.mark.parametrize("lr, weight_decay, grad_scale", SETTINGS)
 def test_matches_numpy_oracle_for_40_steps(lr, weight_decay, grad_scale):
-  *_, state, drift = run_both(dict(learning_rate=lr, weight_decay=weight_decay), 40, grad_scale,
-                              lambda t: lr)
+  *_, state, drift = run_both(dict(learning_rate=lr, weight_decay=weight_decay), 40, grad_scale, lambda t: lr)
   moments = state
   # The settings reach the regimes they are named after.
   if grad_scale < 1e-2:
@@ -79,7 +78,7 @@ def test_matches_numpy_oracle_for_40_steps(lr, weight_decay, grad_scale):
     saturated = jnp.mean(jnp.abs(moments.mu["large"].astype(jnp.float32)) == 15.0)
     assert saturated > 0.5, saturated
     assert float(moments.nu_scale["tiny"]) * float(jnp.max(moments.nu["tiny"].astype(jnp.float32))) > 5.0
-  for name, shape in TRAJECTORY_SHAPES.items():
+  for name in TRAJECTORY_SHAPES:
     worst = max(drift[name])
     # The reference's trajectory to float32 rounding, every step and leaf: 1 - b formed in double precision and
     # every division a division. The scales' sums are XLA's float32 reductions, a few ulps from the exactly rounded
@@ -102,8 +101,9 @@ def test_matches_numpy_oracle_with_schedule_and_mask():
   oracle_mask = [mask[n] for n in sorted(start)]
   # The oracle takes the mask as a list in tree order.
   tx = optax_lamb16.lamb16(**tx_kwargs)
-  oracle = reference.Lamb16Reference([start[n] for n in sorted(start)], weight_decay=0.05, trust_scale=0.5,
-                                     reference_lr=3e-3, decay_mask=oracle_mask)
+  oracle = reference.Lamb16Reference(
+    [start[n] for n in sorted(start)], weight_decay=0.05, trust_scale=0.5, reference_lr=3e-3, decay_mask=oracle_mask
+  )
   params, state = jax.tree.map(jnp.asarray, start), tx.init(start)
   params_np = [start[n] for n in sorted(start)]
   rng = np.random.default_rng(3)
@@ -155,8 +155,12 @@ def test_state_is_float8_and_at_most_2_bytes_per_parameter():
 def test_fused_alias_equals_the_chain_of_building_blocks(weight_decay, mask):
   """`lamb16` computes in one fused step what the chain of its exported blocks computes (sums in another order only)."""
   lr = optax.linear_schedule(0.02, 0.005, 20)
-  chain = optax.chain(optax_lamb16.scale_by_lamb16(), optax.add_decayed_weights(weight_decay, mask),
-                      optax_lamb16.scale_by_lamb16_trust_ratio(lr), optax.scale_by_learning_rate(lr))
+  chain = optax.chain(
+    optax_lamb16.scale_by_lamb16(),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax_lamb16.scale_by_lamb16_trust_ratio(lr),
+    optax.scale_by_learning_rate(lr),
+  )
   params = jax.tree.map(jnp.asarray, make_params())
   rng = np.random.default_rng(11)
   grads_list = [jax.tree.map(jnp.asarray, make_grads(make_params(), rng, 1.0)) for _ in range(10)]
@@ -165,8 +169,9 @@ def test_fused_alias_equals_the_chain_of_building_blocks(weight_decay, mask):
   for name in SHAPES:
     moved = np.linalg.norm(np.asarray(want[name]) - np.asarray(params[name]))
     assert np.linalg.norm(np.asarray(got[name]) - np.asarray(want[name])) <= 1e-4 * moved, name
-    agree = np.mean(np.asarray(fused_state.mu[name].astype(jnp.float32)) == np.asarray(
-        chain_state[0].mu[name].astype(jnp.float32)))
+    agree = np.mean(
+      np.asarray(fused_state.mu[name].astype(jnp.float32)) == np.asarray(chain_state[0].mu[name].astype(jnp.float32))
+    )
     assert agree > 0.999, (name, agree)
 
 
@@ -194,13 +199,15 @@ def lamb16_step(tx):
   def step(params, state, grads):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
+
   return step
 
 
 def run_steps(tx, params, grads_list, jit=True):
   state = tx.init(params)
-  step = lamb16_step(tx) if jit else (lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(
-      *tx.update(g, s, p)))
+  step = (
+    lamb16_step(tx) if jit else (lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+  )
   for grads in grads_list:
     params, state = step(params, state, grads)
   return params, state
@@ -209,23 +216,26 @@ def run_steps(tx, params, grads_list, jit=True):
 @pytest.fixture
 def small_problem():
   rng = np.random.default_rng(7)
-  params = {"a": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32), "b": jnp.asarray(rng.standard_normal(5),
-                                                                                       jnp.float32)}
-  grads_list = [jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
-                for _ in range(6)]
+  params = {
+    "a": jnp.asarray(rng.standard_normal((8, 4)), jnp.float32),
+    "b": jnp.asarray(rng.standard_normal(5), jnp.float32),
+  }
+  grads_list = [
+    jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params) for _ in range(6)
+  ]
   return params, grads_list
 
 
 def assert_trees_equal(a, b, **kwargs):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
-                                                       **kwargs), a, b)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32), **kwargs), a, b
+  )
 
 
 def test_jit_and_eager_agree(small_problem):
   params, grads_list = small_problem
   tx = optax_lamb16.lamb16(0.01, weight_decay=0.01)
-  assert_trees_equal(run_steps(tx, params, grads_list)[0], run_steps(tx, params, grads_list, jit=False)[0],
-                     rtol=1e-6)
+  assert_trees_equal(run_steps(tx, params, grads_list)[0], run_steps(tx, params, grads_list, jit=False)[0], rtol=1e-6)
 
 
 def test_inside_chain_matches_manual_composition(small_problem):
@@ -267,8 +277,9 @@ def test_multi_steps_applies_mean_gradient_every_k(small_problem):
   params, grads_list = small_problem
   with jax.numpy_dtype_promotion("standard"):  # MultiSteps itself mixes int32 and float32
     got, _ = run_steps(optax.MultiSteps(optax_lamb16.lamb16(0.01), every_k_schedule=2), params, grads_list)
-  mean_grads = [jax.tree.map(lambda a, b: (a + b) / 2, grads_list[i], grads_list[i + 1])
-                for i in range(0, len(grads_list), 2)]
+  mean_grads = [
+    jax.tree.map(lambda a, b: (a + b) / 2, grads_list[i], grads_list[i + 1]) for i in range(0, len(grads_list), 2)
+  ]
   want, _ = run_steps(optax_lamb16.lamb16(0.01), params, mean_grads)
   assert_trees_equal(got, want, rtol=1e-6)
 
@@ -276,8 +287,11 @@ def test_multi_steps_applies_mean_gradient_every_k(small_problem):
 def test_apply_if_finite_skips_non_finite_steps(small_problem):
   params, grads_list = small_problem
   bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads_list[1])
-  got, state = run_steps(optax.apply_if_finite(optax_lamb16.lamb16(0.01), max_consecutive_errors=3), params,
-                         [grads_list[0], bad] + grads_list[1:])
+  got, state = run_steps(
+    optax.apply_if_finite(optax_lamb16.lamb16(0.01), max_consecutive_errors=3),
+    params,
+    [grads_list[0], bad] + grads_list[1:],
+  )
   want, plain_state = run_steps(optax_lamb16.lamb16(0.01), params, grads_list)
   assert_trees_equal(got, want, rtol=1e-6)
   assert int(state.total_notfinite) == 1
@@ -291,7 +305,8 @@ def test_init_on_abstract_shapes():
   concrete = tx.init(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract))
   assert jax.tree.structure(state_shapes) == jax.tree.structure(concrete)
   assert [(x.shape, x.dtype) for x in jax.tree.leaves(state_shapes)] == [
-      (x.shape, x.dtype) for x in jax.tree.leaves(concrete)]
+    (x.shape, x.dtype) for x in jax.tree.leaves(concrete)
+  ]
   direct = tx.init(abstract)  # init only reads shapes and dtypes
   assert jax.tree.structure(direct) == jax.tree.structure(concrete)
 
@@ -303,16 +318,19 @@ def test_updates_keep_param_dtype(small_problem, dtype, injected):
   params = jax.tree.map(lambda p: p.astype(dtype), params)
   grads_list = [jax.tree.map(lambda g: g.astype(dtype), g) for g in grads_list]
   # bfloat16 hyperparameters would round b2 = 0.999 to 1.0: inject them as float32.
-  factory = (optax.inject_hyperparams(optax_lamb16.lamb16, hyperparam_dtype=jnp.float32) if injected
-             else optax_lamb16.lamb16)
+  factory = (
+    optax.inject_hyperparams(optax_lamb16.lamb16, hyperparam_dtype=jnp.float32) if injected else optax_lamb16.lamb16
+  )
   tx = factory(learning_rate=0.01, weight_decay=0.01)
   state = tx.init(params)
   updates, _ = jax.jit(tx.update)(grads_list[0], state, params)
   assert all(u.dtype == dtype for u in jax.tree.leaves(updates))
   final, _ = run_steps(tx, params, grads_list)
-  want, _ = run_steps(optax_lamb16.lamb16(learning_rate=0.01, weight_decay=0.01),
-                      jax.tree.map(lambda p: p.astype(jnp.float32), params),
-                      [jax.tree.map(lambda g: g.astype(jnp.float32), g) for g in grads_list])
+  want, _ = run_steps(
+    optax_lamb16.lamb16(learning_rate=0.01, weight_decay=0.01),
+    jax.tree.map(lambda p: p.astype(jnp.float32), params),
+    [jax.tree.map(lambda g: g.astype(jnp.float32), g) for g in grads_list],
+  )
   assert_trees_equal(final, want, rtol=0, atol=2e-2 if dtype == jnp.bfloat16 else 1e-6)
 
 
@@ -334,7 +352,9 @@ def test_nnx_optimizer_trains_a_model():
   assert losses[-1] < 0.05 * losses[0], losses[::10]
 
 
-@pytest.mark.parametrize("kwargs, argument", [
+@pytest.mark.parametrize(
+  "kwargs, argument",
+  [
     (dict(learning_rate=-0.1), "learning_rate"),
     (dict(learning_rate=0.1, b1=1.0), "b1"),
     (dict(learning_rate=0.1, b1=-0.1), "b1"),
@@ -344,7 +364,8 @@ def test_nnx_optimizer_trains_a_model():
     (dict(learning_rate=0.1, trust_scale=-1.0), "trust_scale"),
     (dict(learning_rate=0.1, reference_lr=-1.0), "reference_lr"),
     (dict(learning_rate=float("nan")), "learning_rate"),
-])
+  ],
+)
 def test_bad_hyperparameters_name_the_argument(kwargs, argument):
   with pytest.raises(ValueError, match=f"`{argument}`"):
     optax_lamb16.lamb16(**kwargs)
@@ -394,6 +415,7 @@ def test_leaves_of_2_to_the_31_elements_trace():
 
 def test_one_minus_a_static_decay_rate_is_formed_in_double_precision():
   from optax_lamb16 import _common
+
   for b in (0.9, 0.999, np.float64(0.99)):
     decay = _common.decay_at(b, None)
     assert decay.rate == np.float32(b) and decay.complement == np.float32(1.0 - float(b))

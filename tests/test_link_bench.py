@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from benchmarks import exchange_compute, link_bench
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import link_bench  # noqa: E402
 
 WHY_NOT = link_bench.namespaces_available()
 
@@ -26,12 +26,29 @@ def namespaces():
 def test_driver_on_a_tiny_model(tmp_path):
   before = namespaces()
   out = tmp_path / "link.json"
-  subprocess.run([sys.executable, str(ROOT / "benchmarks" / "link_bench.py"), "--size", "tiny", "--links",
-                  "unthrottled,100mbit", "--steps", "2", "--compute-repeats", "2", "--out", str(out)],
-                 check=True, timeout=600, capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.link_bench",
+      "--size",
+      "tiny",
+      "--links",
+      "unthrottled,100mbit",
+      "--steps",
+      "2",
+      "--compute-repeats",
+      "2",
+      "--out",
+      str(out),
+    ],
+    cwd=ROOT,
+    check=True,
+    timeout=600,
+    capture_output=True,
+  )
   assert namespaces() == before  # always deleted
   result = json.loads(out.read_text())
-  import exchange_compute
   timed = [name for name in exchange_compute.STEPS if name != "optax.adam"]
   assert [row["step"] for row in result["rows"]] == timed
   assert set(result["compute_only"]["seconds"]) == set(exchange_compute.STEPS)
@@ -42,8 +59,10 @@ def test_driver_on_a_tiny_model(tmp_path):
       assert row["seconds"][link] > 0 and row["page_faults_per_step"][link] >= 0
     # The interface saw the exchange: a compressed step moves bytes, a 0/1 Adam local step moves (almost) none.
     assert rows["compressed_mean"]["wire_bytes_per_step"][link] > 0
-    assert (rows["zero_one_adam, local step"]["wire_bytes_per_step"][link]
-            < rows["zero_one_adam, sync step"]["wire_bytes_per_step"][link])
+    assert (
+      rows["zero_one_adam, local step"]["wire_bytes_per_step"][link]
+      < rows["zero_one_adam, sync step"]["wire_bytes_per_step"][link]
+    )
   assert "| step | unthrottled | 100mbit | compute only |" in out.with_suffix(".md").read_text()
 
 
@@ -61,9 +80,23 @@ def test_training_driver_on_a_few_steps(tmp_path):
   """benchmarks/link_train.py: MNIST training in the throttled namespace, the namespace deleted, JSON and table."""
   before = namespaces()
   out = tmp_path / "train.json"
-  subprocess.run([sys.executable, str(ROOT / "benchmarks" / "link_train.py"), "--train-samples", "1024",
-                  "--optimizers", "adam,zero_one_adam", "--out", str(out)], check=True, timeout=600,
-                 capture_output=True)
+  subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "benchmarks.link_train",
+      "--train-samples",
+      "1024",
+      "--optimizers",
+      "adam,zero_one_adam",
+      "--out",
+      str(out),
+    ],
+    cwd=ROOT,
+    check=True,
+    timeout=600,
+    capture_output=True,
+  )
   assert namespaces() == before  # always deleted
   result = json.loads(out.read_text())
   assert [r["optimizer"] for r in result["runs"]] == ["adam", "zero_one_adam"] and result["rate"] == "100mbit"
@@ -81,14 +114,17 @@ def test_each_process_runs_on_cores_of_its_own():
 
 
 def test_malloc_modes():
-  import exchange_compute
   assert exchange_compute.set_malloc("system")
   with pytest.raises(ValueError, match="malloc mode must be one of"):
     exchange_compute.set_malloc("jemalloc")
   # "reuse" changes the allocator for the rest of the process: try it in a fresh one.
-  took = subprocess.run([sys.executable, "-c", "import exchange_compute as e; print(e.set_malloc('reuse'))"],
-                        cwd=ROOT / "benchmarks", env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-                        text=True, check=True)
+  took = subprocess.run(
+    [sys.executable, "-c", "from benchmarks import exchange_compute as e; print(e.set_malloc('reuse'))"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    check=True,
+  )
   assert took.stdout.split()[-1] == "True"
 
 
@@ -101,8 +137,9 @@ def test_a_step_is_timed_against_another_revision_of_the_package():
   times a step built from it; where the package did not change, its updates (warm-up, then a compressed exchange)
   are bitwise the working tree's."""
   import jax
-  import exchange_compute
+
   import optax_lamb16
+
   base = exchange_compute.library_at("HEAD")
   assert base.__name__.startswith("optax_lamb16_at_") and base is not optax_lamb16
   assert base.compression.__name__ == f"{base.__name__}.compression"  # its own modules, not the working tree's
@@ -114,9 +151,11 @@ def test_a_step_is_timed_against_another_revision_of_the_package():
   assert len(runner.times) == 1
   changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "optax_lamb16"], cwd=ROOT).returncode
   if not changed:
+
     def two_updates(lib):  # t = 2: warm-up (freeze_step 2), t = 3: compression
       tx = step.make(lib, lib.comm.SimulatedRanks(2))
       first, state = tx.update(grads, tx.init(params), params)
       return first, tx.update(grads, state, params)[0]
+
     for mine, theirs in zip(jax.tree.leaves(two_updates(optax_lamb16)), jax.tree.leaves(two_updates(base))):
       assert (mine == theirs).all()

@@ -21,8 +21,9 @@ def collect(directory: pathlib.Path, world: int) -> np.ndarray:
 @pytest.mark.slow
 @pytest.mark.serial
 def test_two_jax_distributed_processes_match_one_process(tmp_path):
-  launch.run_distributed(WORKER, ["--out", str(tmp_path), "--calls", str(CALLS), "--n", str(N)],
-                         num_processes=2, devices_per_process=2)
+  launch.run_distributed(
+    WORKER, ["--out", str(tmp_path), "--calls", str(CALLS), "--n", str(N)], num_processes=2, devices_per_process=2
+  )
   got = collect(tmp_path, 4)
   want, _ = run_calls(random_inputs(4, CALLS, N))
   np.testing.assert_array_equal(got, want)

@@ -16,8 +16,10 @@ WORKER = pathlib.Path(__file__).parent / "workers" / "optimizer_worker.py"
 
 def single_process(world):
   problem = h.make_problem(world, STEPS)
-  return {name: h.run_jax(lambda comm: make_optimizer(name, comm), world, *problem,
-                          per_rank_params=name == "zero_one_adam") for name in NAMES_OF_OPTIMIZERS}
+  return {
+    name: h.run_jax(lambda comm: make_optimizer(name, comm), world, *problem, per_rank_params=name == "zero_one_adam")
+    for name in NAMES_OF_OPTIMIZERS
+  }
 
 
 def assert_same(directory, world, want):
@@ -25,8 +27,9 @@ def assert_same(directory, world, want):
     for rank in range(world):
       got = np.load(directory / f"{name}_rank{rank}.npz")
       for leaf in h.NAMES:
-        np.testing.assert_allclose(got[leaf], want[name][leaf][rank], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{name}, rank {rank}, leaf {leaf}")
+        np.testing.assert_allclose(
+          got[leaf], want[name][leaf][rank], rtol=1e-5, atol=1e-6, err_msg=f"{name}, rank {rank}, leaf {leaf}"
+        )
 
 
 @pytest.mark.slow

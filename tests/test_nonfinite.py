@@ -55,7 +55,8 @@ def test_rejects_a_negative_max_consecutive_errors():
     optax_lamb16.apply_if_finite(optax.sgd(0.1), max_consecutive_errors=-1)
 
 
-# -- LAMB16's float8 v overflowing to +inf (optax_lamb16/float8.py) is state, not a non-finite gradient -------------
+# -- LAMB16's float8 v overflowing to +inf (optax_lamb16/_float8.py) is state, not a non-finite gradient -------------
+
 
 def _overflowing_problem():
   """A big, otherwise quiet leaf (its v scale ~eps) with one large gradient: its v encodes to +inf after a step."""
@@ -66,12 +67,15 @@ def _overflowing_problem():
 
 
 def _holds_inf(state) -> bool:
-  return any(leaf.dtype == jnp.float8_e5m2 and bool(jnp.isposinf(leaf.astype(jnp.float32)).any())
-             for leaf in jax.tree.leaves(state))
+  return any(
+    leaf.dtype == jnp.float8_e5m2 and bool(jnp.isposinf(leaf.astype(jnp.float32)).any())
+    for leaf in jax.tree.leaves(state)
+  )
 
 
-@pytest.mark.parametrize("wrapper", [optax_lamb16.apply_if_finite, optax.apply_if_finite],
-                         ids=["optax_lamb16", "optax"])
+@pytest.mark.parametrize(
+  "wrapper", [optax_lamb16.apply_if_finite, optax.apply_if_finite], ids=["optax_lamb16", "optax"]
+)
 def test_float8_state_overflow_is_not_taken_for_a_nonfinite_gradient(wrapper):
   params, grads = _overflowing_problem()
   tx = wrapper(optax_lamb16.lamb16(1e-2), max_consecutive_errors=2)

@@ -17,13 +17,19 @@ STEPS = 32
 def test_matches_numpy_oracle_through_both_phases(world, weight_decay):
   freeze_step = 8  # 7 warm-up updates (t = 2..8), compression from t = 9
   params, x, y, noise = h.make_problem(world, STEPS, seed=world)
-  mask = {"b": np.ones(h.OUT, np.float32), "s": np.ones((), np.float32), "w": np.ones((h.DIM, h.OUT), np.float32),
-          "z": np.zeros(5, np.float32)}
-  make = lambda comm: optax_lamb16.onebit_adam(0.01, comm=comm, freeze_step=freeze_step, weight_decay=weight_decay,
-                                               momentum_mask=mask)
+  mask = {
+    "b": np.ones(h.OUT, np.float32),
+    "s": np.ones((), np.float32),
+    "w": np.ones((h.DIM, h.OUT), np.float32),
+    "z": np.zeros(5, np.float32),
+  }
+  make = lambda comm: optax_lamb16.onebit_adam(
+    0.01, comm=comm, freeze_step=freeze_step, weight_decay=weight_decay, momentum_mask=mask
+  )
   got = h.run_jax(make, world, params, x, y, noise)
-  oracle = reference.OnebitAdamReference([params[n] for n in h.NAMES], world, freeze_step, 0.01,
-                                         weight_decay=weight_decay, mask=[mask[n] for n in h.NAMES])
+  oracle = reference.OnebitAdamReference(
+    [params[n] for n in h.NAMES], world, freeze_step, 0.01, weight_decay=weight_decay, mask=[mask[n] for n in h.NAMES]
+  )
   h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
   # Bitwise identical parameters on all ranks at every step, in both phases.
   for name in h.NAMES:

@@ -11,7 +11,8 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
 from tests import onebit_harness as h
@@ -23,17 +24,22 @@ STEPS = 24
 ZERO_ONE_SCHEDULE = dict(var_freeze_step=8, var_update_scaler=2, local_step_scaler=3, local_step_clipper=4)
 
 OPTIMIZERS = {
-    "onebit_adam": (lambda lr, comm, **kw: optax_lamb16.onebit_adam(lr, comm=comm, freeze_step=6, **kw),
-                    lambda params, world, **kw: reference.OnebitAdamReference(params, world, 6, 0.01, **kw)),
-    "zero_one_adam": (lambda lr, comm, **kw: optax_lamb16.zero_one_adam(lr, comm=comm, **ZERO_ONE_SCHEDULE, **kw),
-                      lambda params, world, **kw: reference.ZeroOneAdamReference(params, world, 0.01,
-                                                                                 **ZERO_ONE_SCHEDULE, **kw)),
-    "onebit_lamb": (lambda lr, comm, **kw: optax_lamb16.onebit_lamb(lr, comm=comm, freeze_step=6, **kw),
-                    lambda params, world, **kw: reference.OnebitLambReference(params, world, 6, 0.01, **kw)),
+  "onebit_adam": (
+    lambda lr, comm, **kw: optax_lamb16.onebit_adam(lr, comm=comm, freeze_step=6, **kw),
+    lambda params, world, **kw: reference.OnebitAdamReference(params, world, 6, 0.01, **kw),
+  ),
+  "zero_one_adam": (
+    lambda lr, comm, **kw: optax_lamb16.zero_one_adam(lr, comm=comm, **ZERO_ONE_SCHEDULE, **kw),
+    lambda params, world, **kw: reference.ZeroOneAdamReference(params, world, 0.01, **ZERO_ONE_SCHEDULE, **kw),
+  ),
+  "onebit_lamb": (
+    lambda lr, comm, **kw: optax_lamb16.onebit_lamb(lr, comm=comm, freeze_step=6, **kw),
+    lambda params, world, **kw: reference.OnebitLambReference(params, world, 6, 0.01, **kw),
+  ),
 }
 NAMES = sorted(OPTIMIZERS)
 # The per-rank DeepSpeed counter of each optimizer's state (1-bit Adam's is in the first element of its chain).
-STATE_TYPES = (optax_lamb16.OnebitAdamState, optax_lamb16.ZeroOneAdamState, optax_lamb16.OnebitLambState)
+STATE_TYPES = (optax_lamb16.ScaleByOnebitAdamState, optax_lamb16.ZeroOneAdamState, optax_lamb16.OnebitLambState)
 
 
 def run_single(tx, params, x, y, noise, dtype=jnp.float32):
@@ -60,8 +66,7 @@ def run_single(tx, params, x, y, noise, dtype=jnp.float32):
 def test_one_rank_and_comm_none_are_the_uncompressed_algorithm(name):
   make, make_oracle = OPTIMIZERS[name]
   params, x, y, noise = h.make_problem(1, STEPS, seed=30)
-  on_axis = h.run_jax(lambda comm: make(0.01, comm), 1, params, x, y, noise,
-                      per_rank_params=name == "zero_one_adam")
+  on_axis = h.run_jax(lambda comm: make(0.01, comm), 1, params, x, y, noise, per_rank_params=name == "zero_one_adam")
   alone = run_single(make(0.01, None), params, x, y, noise)
   oracle = make_oracle([params[n] for n in h.NAMES], 1)
   trajectory = h.run_oracle(oracle, 1, params, x, y, noise)
@@ -78,8 +83,9 @@ def test_mask_zero_variance_keeps_never_updated_params_still(name):
   params, x, y, noise = h.make_problem(world, STEPS, seed=32)
   per_rank = name == "zero_one_adam"
   faithful = h.run_jax(lambda comm: make(0.01, comm), world, params, x, y, noise, per_rank_params=per_rank)
-  masked = h.run_jax(lambda comm: make(0.01, comm, mask_zero_variance=True), world, params, x, y, noise,
-                     per_rank_params=per_rank)
+  masked = h.run_jax(
+    lambda comm: make(0.01, comm, mask_zero_variance=True), world, params, x, y, noise, per_rank_params=per_rank
+  )
   if name != "onebit_lamb":  # 1-bit LAMB already guards a leaf that is zero as a whole (scaling coefficient 0)
     assert np.abs(faithful["z"] - 1.0).max() > 10.0
   np.testing.assert_array_equal(masked["z"], 1.0)
@@ -93,22 +99,29 @@ def test_schedules_and_inject_hyperparams(name):
   params, x, y, noise = h.make_problem(1, STEPS, seed=31)
   # Constant schedules are the constants, for every schedulable hyperparameter.
   constant = optax.constant_schedule
-  scheduled = run_single(make(constant(0.01), None, b1=constant(0.9), b2=constant(0.999), eps=constant(1e-8),
-                              weight_decay=constant(0.01)), params, x, y, noise)
+  scheduled = run_single(
+    make(constant(0.01), None, b1=constant(0.9), b2=constant(0.999), eps=constant(1e-8), weight_decay=constant(0.01)),
+    params,
+    x,
+    y,
+    noise,
+  )
   # A scheduled (or injected) decay rate is float32, so 1 - b is formed in float32, as for a float32 array.
   f32 = jnp.float32
   plain_f32 = run_single(make(0.01, None, b1=f32(0.9), b2=f32(0.999), weight_decay=0.01), params, x, y, noise)
   for n in h.NAMES:
     np.testing.assert_array_equal(scheduled[n], plain_f32[n])
   # The schedule is evaluated at the number of updates so far: zero for the first 3 updates = no movement.
-  delayed = run_single(make(lambda count: jnp.where(count < 3, 0.0, 0.01).astype(jnp.float32), None),
-                       params, x, y, noise)
+  delayed = run_single(
+    make(lambda count: jnp.where(count < 3, 0.0, 0.01).astype(jnp.float32), None), params, x, y, noise
+  )
   np.testing.assert_array_equal(delayed["w"][0, 2], params["w"])
   assert not np.array_equal(delayed["w"][0, 3], params["w"])
   # inject_hyperparams: numeric hyperparameters become state, comm and the step counts stay static.
   injected = optax.inject_hyperparams(
-      lambda learning_rate, b1, weight_decay, comm: make(learning_rate, comm, b1=b1, weight_decay=weight_decay),
-      static_args=("comm",))(learning_rate=0.01, b1=0.9, weight_decay=0.01, comm=None)
+    lambda learning_rate, b1, weight_decay, comm: make(learning_rate, comm, b1=b1, weight_decay=weight_decay),
+    static_args=("comm",),
+  )(learning_rate=0.01, b1=0.9, weight_decay=0.01, comm=None)
   from_injected = run_single(injected, params, x, y, noise)
   plain_b1_f32 = run_single(make(0.01, None, b1=f32(0.9), weight_decay=0.01), params, x, y, noise)
   for n in h.NAMES:
@@ -121,8 +134,9 @@ def _bfloat16_gaps(got, trajectory):
   for t, per_rank in enumerate(trajectory):
     for name, want in zip(h.NAMES, per_rank[0]):
       have = got[name][0, t]
-      gaps.append((name, t, float(np.mean(have != want)),
-                   float(np.linalg.norm(have - want) / max(np.linalg.norm(want), 1e-30))))
+      gaps.append(
+        (name, t, float(np.mean(have != want)), float(np.linalg.norm(have - want) / max(np.linalg.norm(want), 1e-30)))
+      )
   return gaps
 
 
@@ -137,8 +151,7 @@ def test_bfloat16_params_match_a_bfloat16_oracle(name):
   params, x, y, noise = h.make_problem(1, STEPS, seed=33)
   got = run_single(make(0.01, None, weight_decay=weight_decay), params, x, y, noise, dtype=jnp.bfloat16)
   leaves = [params[n] for n in h.NAMES]
-  run = lambda **kw: h.run_oracle(make_oracle(leaves, 1, **kw), 1, params, x, y, noise,
-                                  kw.get("param_dtype"))
+  run = lambda **kw: h.run_oracle(make_oracle(leaves, 1, **kw), 1, params, x, y, noise, kw.get("param_dtype"))
   close = lambda gaps: all(share <= 0.01 and relative <= 1e-3 for _, _, share, relative in gaps)
   gaps = _bfloat16_gaps(got, run(weight_decay=weight_decay, param_dtype=ml_dtypes.bfloat16))
   assert close(gaps), [g for g in gaps if g[2] > 0.01 or g[3] > 1e-3]
@@ -150,10 +163,10 @@ def test_bfloat16_params_match_a_bfloat16_oracle(name):
 # API conventions: extra args, required learning rate, the chain 1-bit Adam is.
 
 TRANSFORMS = {
-    **{name: (lambda name: lambda comm: OPTIMIZERS[name][0](0.01, comm, weight_decay=0.01))(name) for name in NAMES},
-    "scale_by_onebit_adam": lambda comm: optax_lamb16.scale_by_onebit_adam(comm, freeze_step=3),
-    "compressed_mean": optax_lamb16.compressed_mean,
-    "uncompressed_mean": optax_lamb16.uncompressed_mean,
+  **{name: (lambda name: lambda comm: OPTIMIZERS[name][0](0.01, comm, weight_decay=0.01))(name) for name in NAMES},
+  "scale_by_onebit_adam": lambda comm: optax_lamb16.scale_by_onebit_adam(comm, freeze_step=3),
+  "compressed_mean": optax_lamb16.compressed_mean,
+  "uncompressed_mean": optax_lamb16.uncompressed_mean,
 }
 
 
@@ -186,8 +199,8 @@ def test_onebit_adam_is_the_chain_of_its_blocks_and_bitwise_the_fused_formula():
   params, x, y, noise = h.make_problem(1, 12, seed=34)
   blocks = lambda comm: optax_lamb16.scale_by_onebit_adam(comm, freeze_step=6)
   runs = {
-      "alias": optax_lamb16.onebit_adam(lr, comm=None, freeze_step=6, weight_decay=wd),
-      "optax blocks": optax.chain(blocks(None), optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr)),
+    "alias": optax_lamb16.onebit_adam(lr, comm=None, freeze_step=6, weight_decay=wd),
+    "optax blocks": optax.chain(blocks(None), optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr)),
   }
   got = {key: run_single(tx, params, x, y, noise) for key, tx in runs.items()}
 
@@ -210,9 +223,9 @@ def test_onebit_adam_is_the_chain_of_its_blocks_and_bitwise_the_fused_formula():
 def test_onebit_adam_blocks_keep_bfloat16_under_inject_hyperparams():
   """Where optax's blocks would not: an injected float32 weight decay or learning rate times bfloat16 updates."""
   # float32 hyperparameters (by default inject_hyperparams makes them bfloat16 like the params: b2 = 0.999 -> 1.0).
-  tx = optax.inject_hyperparams(optax_lamb16.onebit_adam, static_args=("comm", "freeze_step"),
-                                hyperparam_dtype=jnp.float32)(learning_rate=0.01, weight_decay=0.01, comm=None,
-                                                              freeze_step=3)
+  tx = optax.inject_hyperparams(
+    optax_lamb16.onebit_adam, static_args=("comm", "freeze_step"), hyperparam_dtype=jnp.float32
+  )(learning_rate=0.01, weight_decay=0.01, comm=None, freeze_step=3)
   params = {"w": jnp.ones(3, jnp.bfloat16)}
   updates, _ = jax.jit(tx.update)({"w": jnp.full(3, 0.5, jnp.bfloat16)}, tx.init(params), params)
   assert updates["w"].dtype == jnp.bfloat16 and float(jnp.abs(updates["w"].astype(jnp.float32)).min()) > 0
@@ -224,13 +237,17 @@ def test_onebit_adam_blocks_keep_bfloat16_under_inject_hyperparams():
 # ----------------------------------------------------------------------------------------------------------------------
 # The step counter: its convention (freeze_step >= 2), and saturation instead of wrap-around.
 
+
 @pytest.mark.parametrize("freeze_step", [0, 1])
 @pytest.mark.parametrize("factory", [optax_lamb16.onebit_adam, optax_lamb16.onebit_lamb])
 def test_freeze_step_without_warmup_is_rejected_with_the_step_convention(factory, freeze_step):
   """freeze_step 0 or 1 left no warm-up update: v stayed 0, so 1-bit Adam divided by sqrt(0) + eps (updates of
   about 3e3 * lr) and 1-bit LAMB returned exact-zero updates forever."""
-  with pytest.raises(ValueError, match=r"`freeze_step` must lie in \[2, inf\].*SPEC\.md section 2.*count starts at 1"
-                                       r".*t = 2.*F - 1 warm-up updates"):
+  with pytest.raises(
+    ValueError,
+    match=r"`freeze_step` must lie in \[2, inf\].*Algorithms section 2.*count starts at 1"
+    r".*t = 2.*F - 1 warm-up updates",
+  ):
     factory(0.01, comm=None, freeze_step=freeze_step)
 
 
@@ -251,8 +268,16 @@ def test_zero_one_adam_var_freeze_step_0_or_1_is_one_variance_update(var_freeze_
   world, steps = 2, 12
   schedule = dict(var_freeze_step=var_freeze_step, var_update_scaler=2, local_step_scaler=3, local_step_clipper=4)
   params, x, y, noise = h.make_problem(world, steps, seed=35)
-  got, states = h.run_jax(lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, **schedule), world, params, x, y,
-                          noise, per_rank_params=True, with_states=True)
+  got, states = h.run_jax(
+    lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, **schedule),
+    world,
+    params,
+    x,
+    y,
+    noise,
+    per_rank_params=True,
+    with_states=True,
+  )
   oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, **schedule)
   h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
   phases = h.zero_one_adam_phases(states)
@@ -265,13 +290,19 @@ def test_zero_one_adam_var_freeze_step_0_or_1_is_one_variance_update(var_freeze_
 
 
 def _with_count(state, count):
-  return jax.tree.map(lambda node: node._replace(count=jnp.asarray(count, jnp.int32))
-                      if isinstance(node, STATE_TYPES) else node, state, is_leaf=lambda n: isinstance(n, STATE_TYPES))
+  return jax.tree.map(
+    lambda node: node._replace(count=jnp.asarray(count, jnp.int32)) if isinstance(node, STATE_TYPES) else node,
+    state,
+    is_leaf=lambda n: isinstance(n, STATE_TYPES),
+  )
 
 
 def _counts(state):
-  return [int(node.count) for node in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, STATE_TYPES))
-          if isinstance(node, STATE_TYPES)]
+  return [
+    int(node.count)
+    for node in jax.tree.leaves(state, is_leaf=lambda n: isinstance(n, STATE_TYPES))
+    if isinstance(node, STATE_TYPES)
+  ]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -298,6 +329,7 @@ def test_step_counter_saturates_instead_of_wrapping_back_to_warmup(name):
 # ----------------------------------------------------------------------------------------------------------------------
 # Donation, 0-d leaves, float64.
 
+
 def _mesh_step(tx, specs, per_rank_params):
   param_spec = P("data") if per_rank_params else P()
 
@@ -307,12 +339,16 @@ def _mesh_step(tx, specs, per_rank_params):
     mine = optax.apply_updates(mine, updates)
     return (jax.tree.map(lambda a: a[None], mine) if per_rank_params else mine), state
 
-  return jax.shard_map(local, mesh=h.host_mesh(2), in_specs=(param_spec, specs, P("data")),
-                       out_specs=(param_spec, specs))
+  return jax.shard_map(
+    local, mesh=h.host_mesh(2), in_specs=(param_spec, specs, P("data")), out_specs=(param_spec, specs)
+  )
 
 
-SMALL = {"b": np.array([0.5, -0.25], np.float32), "s": np.array(0.75, np.float32),
-         "w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)}
+SMALL = {
+  "b": np.array([0.5, -0.25], np.float32),
+  "s": np.array(0.75, np.float32),
+  "w": np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3),
+}
 
 
 def _small_grads(t, lead=()):
@@ -359,8 +395,9 @@ def test_sharded_init_with_a_0d_leaf_donated_shard_map_steps(name):
 
 
 def test_state_partition_specs_reject_a_0d_per_rank_leaf_naming_it():
-  state = optax_lamb16.ZeroOneAdamState(*([jnp.zeros([])] * 10), exchange=optax_lamb16.CompressedAllReduceState(
-      jnp.zeros([8]), jnp.zeros([4])))
+  state = optax_lamb16.ZeroOneAdamState(
+    *([jnp.zeros([])] * 10), exchange=optax_lamb16.CompressedAllReduceState(jnp.zeros([8]), jnp.zeros([4]))
+  )
   with pytest.raises(ValueError, match=r"State leaf \.mu is per rank \(per_rank\) but 0-d.*shape \(1,\)"):
     optax_lamb16.state_partition_specs(state, "data")
 
@@ -405,10 +442,12 @@ def test_float64_params_match_a_float64_oracle(name, world):
     tx = OPTIMIZERS[name][0](0.01, None if world == 1 else "data", weight_decay=0.01)
     start = {n: jnp.asarray(p, jnp.float64) for n, p in params.items()}
     if world == 1:
+
       def step(params, state, grads):
         updates, state = tx.update(jax.tree.map(lambda g: g[0], grads), state, params)
         assert all(u.dtype == jnp.float64 for u in jax.tree.leaves(updates))
         return optax.apply_updates(params, updates), state
+
       current, state, step = start, tx.init(start), jax.jit(step)
     else:
       state = optax_lamb16.sharded_init(tx, start, h.host_mesh(world), "data")
@@ -438,19 +477,26 @@ def test_float64_params_match_a_float64_oracle(name, world):
 # ----------------------------------------------------------------------------------------------------------------------
 # Init on abstract shapes, bad input.
 
+
 @pytest.mark.parametrize("name", NAMES)
 def test_init_on_abstract_shapes_with_comm_none(name):
   tx = OPTIMIZERS[name][0](0.01, None)
-  abstract = {"w": jax.ShapeDtypeStruct((300, 7), jnp.float32), "b": jax.ShapeDtypeStruct((7,), jnp.bfloat16),
-              "s": jax.ShapeDtypeStruct((), jnp.float32)}
+  abstract = {
+    "w": jax.ShapeDtypeStruct((300, 7), jnp.float32),
+    "b": jax.ShapeDtypeStruct((7,), jnp.bfloat16),
+    "s": jax.ShapeDtypeStruct((), jnp.float32),
+  }
   shapes = jax.eval_shape(tx.init, abstract)
   concrete = jax.jit(tx.init)(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract))
   assert jax.tree.structure(shapes) == jax.tree.structure(concrete)
-  assert [(a.shape, a.dtype) for a in jax.tree.leaves(shapes)] == [(a.shape, a.dtype) for a in jax.tree.leaves(
-      concrete)]
+  assert [(a.shape, a.dtype) for a in jax.tree.leaves(shapes)] == [
+    (a.shape, a.dtype) for a in jax.tree.leaves(concrete)
+  ]
 
 
-@pytest.mark.parametrize("factory, kwargs, argument", [
+@pytest.mark.parametrize(
+  "factory, kwargs, argument",
+  [
     (optax_lamb16.onebit_adam, dict(learning_rate=-1.0), "learning_rate"),
     (optax_lamb16.onebit_adam, dict(b1=1.0), "b1"),
     (optax_lamb16.onebit_adam, dict(b2=-0.5), "b2"),
@@ -466,7 +512,8 @@ def test_init_on_abstract_shapes_with_comm_none(name):
     (optax_lamb16.onebit_lamb, dict(factor_min=5.0, factor_max=4.0), "factor_min"),
     (optax_lamb16.onebit_lamb, dict(coeff_beta=1.0), "coeff_beta"),
     (optax_lamb16.onebit_lamb, dict(weight_decay=-0.1), "weight_decay"),
-])
+  ],
+)
 def test_bad_hyperparameters_name_the_argument(factory, kwargs, argument):
   if factory is not optax_lamb16.scale_by_onebit_adam:
     kwargs = {"learning_rate": 0.01, **kwargs}
@@ -502,11 +549,13 @@ def test_scale_by_onebit_adam_needs_no_params():
 # ----------------------------------------------------------------------------------------------------------------------
 # How a step compiles: phases run only when due, and a donated training step keeps state in place.
 
+
 def test_run_if_runs_the_body_once_when_due_and_never_otherwise():
   body = lambda operands, carry: (carry[0] + operands, carry[1] + 1)
   for due, expected in ((True, (3.0, 1)), (False, (1.0, 0))):
-    operands, carry = jax.jit(lambda due: optax_lamb16._onebit.run_if(
-        due, body, jnp.float32(2.0), (jnp.float32(1.0), jnp.int32(0))))(jnp.asarray(due))
+    operands, carry = jax.jit(
+      lambda due: optax_lamb16._onebit.run_if(due, body, jnp.float32(2.0), (jnp.float32(1.0), jnp.int32(0)))
+    )(jnp.asarray(due))
     assert float(operands) == 2.0 and (float(carry[0]), int(carry[1])) == expected, due
 
 

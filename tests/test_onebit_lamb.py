@@ -21,8 +21,9 @@ def test_matches_numpy_oracle_through_both_phases(world, weight_decay):
   params, x, y, noise = h.make_problem(world, STEPS, seed=20 + world)
   make = lambda comm: optax_lamb16.onebit_lamb(0.01, comm=comm, freeze_step=freeze_step, weight_decay=weight_decay)
   got, states = h.run_jax(make, world, params, x, y, noise, with_states=True)
-  oracle = reference.OnebitLambReference([params[n] for n in h.NAMES], world, freeze_step, 0.01,
-                                         weight_decay=weight_decay)
+  oracle = reference.OnebitLambReference(
+    [params[n] for n in h.NAMES], world, freeze_step, 0.01, weight_decay=weight_decay
+  )
   trajectory = h.run_oracle(oracle, world, params, x, y, noise)
   h.assert_close_to_oracle(got, trajectory, world)
   # The padding tail is carried: this problem pads (setup), and the library's final tail is the oracle's, non-zero.
@@ -49,17 +50,25 @@ def test_momentum_mask_matches_numpy_oracle():
   world, freeze_step = 2, 6
   params, x, y, noise = h.make_problem(world, 20, seed=24)
   mask = h.partial_mask()
-  make = lambda comm: optax_lamb16.onebit_lamb(0.01, comm=comm, freeze_step=freeze_step, weight_decay=0.01,
-                                               momentum_mask=mask)
+  make = lambda comm: optax_lamb16.onebit_lamb(
+    0.01, comm=comm, freeze_step=freeze_step, weight_decay=0.01, momentum_mask=mask
+  )
   got, states = h.run_jax(make, world, params, x, y, noise, with_states=True)
-  oracle = reference.OnebitLambReference([params[n] for n in h.NAMES], world, freeze_step, 0.01, weight_decay=0.01,
-                                         mask=[mask[n] for n in h.NAMES])
+  oracle = reference.OnebitLambReference(
+    [params[n] for n in h.NAMES], world, freeze_step, 0.01, weight_decay=0.01, mask=[mask[n] for n in h.NAMES]
+  )
   h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
   for r in range(world):  # the mask acted on the library's momentum: masked rows exactly 0, the others not
     mu_w = h.state_at(states, rank=r).mu["w"]
     assert not mu_w[::2].any() and np.all(mu_w[1::2] != 0), mu_w
-  unmasked = h.run_jax(lambda comm: optax_lamb16.onebit_lamb(0.01, comm=comm, freeze_step=freeze_step,
-                                                             weight_decay=0.01), world, params, x, y, noise)
+  unmasked = h.run_jax(
+    lambda comm: optax_lamb16.onebit_lamb(0.01, comm=comm, freeze_step=freeze_step, weight_decay=0.01),
+    world,
+    params,
+    x,
+    y,
+    noise,
+  )
   assert np.abs(unmasked["w"][:, -1] - got["w"][:, -1]).max() > 1e-3  # and it changes the run
 
 
@@ -70,11 +79,12 @@ def test_untaken_phase_is_not_computed():
   tx = optax_lamb16.onebit_lamb(0.01, comm=None, freeze_step=4, weight_decay=0.01)
   params = {"w": jnp.ones((64, 32)), "b": jnp.ones(32)}
   hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
-  entry = hlo[hlo.index("ENTRY"):]
-  entry = entry[:entry.index("\n}")]
+  entry = hlo[hlo.index("ENTRY") :]
+  entry = entry[: entry.index("\n}")]
   assert len(re.findall(r" while\(", entry)) == 2, entry
   # Computations that reduce (norms, factor maxima), and what the top level calls.
-  reducing = {m.group(1) for m in re.finditer(r"\n(%[\w.-]+) [^\n]*\{\n((?:(?!\n\}).)*)", hlo, re.S)
-              if " reduce(" in m.group(2)}
+  reducing = {
+    m.group(1) for m in re.finditer(r"\n(%[\w.-]+) [^\n]*\{\n((?:(?!\n\}).)*)", hlo, re.S) if " reduce(" in m.group(2)
+  }
   called = set(re.findall(r"calls=(%[\w.-]+)", entry))
   assert reducing and not reducing & called and " reduce(" not in entry, reducing & called

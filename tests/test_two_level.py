@@ -1,9 +1,6 @@
 """The two-level compressed exchange (SPEC.md section 3b, `comm.TwoLevel`) against its NumPy oracle, its invariants,
 its inter-host bytes, and the three 1-bit optimizers over a hosts x local grid against their oracles."""
 
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,14 +8,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import optax_lamb16
-from optax_lamb16 import compression as car
+from benchmarks import comm_volume
+from optax_lamb16 import _compression as car
 from tests import onebit_harness as h
 from tests import reference
 from tests.workers.inputs import random_inputs
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import comm_volume  # noqa: E402
 
 GRID = h.GRID_AXES
 
@@ -37,12 +31,12 @@ def exchange_fn(hosts, local, n):
     def call(state, x_t):
       out, state = optax_lamb16.compressed_allreduce(x_t, state, comm)
       return state, (out, state)
+
     _, (outs, states) = jax.lax.scan(call, state, x[0])
     return outs[None], jax.tree.map(lambda s: s[None], states)
 
   specs = optax_lamb16.CompressedAllReduceState(P(GRID), P(GRID))
-  return jax.jit(jax.shard_map(per_rank, mesh=h.grid_mesh(hosts, local), in_specs=P(GRID),
-                               out_specs=(P(GRID), specs)))
+  return jax.jit(jax.shard_map(per_rank, mesh=h.grid_mesh(hosts, local), in_specs=P(GRID), out_specs=(P(GRID), specs)))
 
 
 @pytest.mark.parametrize("hosts,local", [(2, 2), (2, 4), (4, 2), (3, 2), (1, 4)])
@@ -100,12 +94,18 @@ def test_grid_collectives_match_the_flat_axis_pair():
   def per_rank(x):
     assert comm.size == world and optax_lamb16.comm.ranks_per_host(comm) == local  # static, where the axes are bound
     mine = x[0]
-    return (comm.all_to_all(mine)[None], jax.lax.all_to_all(mine, GRID, 0, 0)[None],
-            comm.all_gather(mine[0])[None], jax.lax.all_gather(mine[0], GRID)[None],
-            comm.mean(mine)[None], jax.lax.pmean(mine, GRID)[None])
+    return (
+      comm.all_to_all(mine)[None],
+      jax.lax.all_to_all(mine, GRID, 0, 0)[None],
+      comm.all_gather(mine[0])[None],
+      jax.lax.all_gather(mine[0], GRID)[None],
+      comm.mean(mine)[None],
+      jax.lax.pmean(mine, GRID)[None],
+    )
 
-  outs = jax.jit(jax.shard_map(per_rank, mesh=h.grid_mesh(hosts, local), in_specs=P(GRID), out_specs=P(GRID),
-                               check_vma=False))(x)
+  outs = jax.jit(
+    jax.shard_map(per_rank, mesh=h.grid_mesh(hosts, local), in_specs=P(GRID), out_specs=P(GRID), check_vma=False)
+  )(x)
   for got, want in zip(outs[::2], outs[1::2]):
     np.testing.assert_array_equal(got, want)
 
@@ -134,8 +134,9 @@ def test_inter_host_bytes_are_at_most_one_32L_th_of_a_float32_all_reduce(hosts, 
 STEPS = 24
 
 
-@pytest.mark.parametrize("name,hosts", [("onebit_adam", 2), ("zero_one_adam", 2), ("onebit_lamb", 2),
-                                        ("onebit_lamb", 1)])
+@pytest.mark.parametrize(
+  "name,hosts", [("onebit_adam", 2), ("zero_one_adam", 2), ("onebit_lamb", 2), ("onebit_lamb", 1)]
+)
 def test_onebit_optimizers_over_the_grid_match_their_oracles(name, hosts):
   """Each 1-bit optimizer with `comm=TwoLevel(...)` over 2 hosts x 2 ranks follows its oracle (section 3b's
   exchange in place of section 3's) through every phase, and the replicas stay bitwise identical. On one host of 4
@@ -146,12 +147,21 @@ def test_onebit_optimizers_over_the_grid_match_their_oracles(name, hosts):
   schedule = dict(var_freeze_step=10, var_update_scaler=2, local_step_scaler=3, local_step_clipper=4)
   zero_var = dict(mask_zero_variance=True)  # "z" never has a gradient: keep the exchange's sign noise off it
   make, oracle, per_rank_params = {
-      "onebit_adam": (lambda comm: optax_lamb16.onebit_adam(0.01, comm=comm, freeze_step=8, **zero_var),
-                      reference.OnebitAdamReference(leaves, world, 8, 0.01, **zero_var), False),
-      "zero_one_adam": (lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, **schedule, **zero_var),
-                        reference.ZeroOneAdamReference(leaves, world, 0.01, **schedule, **zero_var), True),
-      "onebit_lamb": (lambda comm: optax_lamb16.onebit_lamb(0.01, comm=comm, freeze_step=8, **zero_var),
-                      reference.OnebitLambReference(leaves, world, 8, 0.01, **zero_var), False),
+    "onebit_adam": (
+      lambda comm: optax_lamb16.onebit_adam(0.01, comm=comm, freeze_step=8, **zero_var),
+      reference.OnebitAdamReference(leaves, world, 8, 0.01, **zero_var),
+      False,
+    ),
+    "zero_one_adam": (
+      lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, **schedule, **zero_var),
+      reference.ZeroOneAdamReference(leaves, world, 0.01, **schedule, **zero_var),
+      True,
+    ),
+    "onebit_lamb": (
+      lambda comm: optax_lamb16.onebit_lamb(0.01, comm=comm, freeze_step=8, **zero_var),
+      reference.OnebitLambReference(leaves, world, 8, 0.01, **zero_var),
+      False,
+    ),
   }[name]
   got = h.run_jax(make, world, params, x, y, noise, per_rank_params=per_rank_params, hosts=hosts)
   h.assert_close_to_oracle(got, h.run_oracle(reference.on_grid(oracle, hosts), world, params, x, y, noise), world)
@@ -164,12 +174,14 @@ def test_onebit_optimizers_over_the_grid_match_their_oracles(name, hosts):
 def test_state_of_a_flat_layout_is_rejected_on_the_grid():
   """Error buffers made for 4 ranks in one level (N_pad long) do not fit 2 hosts x 2 ranks (N_pad / 2 long)."""
   n = 1000
-  flat_state = optax_lamb16.CompressedAllReduceState((jnp.zeros(n), jnp.zeros(car.padded_length(n, 4) - n)),
-                                                     jnp.zeros(car.padded_length(n, 4) // 4))
+  flat_state = optax_lamb16.CompressedAllReduceState(
+    (jnp.zeros(n), jnp.zeros(car.padded_length(n, 4) - n)), jnp.zeros(car.padded_length(n, 4) // 4)
+  )
   comm = grid_comm()
 
   def f(x):
     return optax_lamb16.compressed_allreduce(x[0], flat_state, comm)[0]
+
   with pytest.raises(ValueError, match=r"2 hosts of 2 ranks"):
     jax.jit(jax.shard_map(f, mesh=h.grid_mesh(2, 2), in_specs=P(GRID), out_specs=P()))(jnp.zeros((4, n)))
 

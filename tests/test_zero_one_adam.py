@@ -20,8 +20,9 @@ def test_matches_numpy_oracle_through_all_phases(world, weight_decay):
   params, x, y, noise = h.make_problem(world, STEPS, seed=10 + world)
   make = lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=weight_decay, **SCHEDULE)
   got, states = h.run_jax(make, world, params, x, y, noise, per_rank_params=True, with_states=True)
-  oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, weight_decay=weight_decay,
-                                          **SCHEDULE)
+  oracle = reference.ZeroOneAdamReference(
+    [params[n] for n in h.NAMES], world, 0.01, weight_decay=weight_decay, **SCHEDULE
+  )
   trajectory = h.run_oracle(oracle, world, params, x, y, noise)
   # The library's phase schedule (from its state: frozen, var_interval, local_step_interval, count) is the oracle's,
   # on every rank, and goes through every phase: variance steps with a doubling interval, compressed steps, local
@@ -68,13 +69,21 @@ def test_momentum_mask_matches_numpy_oracle():
   mask = h.partial_mask()
   make = lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=0.01, momentum_mask=mask, **SCHEDULE)
   got, states = h.run_jax(make, world, params, x, y, noise, per_rank_params=True, with_states=True)
-  oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, weight_decay=0.01,
-                                          mask=[mask[n] for n in h.NAMES], **SCHEDULE)
+  oracle = reference.ZeroOneAdamReference(
+    [params[n] for n in h.NAMES], world, 0.01, weight_decay=0.01, mask=[mask[n] for n in h.NAMES], **SCHEDULE
+  )
   h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
   phases = h.zero_one_adam_phases(states)
   assert phases == oracle.log and "local+sync" in phases and "compressed" in phases, (phases, oracle.log)
-  unmasked = h.run_jax(lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=0.01, **SCHEDULE),
-                       world, params, x, y, noise, per_rank_params=True)
+  unmasked = h.run_jax(
+    lambda comm: optax_lamb16.zero_one_adam(0.01, comm=comm, weight_decay=0.01, **SCHEDULE),
+    world,
+    params,
+    x,
+    y,
+    noise,
+    per_rank_params=True,
+  )
   assert np.abs(unmasked["w"][:, -1] - got["w"][:, -1]).max() > 1e-3
 
 
@@ -82,7 +91,8 @@ def test_sharded_init_with_a_0d_param_matches_numpy_oracle_through_all_phases():
   """`sharded_init` used to give the per-rank momentum of the 0-d param "s" the spec P('data'), which a 0-d array
   cannot have; per-rank leaves are stored at least 1-d. Step by step (one program at a time) over global arrays."""
   import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   world, steps = 2, 24
   params, x, y, noise = h.make_problem(world, steps, seed=14)
@@ -100,20 +110,23 @@ def test_sharded_init_with_a_0d_param_matches_numpy_oracle_through_all_phases():
     mine, state = h.noisy_step(tx, mine, state, x, y, noise_t, 0)
     return jax.tree.map(lambda a: a[None], mine), state
 
-  step = jax.jit(jax.shard_map(local_step, mesh=mesh, in_specs=(P("data"), specs, P("data"), P("data"), P("data")),
-                               out_specs=(P("data"), specs)))
+  step = jax.jit(
+    jax.shard_map(
+      local_step, mesh=mesh, in_specs=(P("data"), specs, P("data"), P("data"), P("data")), out_specs=(P("data"), specs)
+    )
+  )
   trajectory, schedule = [], []
   for t in range(steps):
-    local, state = jax.block_until_ready(step(local, state, put(x, P("data")), put(y, P("data")),
-                                              {n: put(a[t], P("data")) for n, a in noise.items()}))
+    local, state = jax.block_until_ready(
+      step(local, state, put(x, P("data")), put(y, P("data")), {n: put(a[t], P("data")) for n, a in noise.items()})
+    )
     trajectory.append(jax.tree.map(np.asarray, local))
     schedule.append(state._replace(mu=None, nu=None, accumulated_update=None, exchange=None))  # the replicated scalars
   got = {n: np.stack([p[n] for p in trajectory], axis=1) for n in h.NAMES}
   oracle = reference.ZeroOneAdamReference([params[n] for n in h.NAMES], world, 0.01, weight_decay=0.01, **SCHEDULE)
   h.assert_close_to_oracle(got, h.run_oracle(oracle, world, params, x, y, noise), world)
   phases = h.zero_one_adam_phases(jax.tree.map(lambda *a: np.stack(a)[None], *schedule))  # leaves (1, T)
-  assert phases == oracle.log and {"variance", "compressed", "local", "local+sync"} <= set(phases), (phases,
-                                                                                                     oracle.log)
+  assert phases == oracle.log and {"variance", "compressed", "local", "local+sync"} <= set(phases), (phases, oracle.log)
 
 
 def test_sync_after_a_zero_learning_rate_keeps_m_and_moves_nothing():
@@ -126,8 +139,9 @@ def test_sync_after_a_zero_learning_rate_keeps_m_and_moves_nothing():
 
   freeze, last_nonzero = 4, 9
   schedule = lambda count: jnp.where(count <= last_nonzero, 0.01, 0.0)  # syncs with lr > 0 first, then lr = 0
-  tx = optax_lamb16.zero_one_adam(schedule, comm="data", var_freeze_step=freeze, local_step_scaler=1,
-                                  local_step_clipper=2)
+  tx = optax_lamb16.zero_one_adam(
+    schedule, comm="data", var_freeze_step=freeze, local_step_scaler=1, local_step_clipper=2
+  )
   rng = np.random.default_rng(3)
   params = {"w": jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32), "b": jnp.zeros((2, 7), jnp.float32)}
 

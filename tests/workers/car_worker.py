@@ -1,9 +1,9 @@
 """One process of a multi-process compressed all-reduce run; writes this process's ranks' outputs to --out.
 
-  jax.distributed (XLA collectives, gloo on CPU):
-    python car_worker.py --coordinator 127.0.0.1:PORT --num-processes 2 --process-id K --out DIR
-  MPI (mpi4jax, one device per rank):
-    mpirun -n 2 python car_worker.py --mpi --out DIR
+jax.distributed (XLA collectives, gloo on CPU):
+  python car_worker.py --coordinator 127.0.0.1:PORT --num-processes 2 --process-id K --out DIR
+MPI (mpi4jax, one device per rank):
+  mpirun -n 2 python car_worker.py --mpi --out DIR
 """
 
 import pathlib
@@ -20,10 +20,17 @@ def main():
   args = parser.parse_args()
 
   import jax
+
   if not args.mpi:
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    jax.distributed.initialize(
+      args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      coordinator_bind_address=args.coordinator,  # the coordinator has no authentication: loopback only
+    )
   import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   import optax_lamb16
   from tests.workers.inputs import random_inputs
@@ -34,11 +41,13 @@ def main():
     def call(state, x_t):
       out, state = optax_lamb16.compressed_allreduce(x_t, state, comm)
       return state, out
+
     return jax.lax.scan(call, state, x)[1]
 
   out = pathlib.Path(args.out)
   if args.mpi:
     from mpi4py import MPI
+
     rank, world = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     inputs = random_inputs(world, args.calls, args.n)
     outs = jax.jit(lambda x: run(x, MPI.COMM_WORLD))(jnp.asarray(inputs[rank]))
@@ -59,6 +68,7 @@ def main():
     return
 
   from tests import onebit_harness as h
+
   world = jax.device_count()
   mesh = h.host_mesh(world)
   inputs = random_inputs(world, args.calls, args.n)

@@ -15,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 def worker_arguments(description: str):
   """The command line every multi-process worker takes (see `run_distributed` and `run_mpi`)."""
   import argparse
+
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--coordinator")
   parser.add_argument("--num-processes", type=int)
@@ -40,22 +41,40 @@ def _env(devices_per_process: int) -> dict[str, str]:
 
 def run_process(script: pathlib.Path, args: list[str], devices: int = 4, timeout: float = 300) -> None:
   """Runs `script` in one fresh process with `devices` host devices; raises with its output if it fails."""
-  completed = subprocess.run([sys.executable, str(script), *args], env=_env(devices), capture_output=True, text=True,
-                             timeout=timeout)
+  completed = subprocess.run(
+    [sys.executable, str(script), *args], env=_env(devices), capture_output=True, text=True, timeout=timeout
+  )
   if completed.returncode != 0:
-    raise AssertionError(f"{script.name} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n"
-                         f"{completed.stderr[-3000:]}")
+    raise AssertionError(
+      f"{script.name} failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+    )
 
 
-def run_distributed(script: pathlib.Path, args: list[str], num_processes: int = 2, devices_per_process: int = 2,
-                    timeout: float = 300) -> None:
+def run_distributed(
+  script: pathlib.Path, args: list[str], num_processes: int = 2, devices_per_process: int = 2, timeout: float = 300
+) -> None:
   """Runs `script` as `num_processes` jax.distributed processes; raises with their output if any fails."""
   port = free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, str(script), "--coordinator", f"127.0.0.1:{port}", "--num-processes", str(num_processes),
-       "--process-id", str(pid), *args],
-      env=_env(devices_per_process), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for pid in range(num_processes)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        str(script),
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        str(num_processes),
+        "--process-id",
+        str(pid),
+        *args,
+      ],
+      env=_env(devices_per_process),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for pid in range(num_processes)
+  ]
   outputs = []
   try:
     for proc in procs:
@@ -73,14 +92,21 @@ def mpirun_executable() -> str | None:
   return str(candidate) if candidate.exists() else shutil.which("mpirun")
 
 
-def run_mpi(script: pathlib.Path, args: list[str], num_ranks: int = 2, timeout: float = 300) -> None:
-  """Runs `mpirun -n num_ranks python script args` with one CPU device per rank."""
+def run_mpi(script: pathlib.Path, args: list[str], num_ranks: int = 2, timeout: float = 300) -> str:
+  """Runs `mpirun -n num_ranks python script args` with one CPU device per rank; returns its output."""
   mpirun = mpirun_executable()
   env = _env(1)
   env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
   env["PATH"] = os.pathsep.join([str(pathlib.Path(sys.executable).parent), env.get("PATH", "")])
-  completed = subprocess.run([mpirun, "-n", str(num_ranks), "--oversubscribe", sys.executable, str(script), *args],
-                             env=env, capture_output=True, text=True, timeout=timeout)
+  completed = subprocess.run(
+    [mpirun, "-n", str(num_ranks), "--oversubscribe", sys.executable, str(script), *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
   if completed.returncode != 0:
     raise AssertionError(
-        f"mpirun failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}")
+      f"mpirun failed ({completed.returncode}):\n{completed.stdout[-3000:]}\n{completed.stderr[-3000:]}"
+    )
+  return completed.stdout

@@ -23,6 +23,7 @@ SKIPPED = 6  # a step of the compressed phase of 1-bit Adam and 1-bit LAMB, and 
 def check_skips_together(name: str, world: int, mesh=None, comm=None, rank: int = 0) -> list[str]:
   """Runs A and B (see the module docstring) for optimizer `name`; returns what went wrong."""
   import jax
+
   import optax_lamb16
   from tests import onebit_harness as h
 
@@ -33,8 +34,8 @@ def check_skips_together(name: str, world: int, mesh=None, comm=None, rank: int 
   bad["b"][SKIPPED + 3, bad_rank, 0] = np.inf
   good = {n: np.delete(a, [SKIPPED, SKIPPED + 3], axis=0) for n, a in noise.items()}
   if comm is not None:  # MPI: this process is one rank and holds only its own data
-    x, y = x[rank:rank + 1], y[rank:rank + 1]
-    bad, good = ({n: a[:, rank:rank + 1] for n, a in tree.items()} for tree in (bad, good))
+    x, y = x[rank : rank + 1], y[rank : rank + 1]
+    bad, good = ({n: a[:, rank : rank + 1] for n, a in tree.items()} for tree in (bad, good))
 
   def make_tx(c):
     return optax_lamb16.apply_if_finite(make_optimizer(name, c), max_consecutive_errors=3, comm=c)
@@ -65,12 +66,20 @@ def main():
   args = parser.parse_args()
 
   import jax
+
   if args.coordinator:
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    jax.distributed.initialize(
+      args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      coordinator_bind_address=args.coordinator,  # the coordinator has no authentication: loopback only
+    )
   from tests import onebit_harness as h
+
   problems = []
   if args.mpi:
     from mpi4py import MPI
+
     comm = MPI.COMM_WORLD
     for name in ALL_OPTIMIZERS:
       problems += check_skips_together(name, comm.Get_size(), comm=comm, rank=comm.Get_rank())

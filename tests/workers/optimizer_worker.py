@@ -1,7 +1,7 @@
 """One process of a multi-process run of the 1-bit optimizers on the harness problem; saves its ranks' trajectories.
 
-  jax.distributed: python optimizer_worker.py --coordinator 127.0.0.1:PORT --num-processes 2 --process-id K --out D
-  MPI:             mpirun -n 2 python optimizer_worker.py --mpi --out D
+jax.distributed: python optimizer_worker.py --coordinator 127.0.0.1:PORT --num-processes 2 --process-id K --out D
+MPI:             mpirun -n 2 python optimizer_worker.py --mpi --out D
 """
 
 import pathlib
@@ -9,8 +9,7 @@ import pathlib
 import numpy as np
 
 from tests.workers import launch
-
-from tests.workers.optimizers import STEPS, make_optimizer, NAMES_OF_OPTIMIZERS
+from tests.workers.optimizers import NAMES_OF_OPTIMIZERS, STEPS, make_optimizer
 
 
 def main():
@@ -18,13 +17,20 @@ def main():
   args = parser.parse_args()
 
   import jax
+
   if not args.mpi:
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    jax.distributed.initialize(
+      args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      coordinator_bind_address=args.coordinator,  # the coordinator has no authentication: loopback only
+    )
   from tests import onebit_harness as h
 
   out = pathlib.Path(args.out)
   if args.mpi:
     from mpi4py import MPI
+
     rank, world = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     problem = h.make_problem(world, STEPS)
     for name in NAMES_OF_OPTIMIZERS:
@@ -40,8 +46,10 @@ def main():
     trajectory = jax.block_until_ready(f(*h.global_inputs(mesh, *problem)))
     for shard_index in range(len(trajectory["w"].addressable_shards)):
       rank = trajectory["w"].addressable_shards[shard_index].index[0].start
-      np.savez(out / f"{name}_rank{rank}.npz",
-               **{n: np.asarray(trajectory[n].addressable_shards[shard_index].data)[0] for n in h.NAMES})
+      np.savez(
+        out / f"{name}_rank{rank}.npz",
+        **{n: np.asarray(trajectory[n].addressable_shards[shard_index].data)[0] for n in h.NAMES},
+      )
   jax.distributed.shutdown()
 
 

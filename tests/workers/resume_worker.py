@@ -22,8 +22,14 @@ def main():
   args = parser.parse_args()
 
   import jax
+
   if args.coordinator:
-    jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    jax.distributed.initialize(
+      args.coordinator,
+      num_processes=args.num_processes,
+      process_id=args.process_id,
+      coordinator_bind_address=args.coordinator,  # the coordinator has no authentication: loopback only
+    )
   import optax_lamb16
   from tests import onebit_harness as h
 
@@ -32,8 +38,12 @@ def main():
   problem_params, x, y, noise = h.make_problem(world, STEPS)
   failures = []
   for name in ALL_OPTIMIZERS:
-    run = h.Stepper(lambda comm: make_optimizer(name, comm), problem_params, mesh,
-                    per_rank_params=name == "zero_one_adam" and not args.single)
+    run = h.Stepper(
+      lambda comm: make_optimizer(name, comm),
+      problem_params,
+      mesh,
+      per_rank_params=name == "zero_one_adam" and not args.single,
+    )
     xs, ys = run.put(x, h.P("data")), run.put(y, h.P("data"))
     directory = pathlib.Path(args.out) / name
     checkpoints = optax_lamb16.Checkpointer(directory / "steps", max_to_keep=None)

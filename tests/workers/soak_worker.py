@@ -3,8 +3,9 @@ side by side on the harness problem for --steps steps, checkpoint both every --e
 exists, resume from it; so after a kill at any moment the same command continues. At the end each process writes
 the final params and optimizer states (its shards) to OUT/final/process<K>.npz.
 
-  python tests/workers/soak_worker.py --out D --steps 200 --every 5     (launches its 2 processes and supervises
-                                                                          them with examples/multihost.py's launcher)
+  python -m tests.workers.soak_worker --out D --steps 200 --every 5     (launches its 2 processes and supervises
+                                                                         them with experiments/mnist_multihost.py's
+                                                                         launcher)
 
 Process 0 prints "step N" after each step and "saving N" before each save, for the test to time its kills.
 """
@@ -13,10 +14,7 @@ import argparse
 import pathlib
 import sys
 
-from tests.workers import launch as test_launch
-
-sys.path.insert(0, str(test_launch.ROOT / "examples"))
-import multihost  # noqa: E402  (examples/multihost.py: the launcher and jax.distributed's timeouts)
+from experiments import mnist_multihost as multihost  # the launcher and jax.distributed's timeouts
 
 NAMES = ("onebit_adam", "zero_one_adam")  # 0/1 Adam: per-rank params and momenta between syncs
 
@@ -36,8 +34,12 @@ def make_runs(mesh, steps: int):
   from tests.workers.optimizers import make_optimizer
 
   params, x, y, noise = h.make_problem(mesh.shape["data"], steps)
-  runs = {name: h.Stepper(lambda comm, name=name: make_optimizer(name, comm), params, mesh,
-                          per_rank_params=name == "zero_one_adam") for name in NAMES}
+  runs = {
+    name: h.Stepper(
+      lambda comm, name=name: make_optimizer(name, comm), params, mesh, per_rank_params=name == "zero_one_adam"
+    )
+    for name in NAMES
+  }
   data = {name: (run.put(x, h.P("data")), run.put(y, h.P("data"))) for name, run in runs.items()}
   tree = {name: {"params": run.params, "opt_state": run.state} for name, run in runs.items()}
   return runs, data, noise, tree
@@ -46,6 +48,7 @@ def make_runs(mesh, steps: int):
 def step_all(runs, data, noise, tree, t: int):
   """Step t of both optimizers, one program at a time (CPU collectives must not overlap)."""
   import jax
+
   new = {}
   for name, run in runs.items():
     params, state = run.step(tree[name]["params"], tree[name]["opt_state"], *data[name], run.noise(noise, t))
@@ -57,8 +60,12 @@ def shards(tree) -> dict:
   """{"<leaf path> <shard index>": the shard} for the shards of `tree` this process holds."""
   import jax
   import numpy as np
-  return {f"{jax.tree_util.keystr(path)} {shard.index}": np.asarray(shard.data)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0] for shard in leaf.addressable_shards}
+
+  return {
+    f"{jax.tree_util.keystr(path)} {shard.index}": np.asarray(shard.data)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    for shard in leaf.addressable_shards
+  }
 
 
 def train(args) -> None:
@@ -96,8 +103,15 @@ def train(args) -> None:
 def main():
   args = parse_args()
   if args.process_id is None:
-    sys.exit(multihost.launch(__file__, sys.argv[1:], args.processes, args.devices_per_process,
-                              {"onebit_adam, zero_one_adam": pathlib.Path(args.out) / "checkpoints"}))
+    sys.exit(
+      multihost.launch(
+        "tests.workers.soak_worker",
+        sys.argv[1:],
+        args.processes,
+        args.devices_per_process,
+        {"onebit_adam, zero_one_adam": pathlib.Path(args.out) / "checkpoints"},
+      )
+    )
   train(args)
 
 
