@@ -336,3 +336,22 @@ def test_fallback_restores_the_newest_intact_checkpoint_and_says_which(tmp_path)
       DamagedCheckpointError, match="holds no intact checkpoint at or before this step.*step 8.*step 4"
     ):
       checkpoints.restore(tree, world_size=1, fallback=True)
+
+
+def test_without_orbax_the_error_names_the_extra(monkeypatch):
+  """orbax-checkpoint is the optional `checkpoint` extra: without it, `Checkpointer` says what to install."""
+  import builtins
+  import sys
+
+  real_import = builtins.__import__
+
+  def no_orbax(name, *args, **kwargs):
+    if name.startswith("orbax"):
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    return real_import(name, *args, **kwargs)
+
+  monkeypatch.delitem(sys.modules, "optax_lamb16._checkpointing", raising=False)
+  monkeypatch.delattr(optax_lamb16, "_checkpointing", raising=False)
+  monkeypatch.setattr(builtins, "__import__", no_orbax)
+  with pytest.raises(ModuleNotFoundError, match=r"optax_lamb16\[checkpoint\]"):
+    optax_lamb16.Checkpointer  # noqa: B018 - the attribute access is what imports orbax

@@ -142,7 +142,7 @@ def test_a_step_is_timed_against_another_revision_of_the_package():
 
   base = exchange_compute.library_at("HEAD")
   assert base.__name__.startswith("optax_lamb16_at_") and base is not optax_lamb16
-  assert base.compression.__name__ == f"{base.__name__}.compression"  # its own modules, not the working tree's
+  assert base.comm.__name__ == f"{base.__name__}.comm"  # its own modules, not the working tree's
   params = exchange_compute.make_tree(exchange_compute.SIZES["tiny"], jax.random.key(0))
   grads = exchange_compute.make_tree(exchange_compute.SIZES["tiny"], jax.random.key(1), scale=0.01)
   step = exchange_compute.STEPS["onebit_adam, compression"]
