@@ -41,15 +41,8 @@ class ScaleByAdam16State(NamedTuple):
   nu_scale: optax.Updates
 
 
-_LOW_PRECISION_HINT = (
-  "Under `optax.inject_hyperparams` with bfloat16 params pass `hyperparam_dtype=jnp.float32`: "
-  "0.999 rounds to 1.0 in bfloat16."
-)
-
-
 def _check_args(b1: Any, b2: Any, eps: Any, eps_root: Any) -> None:
-  _checks.check_range("b1", b1, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.9. {_LOW_PRECISION_HINT}")
-  _checks.check_range("b2", b2, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.999. {_LOW_PRECISION_HINT}")
+  _checks.check_decay_rates(b1, b2, hint=_checks.LOW_PRECISION_HINT)
   _checks.check_range("eps", eps, 0.0, fix="Typical value: 1e-8 (added to the root of the second moment).")
   _checks.check_range("eps_root", eps_root, 0.0, fix="Typical value: 0 (added to the second moment under the root).")
 
@@ -138,11 +131,7 @@ def scale_by_adam16(
 
   def update_fn(updates, state, params=None):
     del params
-    _checks.check_float_leaves("updates", updates)
-    _checks.check_same_structure("updates", updates, "optimizer state (from init)", state.mu)
-    leaves, treedef = jax.tree.flatten(updates)
-    columns = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.mu_scale, state.nu_scale)]
-    size = float8.block_size_of(block_size, [g.size for g in leaves], [jnp.size(s) for s in columns[2]])
+    _checks.check_update_leaves(updates, state.mu, "optimizer state (from init)")
     hyper = dict(
       beta1=_common.decay_at(b1, state.count),
       beta2=_common.decay_at(b2, state.count),
@@ -150,18 +139,13 @@ def scale_by_adam16(
       epsilon_root=_common.value_at(eps_root, state.count),
       count=state.count,
       nesterov=nesterov,
-      block_size=size,
     )
-    results = [
-      _leaf_direction(
-        g,
-        *moments,
-        **hyper,
-        rounding_key=float8.rounding_key(state.count, index) if stochastic_rounding else None,
-      )
-      for index, (g, *moments) in enumerate(zip(leaves, *columns))
-    ]
-    directions, mu, nu, mu_scale, nu_scale = _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
+
+    def step(index, g, p, *moments, block_size, rounding_key):
+      del index, p
+      return _leaf_direction(g, *moments, block_size=block_size, rounding_key=rounding_key, **hyper)
+
+    directions, mu, nu, mu_scale, nu_scale = float8.map_leaves(step, updates, state, block_size, stochastic_rounding)
     return directions, ScaleByAdam16State(optax.safe_increment(state.count), mu, nu, mu_scale, nu_scale)
 
   return _common.extra_args_transform(functools.partial(_init_state, block_size=block_size), update_fn)

@@ -131,3 +131,22 @@ def check_same_structure(name_a: str, tree_a: Any, name_b: str, tree_b: Any) -> 
         f"Leaf {jax.tree_util.keystr(path)} has shape {shape_a} in `{name_a}` but {shape_b} in `{name_b}`; "
         f"the shapes must match."
       )
+
+
+# bfloat16 params under `optax.inject_hyperparams` get bfloat16 hyperparameters by default.
+LOW_PRECISION_HINT = (
+  "Under `optax.inject_hyperparams` with bfloat16 params pass `hyperparam_dtype=jnp.float32`: "
+  "0.999 rounds to 1.0 in bfloat16."
+)
+
+
+def check_decay_rates(b1: Any, b2: Any, hint: str = "") -> None:
+  """Adam's moment decay rates, each in [0, 1); `hint` follows the typical value in the message."""
+  for name, value, typical in (("b1", b1, "0.9"), ("b2", b2, "0.999")):
+    check_range(name, value, 0.0, 1.0, high_open=True, fix=f"Typical value: {typical}." + (f" {hint}" if hint else ""))
+
+
+def check_update_leaves(updates: Any, like: Any, like_name: str) -> None:
+  """`updates` are floating leaves with the structure of `like` (the optimizer state's moments, or the params)."""
+  check_float_leaves("updates", updates)
+  check_same_structure("updates", updates, like_name, like)

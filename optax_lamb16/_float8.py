@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_lamb16 import _common
+
 MOMENTUM_DTYPE = jnp.float8_e4m3fn
 VARIANCE_DTYPE = jnp.float8_e5m2
 # Normalised first moments are clipped to ±MOMENTUM_CLIP before the e4m3fn cast.
@@ -334,6 +336,36 @@ def zero_moments(params: Any, block_size: int | jax.Array | None) -> tuple[Any, 
     jax.tree.map(lambda p: jnp.ones(scale_shape(p), jnp.float32), params),
     jax.tree.map(lambda p: jnp.ones(scale_shape(p), jnp.float32), params),
   )
+
+
+def map_leaves(
+  step: Callable[..., tuple], updates: Any, state: Any, block_size: Any, stochastic_rounding: bool, params: Any = None
+) -> tuple[Any, ...]:
+  """`step` over the leaves of `updates` and their stored moments, as five trees like `updates`.
+
+  ``step(index, g, p, mu, nu, mu_scale, nu_scale, *, block_size, rounding_key)`` returns the leaf's step and its new
+  ``(mu, nu, mu_scale, nu_scale)``; `p` is None without `params`. `state` has the fields of `ScaleByLamb16State` /
+  `ScaleByAdam16State`. `block_size` is None (per-tensor scales), an int, or an injected array recovered from the
+  state's block counts (`block_size_of`); `rounding_key` is the leaf's key at this step with `stochastic_rounding`,
+  else None.
+  """
+  leaves, treedef = jax.tree.flatten(updates)
+  columns = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.mu_scale, state.nu_scale)]
+  if block_size is not None:
+    block_size = block_size_of(block_size, [g.size for g in leaves], [jnp.size(s) for s in columns[2]])
+  param_leaves = [None] * len(leaves) if params is None else treedef.flatten_up_to(params)
+  results = [
+    step(
+      i,
+      g,
+      p,
+      *moments,
+      block_size=block_size,
+      rounding_key=rounding_key(state.count, i) if stochastic_rounding else None,
+    )
+    for i, (g, p, *moments) in enumerate(zip(leaves, param_leaves, *columns))
+  ]
+  return _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
 
 
 def block_decode(stored: jax.Array, block_scales: jax.Array, block_size: int) -> jax.Array:

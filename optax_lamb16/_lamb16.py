@@ -56,15 +56,10 @@ _EPS_FIX = (
 )
 # With reference_lr = 0 the trust is 0 ** trust_scale (no training), and 0 / 0 = NaN when the learning rate is 0 too.
 _REFERENCE_LR_FIX = "It is the learning rate at which the plain norm ratio applies; the reference uses 1e-3."
-_LOW_PRECISION_HINT = (
-  "Under `optax.inject_hyperparams` with bfloat16 params pass `hyperparam_dtype=jnp.float32`: "
-  "0.999 rounds to 1.0 in bfloat16."
-)
 
 
 def _check_moment_args(b1: Any, b2: Any, eps: Any) -> None:
-  _checks.check_range("b1", b1, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.9. {_LOW_PRECISION_HINT}")
-  _checks.check_range("b2", b2, 0.0, 1.0, high_open=True, fix=f"Typical value: 0.999. {_LOW_PRECISION_HINT}")
+  _checks.check_decay_rates(b1, b2, hint=_checks.LOW_PRECISION_HINT)
   _checks.check_range("eps", eps, 0.0, low_open=True, fix=_EPS_FIX)
 
 
@@ -176,11 +171,6 @@ def _leaf_step(
   return step.astype(g.dtype), new_mu, new_nu, new_mu_scale, new_nu_scale
 
 
-def _check_leaves(updates: Any, like: Any, like_name: str) -> None:
-  _checks.check_float_leaves("updates", updates)
-  _checks.check_same_structure("updates", updates, like_name, like)
-
-
 def _init_state(params: Any, block_size: int | jax.Array | None = None) -> ScaleByLamb16State:
   """The state of both storages: per-leaf scalar scales, or (`block_size`) one scale per block of the flat leaf."""
   _checks.check_float_leaves("params", params)
@@ -189,22 +179,15 @@ def _init_state(params: Any, block_size: int | jax.Array | None = None) -> Scale
 
 def _all_leaves(updates, params, state, hyper, *, block_size, stochastic_rounding, decayed=None):
   """`_leaf_step` over the leaves (`params` None: the directions alone), the results as five trees like `updates`."""
-  leaves, treedef = jax.tree.flatten(updates)
-  columns = [treedef.flatten_up_to(tree) for tree in (state.mu, state.nu, state.mu_scale, state.nu_scale)]
-  if block_size is not None:
-    block_size = float8.block_size_of(block_size, [g.size for g in leaves], [jnp.size(s) for s in columns[2]])
-  param_leaves = [None] * len(leaves) if params is None else treedef.flatten_up_to(params)
-  decayed = [True] * len(leaves) if decayed is None else decayed
+  decayed = [True] * len(jax.tree.leaves(updates)) if decayed is None else decayed
   no_decay = dict(hyper, decay=jnp.float32(0))
 
-  def step(decays, index, g, p, *moments):
-    key = dict(rounding_key=float8.rounding_key(state.count, index)) if stochastic_rounding else {}
-    return _leaf_step(g, p, *moments, block_size=block_size, **(hyper if decays else no_decay), **key)
+  def step(index, g, p, *moments, block_size, rounding_key):
+    return _leaf_step(
+      g, p, *moments, block_size=block_size, rounding_key=rounding_key, **(hyper if decayed[index] else no_decay)
+    )
 
-  results = [
-    step(decayed[i], i, g, p, *moments) for i, (g, p, *moments) in enumerate(zip(leaves, param_leaves, *columns))
-  ]
-  return _common.unzip(updates, jax.tree.unflatten(treedef, results), 5)
+  return float8.map_leaves(step, updates, state, block_size, stochastic_rounding, params)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -219,7 +202,7 @@ def _scale_by_lamb16(b1, b2, eps, block_size=None, stochastic_rounding=False):
 
   def update_fn(updates, state, params=None):
     del params
-    _check_leaves(updates, state.mu, "optimizer state (from init)")
+    _checks.check_update_leaves(updates, state.mu, "optimizer state (from init)")
     hyper = dict(
       beta1=_common.decay_at(b1, state.count),
       beta2=_common.decay_at(b2, state.count),
@@ -311,7 +294,7 @@ def scale_by_lamb16_trust_ratio(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("scale_by_lamb16_trust_ratio needs `params`: call `update(grads, state, params)`.")
-    _check_leaves(updates, params, "params")
+    _checks.check_update_leaves(updates, params, "params")
     count = _common.schedule_count(state)
     lr, exponent, reference, epsilon = (
       _common.value_at(h, count) for h in (learning_rate, trust_scale, reference_lr, eps)
@@ -353,8 +336,8 @@ def _lamb16(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("lamb16 needs `params`: call `update(grads, state, params)`.")
-    _check_leaves(updates, state.mu, "optimizer state (from init)")
-    _check_leaves(updates, params, "params")
+    _checks.check_update_leaves(updates, state.mu, "optimizer state (from init)")
+    _checks.check_update_leaves(updates, params, "params")
     hyper = {
       name: _common.value_at(h, state.count)
       for name, h in dict(

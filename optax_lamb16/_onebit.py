@@ -76,8 +76,7 @@ def warn_if_large_first_steps(optimizer: str, learning_rate: Any, b1: Any, b2: A
 
 
 def check_moment_hyperparameters(b1: Any, b2: Any, eps: Any) -> None:
-  _checks.check_range("b1", b1, 0.0, 1.0, high_open=True, fix="Typical value: 0.9.")
-  _checks.check_range("b2", b2, 0.0, 1.0, high_open=True, fix="Typical value: 0.999.")
+  _checks.check_decay_rates(b1, b2)
   _checks.check_range("eps", eps, 0.0, low_open=True, fix=EPS_FIX + " Typical value: 1e-8.")
 
 
